@@ -1,0 +1,52 @@
+"""napari reader: a NIfTI scan opens upright, with its voxel spacing and its geometry attached."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .io import as_label_array, is_nifti_path, nifti_stem, read_nifti
+
+
+def get_reader(path: str | list[str]) -> Callable | None:
+    paths = [path] if isinstance(path, str) else list(path)
+    if paths and all(is_nifti_path(p) for p in paths):
+        return read_layers
+    return None
+
+
+def read_layers(path: str | list[str]) -> list[tuple]:
+    paths = [path] if isinstance(path, str) else list(path)
+    return [layer_data(p) for p in paths]
+
+
+def layer_data(path: str, *, name: str | None = None, labels: bool | None = None) -> tuple:
+    """One napari LayerData tuple for a NIfTI file.
+
+    ``labels=None`` guesses: a file holding only small non-negative integers (a lesion, tumour
+    or brain mask) opens as Labels, anything else as an Image.
+    """
+    volume = read_nifti(path)
+    display = volume.display_data()
+    kwargs = {"name": name or nifti_stem(path), **volume.geometry.layer_kwargs()}
+    if labels is None:
+        labels = volume.looks_like_labels()
+    if labels:
+        return as_label_array(display), kwargs, "labels"
+    kwargs["colormap"] = "gray"
+    kwargs["contrast_limits"] = _contrast_limits(display)
+    return display, kwargs, "image"
+
+
+def _contrast_limits(display: np.ndarray) -> tuple[float, float]:
+    """0.5th to 99.5th percentile of the non-zero voxels: bright outliers do not wash out the brain."""
+    values = display[display != 0]
+    if values.size == 0:
+        values = display.ravel()
+    low, high = np.percentile(values[:: max(1, values.size // 1_000_000)], [0.5, 99.5])
+    if high <= low:
+        low, high = float(display.min()), float(display.max())
+    if high <= low:
+        high = low + 1.0
+    return float(low), float(high)
