@@ -1,0 +1,43 @@
+"""Shared fixtures: the real scans in ../shared/data, and no network in any test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NAPARI_BRAIN_UAD_DATA", REPOSITORY.parent / "shared" / "data"))
+
+# The four stored geometries the plugin must handle exactly: scan and its brain mask.
+GEOMETRIES = {
+    "ixi-psr-2mm": ("ixi_t1/IXI661-HH-2788_T1.nii.gz", "ixi_t1/brainmask/IXI661-HH-2788_brainmask.nii.gz"),
+    "mslub-las-mni": ("mslub/patient26/T1.nii.gz", None),
+    "brats-lps": ("brats2013/pat0001/FLAIR.nii.gz", "brats2013/pat0001/brainmask.nii.gz"),
+    "ixi002-t2-anisotropic-oblique": ("ixi002/T2.nii.gz", "ixi002/T2_brainmask.nii.gz"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline_samples(monkeypatch, tmp_path_factory):
+    """Samples come from the shared data folder; a test never downloads."""
+    monkeypatch.setenv("NAPARI_BRAIN_UAD_DATA", str(SHARED_DATA))
+    monkeypatch.setenv("NAPARI_BRAIN_UAD_OFFLINE", "1")
+    monkeypatch.setenv("NAPARI_BRAIN_UAD_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.skip(f"real scans not found at {SHARED_DATA} (set NAPARI_BRAIN_UAD_DATA to ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _discover_plugins():
+    """napari discovers plugins when a Viewer or the napari command starts; a bare
+    ViewerModel (as in these tests) needs the same discovery first."""
+    from npe2 import PluginManager
+
+    PluginManager.instance().discover()
