@@ -24,9 +24,8 @@ from scipy import ndimage
 
 from .io import NiftiVolume, ScanError, ScanWarning
 
-# A scan whose non-zero voxels fill more than this share of the volume still has its skull and
-# background noise: the non-zero voxels are then no brain mask.
-_NOT_SKULL_STRIPPED_FRACTION = 0.9
+# An adult brain (with its CSF) is 1.0-2.0 litres; a larger "brain" still has its skull.
+_LARGEST_BRAIN_ML = 2500.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +150,16 @@ def _antialias(native: np.ndarray, transform: ModelSpaceTransform) -> np.ndarray
     return ndimage.gaussian_filter(native, sigma=sigma, mode="nearest")
 
 
+def background_value(data: np.ndarray) -> float:
+    """The constant value around the brain of a skull-stripped scan: 0 for most, a negative
+    number for scans z-scored after stripping (BraTS). Taken from the volume's outer faces."""
+    faces = np.concatenate([np.ravel(face) for axis in range(3) for face in (
+        np.take(data, 0, axis=axis), np.take(data, -1, axis=axis))])
+    values, counts = np.unique(faces, return_counts=True)
+    most = int(np.argmax(counts))
+    return float(values[most]) if counts[most] > 0.5 * faces.size else 0.0
+
+
 def to_model_space(
     scan: NiftiVolume | np.ndarray,
     affine: np.ndarray | None = None,
@@ -160,8 +169,9 @@ def to_model_space(
     """Bring a native scan into model space, recording every step.
 
     ``scan`` is a :class:`NiftiVolume` (its affine is used) or an array with ``affine``.
-    ``brain_mask`` is on the scan's grid; without it the scan's non-zero voxels are the brain,
-    which is right for skull-stripped scans only (a warning says so otherwise).
+    ``brain_mask`` is on the scan's grid; without it the voxels that differ from the constant
+    background are the brain, which is right for skull-stripped scans only (a warning says so
+    otherwise).
     """
     if isinstance(scan, NiftiVolume):
         name, data, affine = scan.path, scan.data, scan.geometry.affine
@@ -174,11 +184,13 @@ def to_model_space(
         raise ScanError(f"{name}: a 3D volume is needed, got shape {data.shape}")
 
     if brain_mask is None:
-        mask = data != 0
-        if mask.mean() > _NOT_SKULL_STRIPPED_FRACTION:
+        mask = data != background_value(data)
+        volume_ml = mask.sum() * float(np.prod(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))) / 1000.0
+        if volume_ml > _LARGEST_BRAIN_ML:
             warnings.warn(
-                f"{name}: {mask.mean():.0%} of the voxels are non-zero, so the scan does not look "
-                "skull-stripped; without a brain mask the whole head is treated as brain",
+                f"{name}: the voxels that differ from the background make {volume_ml / 1000:.1f} L, "
+                "more than any brain, so the scan does not look skull-stripped; without a brain "
+                "mask the whole head is treated as brain",
                 ScanWarning,
                 stacklevel=2,
             )
