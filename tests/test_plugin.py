@@ -1,0 +1,27 @@
+"""The package as napari and users meet it: manifest, Qt-free core."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CORE_MODULES = ["napari_brain_uad.io", "napari_brain_uad.preprocess", "napari_brain_uad.sample_data"]
+
+
+def test_manifest_is_valid():
+    result = subprocess.run(
+        [sys.executable, "-m", "npe2", "validate", "napari-brain-uad"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid" in result.stdout
+
+
+def test_core_imports_neither_qt_nor_napari():
+    code = (
+        "import sys, importlib\n"
+        f"for name in {CORE_MODULES!r}: importlib.import_module(name)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui'})\n"
+        "print(bad)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
