@@ -1,0 +1,491 @@
+"""From an anomaly map to a segmentation: step 5 of the data flow, as the papers do it.
+
+1. ``prepare`` (once per map, the slow part): median filter 5 x 5 x 5, then the brain mask is
+   eroded slice by slice with a 2D cross (iterations = in-plane size // 25, 3 at 96 x 96) and the
+   map is set to 0 outside the eroded mask. The erosion removes the rim of the brain, where every
+   reconstruction model leaves a bright residual that is not an anomaly.
+2. ``FilteredMap.mask_at`` (per threshold, milliseconds): ``map > threshold`` inside the eroded
+   mask, then connected components with 26-connectivity, dropping those of at most 7 voxels.
+
+A slider in the widget only repeats step 2. Thresholds are chosen on validation data, either by a
+greedy search maximising Dice on labelled cases (:func:`greedy_dice_threshold`) or, without labels,
+as a percentile of the scores on healthy scans (:func:`healthy_percentile_threshold`). Both return
+the threshold and a JSON-serialisable record of how it was found, to be stored with a model.
+
+Convention throughout: a voxel is anomalous when its score is strictly greater than the threshold
+(as in the reference code), so a threshold at or above the maximum score gives an empty mask.
+Volumes are model-space arrays (X, Y, Z) with axial slices ``volume[:, :, k]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+MEDIAN_SIZE = 5
+MIN_COMPONENT_VOXELS = 7  # components of this many voxels or fewer are dropped
+_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+# A 2D cross in the axial plane and nothing across slices: binary erosion with it erodes each
+# axial slice on its own, in one call for the whole volume.
+_AXIAL_CROSS = ndimage.generate_binary_structure(2, 1)[:, :, np.newaxis]
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+
+
+def _as_numpy(array, name: str) -> np.ndarray:
+    """numpy arrays as they are; torch tensors (on any device) copied to the CPU."""
+    if hasattr(array, "detach") and hasattr(array, "cpu"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _check_map(score_map, name: str = "anomaly map") -> np.ndarray:
+    values = _as_numpy(score_map, name)
+    if values.ndim != 3:
+        raise ValueError(f"{name} must be a 3D volume (X, Y, Z), got shape {values.shape}")
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise ValueError(f"{name} must hold real numbers, got dtype {values.dtype}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name} contains NaN or infinite values ({np.count_nonzero(~np.isfinite(values))} voxels)")
+    return values
+
+
+def _check_mask(mask, shape: tuple[int, ...], name: str = "brain mask") -> np.ndarray:
+    values = _as_numpy(mask, name)
+    if values.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {values.shape} but the anomaly map has shape {tuple(shape)}")
+    if values.dtype != bool:
+        if np.issubdtype(values.dtype, np.floating) and np.isnan(values).any():
+            raise ValueError(f"{name} contains NaN values")
+        values = values != 0
+    if not values.any():
+        raise ValueError(f"{name} is empty: no voxel is inside the brain")
+    return values
+
+
+def _check_threshold(threshold) -> np.float64:
+    # A float64 scalar, not a Python float: numpy would round a Python float to the float32 of
+    # the map before comparing, and a threshold chosen between two float32 scores (as the
+    # metrics do) could then land on one of them.
+    value = np.float64(threshold)
+    if np.isnan(value):
+        raise ValueError("threshold is NaN")
+    return value
+
+
+def _check_spacing(spacing_mm) -> tuple[float, float, float]:
+    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise ValueError(f"voxel spacing must be three positive numbers in mm, got {spacing_mm!r}")
+    return tuple(float(s) for s in spacing)
+
+
+# ----------------------------------------------------------------------------------------------
+# the expensive part, once per map
+
+
+def erosion_iterations(in_plane_shape: int | Sequence[int]) -> int:
+    """Erosion iterations for slices of this size: in-plane size // 25 (3 at 96 x 96).
+
+    For a non-square slice the smaller side counts.
+    """
+    size = int(np.min(np.atleast_1d(in_plane_shape)))
+    return size // 25
+
+
+def erode_brain_mask(brain_mask, iterations: int | None = None) -> np.ndarray:
+    """The brain mask eroded per axial slice with a 2D cross (4-neighbourhood).
+
+    ``iterations=None`` uses :func:`erosion_iterations` of the in-plane shape; 0 returns a copy.
+    """
+    mask = _as_numpy(brain_mask, "brain mask")
+    if mask.ndim != 3:
+        raise ValueError(f"brain mask must be a 3D volume (X, Y, Z), got shape {mask.shape}")
+    mask = mask.astype(bool)
+    if iterations is None:
+        iterations = erosion_iterations(mask.shape[:2])
+    if iterations < 0:
+        raise ValueError(f"erosion iterations must be >= 0, got {iterations}")
+    if iterations == 0:
+        return mask.copy()
+    return ndimage.binary_erosion(mask, structure=_AXIAL_CROSS, iterations=int(iterations))
+
+
+def min_size_in_voxels(min_size_ml: float, spacing_mm) -> float:
+    """The largest dropped component size, in voxels (not rounded), for a size given in mL."""
+    spacing = _check_spacing(spacing_mm)
+    if not np.isfinite(min_size_ml) or min_size_ml < 0:
+        raise ValueError(f"minimum component size must be a number of mL >= 0, got {min_size_ml!r}")
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return float(min_size_ml) / voxel_ml
+
+
+def remove_small_components(mask, min_size_voxels: float = MIN_COMPONENT_VOXELS) -> np.ndarray:
+    """``mask`` without its 26-connected components of at most ``min_size_voxels`` voxels."""
+    mask = _as_numpy(mask, "mask").astype(bool, copy=False)
+    labels, _ = ndimage.label(mask, structure=_CONNECTIVITY_26)
+    return _keep_large(labels, min_size_voxels)
+
+
+def _keep_large(labels: np.ndarray, min_size_voxels: float) -> np.ndarray:
+    sizes = np.bincount(labels.ravel())
+    keep = sizes > min_size_voxels
+    keep[0] = False  # label 0 is the background
+    return keep[labels]
+
+
+@dataclass(frozen=True, eq=False)
+class FilteredMap:
+    """An anomaly map after median filtering and brain masking, ready to be thresholded.
+
+    ``values`` is the filtered map, 0 outside ``region`` (the eroded brain mask). Thresholding and
+    component removal work on the bounding box of ``region`` only, which is all that can be
+    non-zero; this is what keeps a threshold change cheap.
+    """
+
+    values: np.ndarray = field(repr=False)  # float32 (X, Y, Z)
+    region: np.ndarray = field(repr=False)  # bool (X, Y, Z): the eroded brain mask
+    brain_mask: np.ndarray = field(repr=False)  # bool (X, Y, Z): as given
+    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    median: bool = True
+    iterations: int = 3
+    _box: tuple[slice, slice, slice] = field(init=False, repr=False)
+    _boxed_scores: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.values.shape != self.region.shape or not self.region.any():
+            raise ValueError("a FilteredMap needs a non-empty region of the same shape as its values")
+        box = ndimage.find_objects(self.region.astype(np.uint8))[0]
+        # Outside the region the score is -inf inside the box, so "score > threshold" needs no
+        # second comparison with the mask, for any finite threshold.
+        boxed = np.where(self.region[box], self.values[box], -np.inf).astype(np.float32)
+        object.__setattr__(self, "_box", box)
+        object.__setattr__(self, "_boxed_scores", boxed)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.values.shape
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(np.prod(self.spacing_mm)) / 1000.0
+
+    def scores(self) -> np.ndarray:
+        """The filtered scores of the voxels inside the region (1D)."""
+        return self.values[self.region]
+
+    def score_range(self) -> tuple[float, float]:
+        scores = self._boxed_scores[np.isfinite(self._boxed_scores)]
+        return float(scores.min()), float(scores.max())
+
+    def _max_dropped(self, min_size_voxels: float, min_size_ml: float | None) -> float:
+        if min_size_ml is not None:
+            # A small relative margin so a component of exactly min_size_ml (up to rounding of
+            # the spacing product) counts as "at most" and is dropped.
+            return min_size_in_voxels(min_size_ml, self.spacing_mm) * (1 + 1e-9)
+        if not min_size_voxels >= 0:
+            raise ValueError(f"minimum component size must be >= 0 voxels, got {min_size_voxels!r}")
+        return float(min_size_voxels)
+
+    def _boxed_labels(self, threshold, min_size_voxels, min_size_ml) -> tuple[np.ndarray, np.ndarray]:
+        """Component labels inside the box (small ones already dropped) and each label's size."""
+        above = self._boxed_scores > _check_threshold(threshold)
+        labels, _ = ndimage.label(above, structure=_CONNECTIVITY_26)
+        sizes = np.bincount(labels.ravel())
+        keep = sizes > self._max_dropped(min_size_voxels, min_size_ml)
+        keep[0] = False
+        return labels, keep
+
+    def _unbox(self, boxed: np.ndarray) -> np.ndarray:
+        full = np.zeros(self.shape, dtype=boxed.dtype)
+        full[self._box] = boxed
+        return full
+
+    def mask_at(
+        self, threshold: float, min_size_voxels: float = MIN_COMPONENT_VOXELS, min_size_ml: float | None = None
+    ) -> np.ndarray:
+        """Binary anomaly mask: score > threshold, components of <= min size removed.
+
+        ``min_size_ml``, when given, replaces ``min_size_voxels`` (converted with ``spacing_mm``).
+        """
+        labels, keep = self._boxed_labels(threshold, min_size_voxels, min_size_ml)
+        return self._unbox(keep[labels])
+
+    def labels_at(
+        self, threshold: float, min_size_voxels: float = MIN_COMPONENT_VOXELS, min_size_ml: float | None = None
+    ) -> np.ndarray:
+        """The kept components as an int32 label volume, numbered 1, 2, ... from the largest."""
+        labels, keep = self._boxed_labels(threshold, min_size_voxels, min_size_ml)
+        sizes = np.bincount(labels.ravel())
+        kept = np.flatnonzero(keep)
+        # Largest first; equal sizes in label order (stable sort), so the numbering is reproducible.
+        order = kept[np.argsort(-sizes[kept], kind="stable")]
+        renumber = np.zeros(sizes.size, dtype=np.int32)
+        renumber[order] = np.arange(1, order.size + 1, dtype=np.int32)
+        return self._unbox(renumber[labels])
+
+    def findings(
+        self, threshold: float, min_size_voxels: float = MIN_COMPONENT_VOXELS, min_size_ml: float | None = None
+    ) -> list[dict]:
+        """One row per kept component, largest first; ``label`` matches :meth:`labels_at`."""
+        return findings_table(self.labels_at(threshold, min_size_voxels, min_size_ml), self.values, self.spacing_mm)
+
+
+def prepare(
+    score_map,
+    brain_mask,
+    *,
+    median: bool = True,
+    iterations: int | None = None,
+    spacing_mm=(2.0, 2.0, 2.0),
+) -> FilteredMap:
+    """Median-filter ``score_map`` (5 x 5 x 5, unless ``median=False``) and keep it only inside
+    the brain mask eroded per axial slice (``iterations=None``: in-plane size // 25).
+
+    As in the reference code the median runs on the map as given, before masking; the erosion
+    then discards the rim, where the median mixed in voxels from outside the brain.
+    """
+    values = _check_map(score_map)
+    mask = _check_mask(brain_mask, values.shape)
+    spacing = _check_spacing(spacing_mm)
+    if iterations is None:
+        iterations = erosion_iterations(values.shape[:2])
+    region = erode_brain_mask(mask, iterations)
+    if not region.any():
+        raise ValueError(
+            f"the brain mask ({int(mask.sum())} voxels) is empty after {iterations} erosion iterations; "
+            "pass a smaller `iterations`"
+        )
+    values = values.astype(np.float32, copy=False)
+    if median:
+        values = ndimage.median_filter(values, size=MEDIAN_SIZE)
+    filtered = np.where(region, values, np.float32(0)).astype(np.float32)
+    return FilteredMap(filtered, region, mask, spacing, bool(median), int(iterations))
+
+
+def postprocess(
+    score_map,
+    brain_mask,
+    threshold: float,
+    *,
+    median: bool = True,
+    min_size_voxels: float = MIN_COMPONENT_VOXELS,
+    min_size_ml: float | None = None,
+    spacing_mm=(2.0, 2.0, 2.0),
+) -> np.ndarray:
+    """All of it at once: :func:`prepare` followed by :meth:`FilteredMap.mask_at`."""
+    filtered = prepare(score_map, brain_mask, median=median, spacing_mm=spacing_mm)
+    return filtered.mask_at(threshold, min_size_voxels, min_size_ml)
+
+
+def findings_table(labels, scores, spacing_mm=(2.0, 2.0, 2.0)) -> list[dict]:
+    """One row per label > 0 of ``labels``: its voxel count, volume in mL, mean and max of
+    ``scores`` over it, and its centre (the mean voxel index, unweighted), in label order."""
+    labels = _as_numpy(labels, "labels")
+    scores = _as_numpy(scores, "scores")
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels have shape {labels.shape} but scores have shape {scores.shape}")
+    voxel_ml = float(np.prod(_check_spacing(spacing_mm))) / 1000.0
+    # Only the labelled voxels matter, usually a small part of the volume.
+    coordinates = np.nonzero(labels)
+    owners = labels[coordinates].astype(np.intp)
+    if owners.size == 0:
+        return []
+    if owners.min() < 0:
+        raise ValueError("labels must be non-negative integers (0 is the background)")
+    values = scores[coordinates].astype(np.float64)
+    n = int(owners.max()) + 1
+    counts = np.bincount(owners, minlength=n)
+    present = np.flatnonzero(counts)
+    sums = np.bincount(owners, weights=values, minlength=n)
+    maxima = np.full(n, -np.inf)
+    np.maximum.at(maxima, owners, values)
+    centres = np.stack([np.bincount(owners, weights=c, minlength=n) for c in coordinates], axis=1)
+    rows = []
+    for label in present:
+        count = int(counts[label])
+        rows.append(
+            {
+                "label": int(label),
+                "voxels": count,
+                "volume_ml": count * voxel_ml,
+                "mean_score": float(sums[label] / count),
+                "max_score": float(maxima[label]),
+                "centre_voxel": [float(c) for c in centres[label] / count],
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# choosing a threshold on validation data
+
+
+def _validation_cases(maps, brain_masks, what: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(scores, region) per case: FilteredMaps bring their own region; plain arrays need masks."""
+    if isinstance(maps, FilteredMap) or (hasattr(maps, "ndim") and maps.ndim == 3):
+        maps = [maps]
+    maps = list(maps)
+    if not maps:
+        raise ValueError(f"no {what} maps given")
+    if brain_masks is None:
+        masks = [None] * len(maps)
+    else:
+        if hasattr(brain_masks, "ndim") and brain_masks.ndim == 3:
+            brain_masks = [brain_masks]
+        masks = list(brain_masks)
+        if len(masks) != len(maps):
+            raise ValueError(f"{len(maps)} {what} maps but {len(masks)} brain masks")
+    cases = []
+    for index, (score_map, mask) in enumerate(zip(maps, masks)):
+        name = f"{what} map {index}"
+        if isinstance(score_map, FilteredMap):
+            values = score_map.values
+            region = score_map.region
+            if mask is not None:
+                region = region & _check_mask(mask, values.shape, f"brain mask {index}")
+        else:
+            values = _check_map(score_map, name)
+            region = (
+                np.ones(values.shape, dtype=bool)
+                if mask is None
+                else _check_mask(mask, values.shape, f"brain mask {index}")
+            )
+        cases.append((values, region))
+    return cases
+
+
+def _dice_counts(predicted: np.ndarray, truth: np.ndarray) -> float:
+    overlap = np.count_nonzero(predicted & truth)
+    total = np.count_nonzero(predicted) + np.count_nonzero(truth)
+    return 1.0 if total == 0 else 2.0 * overlap / total
+
+
+def greedy_dice_threshold(
+    maps,
+    labels,
+    brain_masks=None,
+    *,
+    grid_points: int = 21,
+    steps: int = 10,
+    min_size_voxels: float = 0,
+    objective: str = "mean",
+) -> tuple[float, dict]:
+    """The threshold maximising Dice on labelled validation cases, found greedily.
+
+    ``maps`` are the maps as they will be thresholded (:class:`FilteredMap` objects, whose eroded
+    region is used, or arrays, restricted to ``brain_masks`` when given); ``labels`` the
+    ground-truth masks. Dice is computed inside the region; ``objective="mean"`` averages the
+    per-case Dice, ``"pooled"`` computes one Dice over all voxels of all cases (as the
+    reference code does). ``min_size_voxels`` > 0 removes small components before scoring.
+
+    Search: Dice at ``grid_points`` thresholds spread evenly over the score range, then, in the
+    interval around the best of them, ``steps`` rounds of the reference's bisection (compare Dice
+    at the first and third quarter points and keep the half with the better one). The best
+    threshold seen anywhere is returned with a JSON-serialisable record of the search.
+    """
+    if objective not in ("mean", "pooled"):
+        raise ValueError(f"objective must be 'mean' or 'pooled', got {objective!r}")
+    if grid_points < 2 or steps < 0:
+        raise ValueError(f"need grid_points >= 2 and steps >= 0, got {grid_points} and {steps}")
+    cases = _validation_cases(maps, brain_masks, "validation")
+    if hasattr(labels, "ndim") and labels.ndim == 3:
+        labels = [labels]
+    labels = list(labels)
+    if len(labels) != len(cases):
+        raise ValueError(f"{len(cases)} validation maps but {len(labels)} label masks")
+    prepared = []
+    for index, ((values, region), label) in enumerate(zip(cases, labels)):
+        truth = _as_numpy(label, f"label mask {index}")
+        if truth.shape != values.shape:
+            raise ValueError(f"label mask {index} has shape {truth.shape} but its map has shape {values.shape}")
+        truth = (truth != 0) & region
+        # Voxels outside the region can never be predicted: -inf keeps them below any threshold.
+        scores = np.where(region, values, -np.inf)
+        prepared.append((scores, truth))
+
+    def evaluate(threshold: float) -> float:
+        threshold = _check_threshold(threshold)
+        dices, overlap, total = [], 0, 0
+        for scores, truth in prepared:
+            predicted = scores > threshold
+            if min_size_voxels > 0:
+                predicted = remove_small_components(predicted, min_size_voxels)
+            if objective == "mean":
+                dices.append(_dice_counts(predicted, truth))
+            else:
+                overlap += np.count_nonzero(predicted & truth)
+                total += np.count_nonzero(predicted) + np.count_nonzero(truth)
+        if objective == "mean":
+            return float(np.mean(dices))
+        return 1.0 if total == 0 else 2.0 * overlap / total
+
+    low = min(float(scores[np.isfinite(scores)].min()) for scores, _ in prepared)
+    high = max(float(scores[np.isfinite(scores)].max()) for scores, _ in prepared)
+    seen: dict[float, float] = {}
+
+    def score(threshold: float) -> float:
+        if threshold not in seen:
+            seen[threshold] = evaluate(threshold)
+        return seen[threshold]
+
+    grid = np.linspace(low, high, grid_points)
+    grid_dice = [score(float(t)) for t in grid]
+    best = int(np.argmax(grid_dice))
+    bottom, top = float(grid[max(best - 1, 0)]), float(grid[min(best + 1, grid_points - 1)])
+    for _ in range(steps):
+        quarter, three_quarters = bottom + 0.25 * (top - bottom), bottom + 0.75 * (top - bottom)
+        centre = 0.5 * (bottom + top)
+        if score(quarter) >= score(three_quarters):
+            top = centre
+        else:
+            bottom = centre
+    # Ties: the lowest threshold among equally good ones (the search's first-found order would
+    # depend on the grid otherwise).
+    best_dice = max(seen.values())
+    threshold = min(t for t, d in seen.items() if d == best_dice)
+    record = {
+        "method": "greedy-dice",
+        "threshold": threshold,
+        "dice": best_dice,
+        "objective": objective,
+        "score_range": [low, high],
+        "grid_points": int(grid_points),
+        "steps": int(steps),
+        "evaluations": len(seen),
+        "min_size_voxels": float(min_size_voxels),
+        "cases": len(prepared),
+        "rule": "score > threshold",
+    }
+    return threshold, record
+
+
+def healthy_percentile_threshold(maps, brain_masks=None, *, percentile: float = 99.0) -> tuple[float, dict]:
+    """A threshold with a false-positive budget: the ``percentile`` of the scores inside the
+    brain over all healthy validation maps, so about (100 - percentile) % of healthy brain voxels
+    score above it.
+
+    ``maps`` are :class:`FilteredMap` objects (their eroded region is used) or arrays restricted
+    to ``brain_masks``. The record gives the fraction of healthy voxels actually above.
+    """
+    percentile = float(percentile)
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be within [0, 100], got {percentile}")
+    cases = _validation_cases(maps, brain_masks, "healthy")
+    scores = np.concatenate([values[region].astype(np.float64, copy=False) for values, region in cases])
+    threshold = float(np.percentile(scores, percentile))
+    record = {
+        "method": "healthy-percentile",
+        "threshold": threshold,
+        "percentile": percentile,
+        "false_positive_fraction": float(np.count_nonzero(scores > threshold) / scores.size),
+        "voxels": int(scores.size),
+        "cases": len(cases),
+        "rule": "score > threshold",
+    }
+    return threshold, record

@@ -1,0 +1,322 @@
+"""Post-processing: median, erosion, thresholds, components, findings and threshold choice."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from conftest import SHARED_DATA
+from napari_brain_uad.metrics import best_dice, best_dice_pooled, dice, dice_at
+from napari_brain_uad.postprocess import (
+    FilteredMap,
+    erode_brain_mask,
+    erosion_iterations,
+    findings_table,
+    greedy_dice_threshold,
+    healthy_percentile_threshold,
+    postprocess,
+    prepare,
+    remove_small_components,
+)
+
+
+def _box_mask(shape=(32, 32, 8), margin=4) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[margin:-margin, margin:-margin, :] = True
+    return mask
+
+
+def _unfiltered(score_map, brain_mask=None) -> FilteredMap:
+    """A FilteredMap without median or erosion, so thresholds act on the values as given."""
+    brain_mask = np.ones(score_map.shape, bool) if brain_mask is None else brain_mask
+    return prepare(score_map, brain_mask, median=False, iterations=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# median and erosion
+
+
+def test_erosion_iterations_follow_the_in_plane_size():
+    assert erosion_iterations((96, 96)) == 3
+    assert erosion_iterations(96) == 3
+    assert erosion_iterations((64, 64)) == 2 and erosion_iterations((128, 100)) == 4
+    assert prepare(np.zeros((96, 96, 4)), _box_mask((96, 96, 4), 20)).iterations == 3
+
+
+def test_erosion_is_a_2d_cross_per_axial_slice():
+    mask = np.zeros((96, 96, 5), dtype=bool)
+    mask[20:41, 30:51, 1:4] = True  # 21 x 21 squares on three slices
+    mask[60, 60, 2] = True  # a lone voxel
+    eroded = erode_brain_mask(mask)  # 3 iterations at 96²
+    expected = np.zeros_like(mask)
+    expected[23:38, 33:48, 1:4] = True  # a cross shrinks a square by one voxel per side and step
+    np.testing.assert_array_equal(eroded, expected)  # nothing eroded across slices
+    # One step with a cross removes the corners of a 3 x 3 plus shape but keeps its centre.
+    plus = np.zeros((5, 5, 1), bool)
+    plus[1:4, 2, 0] = plus[2, 1:4, 0] = True
+    assert erode_brain_mask(plus, 1)[:, :, 0].sum() == 1 and erode_brain_mask(plus, 1)[2, 2, 0]
+
+
+def test_prepare_median_filters_then_zeroes_outside_the_eroded_mask():
+    rng = np.random.default_rng(0)
+    score_map = rng.random((96, 96, 12)).astype(np.float32)
+    brain = _box_mask((96, 96, 12), 10)
+    filtered = prepare(score_map, brain)
+    region = erode_brain_mask(brain, 3)
+    np.testing.assert_array_equal(filtered.region, region)
+    assert (filtered.values[~region] == 0).all() and filtered.values.dtype == np.float32
+    # Independent check of the 5 x 5 x 5 median at a few voxels.
+    for x, y, z in [(30, 40, 5), (13, 13, 2), (82, 60, 9)]:
+        assert region[x, y, z]
+        window = score_map[x - 2 : x + 3, y - 2 : y + 3, max(z - 2, 0) : z + 3]
+        if z >= 2 and z + 3 <= 12:
+            assert filtered.values[x, y, z] == np.median(window)
+    # median=False keeps the values; erosion still applies.
+    plain = prepare(score_map, brain, median=False)
+    np.testing.assert_array_equal(plain.values[region], score_map[region])
+    # A torch tensor works the same.
+    from_tensor = prepare(torch.from_numpy(score_map), torch.from_numpy(brain), median=False)
+    np.testing.assert_array_equal(from_tensor.values, plain.values)
+
+
+# ----------------------------------------------------------------------------------------------
+# components
+
+
+def _two_blobs_8_and_7() -> np.ndarray:
+    mask = np.zeros((20, 20, 20), dtype=bool)
+    for i in range(8):  # 8 voxels touching only diagonally (corner neighbours)
+        mask[1 + i, 1 + i, 1 + i] = True
+    for i in range(7):  # 7 voxels, also diagonal, far from the first
+        mask[12 + i, 2, 12 + i] = True
+    return mask
+
+
+def test_components_of_8_voxels_stay_and_of_7_go_with_26_connectivity():
+    mask = _two_blobs_8_and_7()
+    kept = remove_small_components(mask)
+    expected = mask.copy()
+    expected[12:, :, 12:] = False
+    np.testing.assert_array_equal(kept, expected)
+    # Through FilteredMap.mask_at, sizes in voxels or in mL (2 mm voxels: 0.008 mL each).
+    filtered = _unfiltered(mask.astype(np.float32))
+    np.testing.assert_array_equal(filtered.mask_at(0.5), expected)
+    np.testing.assert_array_equal(filtered.mask_at(0.5, min_size_ml=7 * 0.008), expected)
+    assert not filtered.mask_at(0.5, min_size_ml=8 * 0.008).any()
+    np.testing.assert_array_equal(filtered.mask_at(0.5, min_size_voxels=0), mask)
+    # At 1 mm a voxel is 0.001 mL: 0.007 mL drops the 7-voxel chain, 0.006 mL neither.
+    fine = prepare(mask.astype(np.float32), np.ones(mask.shape), median=False, iterations=0, spacing_mm=1.0)
+    np.testing.assert_array_equal(fine.mask_at(0.5, min_size_ml=0.007), expected)
+    np.testing.assert_array_equal(fine.mask_at(0.5, min_size_ml=0.006), mask)
+
+
+def test_mask_at_matches_thresholding_the_full_volume_and_is_monotone():
+    rng = np.random.default_rng(1)
+    brain = _box_mask((96, 96, 20), 12)
+    filtered = prepare(rng.normal(size=brain.shape), brain)
+    low, high = filtered.score_range()
+    previous = None
+    for threshold in np.linspace(low - 1, high + 0.1, 25):
+        mask = filtered.mask_at(threshold)
+        reference = remove_small_components((filtered.values > threshold) & filtered.region, 7)
+        np.testing.assert_array_equal(mask, reference)
+        assert not mask[~filtered.region].any()  # also for thresholds below every score
+        if previous is not None:
+            assert not (mask & ~previous).any()  # a higher threshold only removes voxels
+        previous = mask
+    assert not filtered.mask_at(high).any()  # strictly above the threshold
+
+
+def test_labels_and_findings_table():
+    score_map = np.zeros((30, 30, 10), dtype=np.float32)
+    score_map[2:5, 2:5, 2:4] = 0.8  # 18 voxels
+    score_map[3, 3, 3] = 0.95
+    score_map[20:25, 10:15, 5:8] = 0.6  # 75 voxels
+    score_map[15, 15, 5] = 0.9  # a lone voxel, dropped
+    filtered = _unfiltered(score_map)
+    labels = filtered.labels_at(0.5)
+    assert labels.dtype == np.int32 and set(np.unique(labels)) == {0, 1, 2}
+    rows = filtered.findings(0.5)
+    assert [row["label"] for row in rows] == [1, 2]  # largest first
+    big, small = rows
+    assert big["voxels"] == 75 and big["volume_ml"] == pytest.approx(75 * 0.008)
+    assert big["mean_score"] == pytest.approx(0.6) and big["max_score"] == pytest.approx(0.6)
+    assert big["centre_voxel"] == pytest.approx([22.0, 12.0, 6.0])
+    assert small["voxels"] == 18 and small["max_score"] == pytest.approx(0.95)
+    assert small["mean_score"] == pytest.approx((17 * 0.8 + 0.95) / 18)
+    assert small["centre_voxel"] == pytest.approx([3.0, 3.0, 2.5])
+    assert (labels > 0).sum() == filtered.mask_at(0.5).sum() == 93
+    json.dumps(rows)
+    assert findings_table(np.zeros((3, 3, 3), int), np.zeros((3, 3, 3))) == []
+    # The one-call form gives the same mask.
+    np.testing.assert_array_equal(
+        postprocess(score_map, np.ones(score_map.shape), 0.5, median=False) > 0,
+        prepare(score_map, np.ones(score_map.shape), median=False).mask_at(0.5),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# threshold choice
+
+
+def _synthetic_cases(seed, count=2, separation=1.5, shape=(24, 24, 8)):
+    rng = np.random.default_rng(seed)
+    maps, labels = [], []
+    for _ in range(count):
+        label = np.zeros(shape, dtype=bool)
+        centre = rng.integers(6, 18, size=2)
+        label[centre[0] - 4 : centre[0] + 4, centre[1] - 4 : centre[1] + 4, 2:6] = True
+        maps.append(rng.normal(size=shape) + separation * label)
+        labels.append(label)
+    return maps, labels
+
+
+def test_greedy_threshold_separates_separable_maps():
+    maps, labels = _synthetic_cases(0, separation=0.0)
+    maps = [np.where(label, 0.6 + 0.4 * np.abs(np.tanh(m)), 0.4 * np.abs(np.tanh(m))) for m, label in zip(maps, labels)]
+    threshold, record = greedy_dice_threshold(maps, labels)
+    highest_healthy = max(m[~label].max() for m, label in zip(maps, labels))
+    lowest_lesion = min(m[label].min() for m, label in zip(maps, labels))
+    assert highest_healthy <= threshold < lowest_lesion and record["dice"] == 1.0
+    assert all(dice_at(m, label, threshold) == 1.0 for m, label in zip(maps, labels))
+
+
+def _quantile_cases(shifts=(1.5, 2.0), shape=(24, 24, 8)):
+    """Maps whose healthy and lesion scores are evenly spaced quantiles of two overlapping
+    normal distributions (placed at random): Dice against the threshold is a smooth curve with
+    one peak, so the exact optimum is the one to find."""
+    rng = np.random.default_rng(0)
+    maps, labels = [], []
+    for shift in shifts:
+        label = np.zeros(shape, dtype=bool)
+        label[6:14, 8:16, 2:6] = True
+        lesion_count = int(label.sum())
+        healthy_count = label.size - lesion_count
+        score_map = np.empty(shape)
+        score_map[~label] = rng.permutation(norm.ppf((np.arange(healthy_count) + 0.5) / healthy_count))
+        score_map[label] = rng.permutation(shift + norm.ppf((np.arange(lesion_count) + 0.5) / lesion_count))
+        maps.append(score_map)
+        labels.append(label)
+    return maps, labels
+
+
+def test_greedy_threshold_finds_the_optimum_of_overlapping_maps():
+    maps, labels = _quantile_cases()
+    threshold, record = greedy_dice_threshold(maps, labels)
+    # Exact optimum of the mean Dice: every distinct score as a threshold, brute force.
+    candidates = np.unique(np.concatenate([m.ravel() for m in maps]))
+    mean_dice = [np.mean([dice(m >= c, label) for m, label in zip(maps, labels)]) for c in candidates]
+    assert record["dice"] == pytest.approx(max(mean_dice), abs=1e-3)
+    assert record["dice"] == pytest.approx(np.mean([dice_at(m, l, threshold) for m, l in zip(maps, labels)]))
+    # Pooled objective against the exact pooled [Dice].
+    pooled_threshold, pooled = greedy_dice_threshold(maps, labels, objective="pooled")
+    exact, exact_threshold = best_dice_pooled(maps, labels, return_threshold=True)
+    assert pooled["dice"] == pytest.approx(exact, abs=1e-3)
+    assert pooled_threshold == pytest.approx(exact_threshold, abs=0.05)
+    json.dumps(record)
+    assert record["method"] == "greedy-dice" and record["threshold"] == threshold
+
+
+def test_greedy_threshold_on_filtered_maps_uses_their_region():
+    maps, labels = _synthetic_cases(3, shape=(48, 48, 10))
+    brain = _box_mask((48, 48, 10), 2)
+    filtered = [prepare(m, brain, median=False) for m in maps]
+    threshold, record = greedy_dice_threshold(filtered, labels, min_size_voxels=7)
+    assert record["min_size_voxels"] == 7 and record["cases"] == 2
+    dices = [dice(f.mask_at(threshold, 7), label & f.region) for f, label in zip(filtered, labels)]
+    assert record["dice"] == pytest.approx(np.mean(dices))
+
+
+@pytest.mark.parametrize("percentile", [95.0, 99.0, 99.9])
+def test_percentile_threshold_spends_the_false_positive_budget(percentile):
+    rng = np.random.default_rng(5)
+    brain = _box_mask((64, 64, 16), 6)
+    healthy = [rng.gamma(2.0, size=brain.shape) * (1 + 0.2 * i) for i in range(3)]
+    threshold, record = healthy_percentile_threshold(healthy, [brain] * 3, percentile=percentile)
+    scores = np.concatenate([h[brain] for h in healthy])
+    above = np.mean(scores > threshold)
+    assert above == pytest.approx(1 - percentile / 100, abs=1e-4)
+    assert record["false_positive_fraction"] == pytest.approx(above)
+    assert record["voxels"] == scores.size and record["percentile"] == percentile
+    json.dumps(record)
+    # On FilteredMaps only the eroded region counts.
+    filtered = [prepare(h, brain) for h in healthy]
+    threshold, record = healthy_percentile_threshold(filtered, percentile=percentile)
+    region_scores = np.concatenate([f.values[f.region] for f in filtered])
+    assert np.mean(region_scores > threshold) == pytest.approx(1 - percentile / 100, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# real data
+
+
+@pytest.fixture(scope="module")
+def ms_model_space():
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.skip(f"real scans not found at {SHARED_DATA}")
+    from napari_brain_uad.io import read_nifti
+    from napari_brain_uad.preprocess import to_model_space
+
+    folder = SHARED_DATA / "mslub/patient26"
+    model = to_model_space(read_nifti(folder / "FLAIR.nii.gz"))
+    lesions = read_nifti(folder / "lesionmask.nii.gz").data > 0
+    return model, model.transform.to_model(lesions, antialias=False) >= 0.5
+
+
+def test_real_ms_case_from_flair_to_findings(ms_model_space):
+    model, lesions = ms_model_space
+    # MS lesions are bright on FLAIR: the intensity itself is a (crude) anomaly map.
+    filtered = prepare(model.image, model.brain_mask)
+    assert filtered.iterations == 3 and filtered.region.sum() < model.brain_mask.sum()
+    threshold, record = greedy_dice_threshold(filtered, [lesions])
+    upper_bound, best_threshold = best_dice(filtered.values, lesions, filtered.region, return_threshold=True)
+    # The metrics' threshold means the same on the FilteredMap (float32 scores, float64 threshold).
+    assert dice(filtered.mask_at(best_threshold, 0), lesions & filtered.region) == pytest.approx(upper_bound)
+    assert 0.2 < record["dice"] <= upper_bound + 1e-12
+    assert record["dice"] >= upper_bound - 0.02
+    mask = filtered.mask_at(threshold)
+    rows = filtered.findings(threshold)
+    assert sum(row["voxels"] for row in rows) == mask.sum() and all(row["voxels"] > 7 for row in rows)
+    assert dice(mask, lesions) > 0.2
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def test_bad_inputs_raise_clear_errors():
+    score_map = np.random.default_rng(0).random((32, 32, 8))
+    brain = _box_mask()
+    with pytest.raises(ValueError, match="shape"):
+        prepare(score_map, brain[:, :, :4])
+    with pytest.raises(ValueError, match="empty"):
+        prepare(score_map, np.zeros_like(brain))
+    with pytest.raises(ValueError, match="empty after 1 erosion"):
+        tiny = np.zeros_like(brain)
+        tiny[10, 10, 4] = True
+        prepare(score_map, tiny)
+    nan_map = score_map.copy()
+    nan_map[5, 5, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        prepare(nan_map, brain)
+    with pytest.raises(ValueError, match="3D"):
+        prepare(score_map[:, :, 0], brain[:, :, 0])
+    filtered = prepare(score_map, brain)
+    with pytest.raises(ValueError, match="NaN"):
+        filtered.mask_at(float("nan"))
+    with pytest.raises(ValueError, match="spacing"):
+        prepare(score_map, brain, spacing_mm=(2.0, 0.0, 2.0))
+    with pytest.raises(ValueError, match="label masks"):
+        greedy_dice_threshold([score_map, score_map], [brain])
+    with pytest.raises(ValueError, match="shape"):
+        greedy_dice_threshold([score_map], [brain[:, :, :2]])
+    with pytest.raises(ValueError, match="NaN"):
+        greedy_dice_threshold([nan_map], [brain])
+    with pytest.raises(ValueError, match="percentile"):
+        healthy_percentile_threshold([score_map], [brain], percentile=101)
+    with pytest.raises(ValueError, match="empty"):
+        healthy_percentile_threshold([score_map], [np.zeros_like(brain)])
