@@ -5,7 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-CORE_MODULES = ["napari_brain_uad.io", "napari_brain_uad.preprocess", "napari_brain_uad.sample_data"]
+CORE_MODULES = [
+    "napari_brain_uad.io",
+    "napari_brain_uad.preprocess",
+    "napari_brain_uad.sample_data",
+    "napari_brain_uad.scoring",
+    "napari_brain_uad.postprocess",
+    "napari_brain_uad.metrics",
+]
 
 
 def test_manifest_is_valid():
