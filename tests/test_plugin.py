@@ -12,6 +12,7 @@ CORE_MODULES = [
     "napari_brain_uad.scoring",
     "napari_brain_uad.postprocess",
     "napari_brain_uad.metrics",
+    "napari_brain_uad.checkpoint",
 ]
 
 
