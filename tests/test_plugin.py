@@ -13,6 +13,8 @@ CORE_MODULES = [
     "napari_brain_uad.postprocess",
     "napari_brain_uad.metrics",
     "napari_brain_uad.checkpoint",
+    "napari_brain_uad.models",
+    "napari_brain_uad.reconstruct",
 ]
 
 

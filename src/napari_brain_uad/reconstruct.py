@@ -1,0 +1,102 @@
+"""Step 3 of the data flow: pseudo-healthy reconstructions of a model-space volume.
+
+The volume's axial slices go through the model in batches on the chosen device; N samples
+with fresh noise each (for Mahalanobis scoring). Long work reports progress through a callback
+and stops when a cancel callback says so; no Qt here, the widget turns these into a progress
+bar and a Cancel button. A GPU that runs out of memory gets smaller batches, then the CPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .models import DDPM
+
+
+class Cancelled(Exception):
+    """The user cancelled a reconstruction; nothing was returned."""
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """``auto``: CUDA, then Apple MPS, then the CPU; otherwise the device named."""
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def reconstruct_volume(
+    model: DDPM,
+    volume: np.ndarray,
+    *,
+    samples: int = 1,
+    t: int | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    seed: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Reconstructions of a model-space volume (X, Y, Z), as (samples, X, Y, Z) float32 in [0, 1].
+
+    ``progress(done, total)`` is called after each batch (total = samples × slices);
+    ``cancelled()`` is checked before each batch and raises :class:`Cancelled` when true.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"a model-space volume (X, Y, Z) is needed, got shape {volume.shape}")
+    if samples < 1:
+        raise ValueError("samples must be at least 1")
+    device = pick_device(device) if isinstance(device, str) else device
+    generator_device = "cpu" if device.type == "mps" else device
+    generator = torch.Generator(device=generator_device)
+    generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+
+    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, 2, 0)))[:, None]  # (Z, 1, X, Y)
+    jobs = [(sample, start) for sample in range(samples) for start in range(0, slices.shape[0], batch_size)]
+    out = np.empty((samples, *slices.shape), dtype=np.float32)
+    total, done = samples * slices.shape[0], 0
+    model.eval()
+    for sample, start in jobs:
+        if cancelled is not None and cancelled():
+            raise Cancelled("reconstruction cancelled")
+        batch = slices[start : start + batch_size]
+        result, device, generator = _run_batch(model, batch, t, device, generator, seed)
+        out[sample, start : start + len(batch)] = result
+        done += len(batch)
+        if progress is not None:
+            progress(done, total)
+    return np.moveaxis(out[:, :, 0], 1, -1)  # (samples, X, Y, Z)
+
+
+def _run_batch(model, batch, t, device, generator, seed):
+    """One batch; on GPU out-of-memory in halves, then on the CPU as a last resort."""
+    step = len(batch)
+    while True:
+        try:
+            model.to(device)
+            parts = [
+                model.reconstruct(batch[start : start + step].to(device), t, generator).cpu()
+                for start in range(0, len(batch), step)
+            ]
+            return torch.cat(parts).numpy(), device, generator
+        except torch.OutOfMemoryError:
+            if device.type == "cpu":
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if step > 1:
+                step //= 2
+                warnings.warn(f"out of memory on {device}; retrying in batches of {step}", RuntimeWarning, stacklevel=3)
+                continue
+            warnings.warn(f"out of memory on {device}; continuing on the CPU (slower)", RuntimeWarning, stacklevel=3)
+            device = torch.device("cpu")
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))

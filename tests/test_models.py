@@ -1,0 +1,96 @@
+"""DDPM on MONAI: one-step reconstruction of real model-space volumes, checkpoints, progress, cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_brain_uad.checkpoint import CheckpointError, save_checkpoint
+from napari_brain_uad.io import read_nifti
+from napari_brain_uad.models import DDPM, DDPMConfig, load_model, save_model
+from napari_brain_uad.preprocess import to_model_space
+from napari_brain_uad.reconstruct import Cancelled, pick_device, reconstruct_volume
+
+SMALL = DDPMConfig(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=16)
+
+
+@pytest.fixture(scope="module")
+def mslub_model_space():
+    from conftest import SHARED_DATA
+
+    path = SHARED_DATA / "mslub/patient26/T1.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"real scans not found at {SHARED_DATA}")
+    return to_model_space(read_nifti(path))
+
+
+@pytest.fixture
+def model():
+    """An untrained DDPM. MONAI zero-initialises the U-Net's last layers, so an untrained net
+    maps everything to one value; random weights there make its output depend on the input and
+    the noise, which is what these mechanics tests need (training is tested elsewhere)."""
+    torch.manual_seed(0)
+    ddpm = DDPM(SMALL)
+    with torch.no_grad():
+        for parameter in ddpm.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.05)
+    return ddpm
+
+
+def test_reconstructs_every_slice_of_a_real_volume(model, mslub_model_space):
+    volume = mslub_model_space.image
+    calls = []
+    out = reconstruct_volume(model, volume, samples=2, seed=1, batch_size=32, device="cpu",
+                             progress=lambda done, total: calls.append((done, total)))
+    assert out.shape == (2, *volume.shape) and out.dtype == np.float32
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    total = 2 * volume.shape[2]
+    assert calls[-1] == (total, total) and [c[0] for c in calls] == sorted(c[0] for c in calls)
+    assert not np.array_equal(out[0], out[1])  # fresh noise per sample
+    again = reconstruct_volume(model, volume, samples=2, seed=1, batch_size=32, device="cpu")
+    np.testing.assert_array_equal(out, again)  # a seed gives the same reconstructions
+
+
+def test_cancel_stops_before_the_next_batch(model, mslub_model_space):
+    calls = []
+    with pytest.raises(Cancelled):
+        reconstruct_volume(model, mslub_model_space.image, batch_size=8, device="cpu",
+                           progress=lambda done, total: calls.append(done), cancelled=lambda: len(calls) >= 2)
+    assert len(calls) == 2
+
+
+def test_checkpoint_round_trip_gives_the_same_reconstruction(model, mslub_model_space, tmp_path):
+    path = save_model(tmp_path / "ddpm.safetensors", model, {"training_data": "test"})
+    loaded, metadata = load_model(path)
+    assert metadata["kind"] == "ddpm" and metadata["hyperparameters"]["channels"] == [16, 32, 32]
+    assert loaded.config == model.config
+    volume = mslub_model_space.image[:, :, 20:24]
+    np.testing.assert_array_equal(
+        reconstruct_volume(model, volume, seed=3, device="cpu"), reconstruct_volume(loaded, volume, seed=3, device="cpu")
+    )
+
+
+def test_weights_that_do_not_fit_are_refused(model, tmp_path):
+    other = DDPM(DDPMConfig(channels=(16, 32, 64), norm_num_groups=8, num_head_channels=16))
+    path = save_checkpoint(tmp_path / "bad.safetensors", other.state_dict(), model.metadata())
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_model(path)
+
+
+def test_unknown_kind_and_bad_hyperparameters_are_refused(model, tmp_path):
+    path = save_checkpoint(tmp_path / "k.safetensors", model.state_dict(), {**model.metadata(), "kind": "gan"})
+    with pytest.raises(CheckpointError, match="unknown model kind 'gan'"):
+        load_model(path)
+    bad = {**model.metadata(), "hyperparameters": {**SMALL.to_dict(), "t_test": 5000}}
+    path = save_checkpoint(tmp_path / "h.safetensors", model.state_dict(), bad)
+    with pytest.raises(CheckpointError, match="t_test"):
+        load_model(path)
+
+
+def test_auto_device_is_the_cpu_here():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():
+        expected = "mps"
+    assert pick_device("auto").type == expected
