@@ -94,3 +94,11 @@ def test_auto_device_is_the_cpu_here():
     if not torch.cuda.is_available() and torch.backends.mps.is_available():
         expected = "mps"
     assert pick_device("auto").type == expected
+
+
+def test_simplex_noise_ddpm_reconstructs(mslub_model_space):
+    torch.manual_seed(0)
+    ddpm = DDPM(DDPMConfig(**{**SMALL.to_dict(), "noise": "simplex"}))
+    volume = mslub_model_space.image[:, :, 30:34]
+    out = reconstruct_volume(ddpm, volume, samples=2, seed=0, device="cpu")
+    assert out.shape == (2, *volume.shape) and np.isfinite(out).all()
