@@ -15,6 +15,7 @@ CORE_MODULES = [
     "napari_brain_uad.checkpoint",
     "napari_brain_uad.models",
     "napari_brain_uad.reconstruct",
+    "napari_brain_uad.noise",
 ]
 
 
