@@ -13,26 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import torch
+from timing import best_time
 
 from napari_brain_uad.noise import draw_simplex_tables, per_pixel_reference_simplex, simplex_noise_2d
 
 BATCH, SIZE, OCTAVES = 32, 96, 6
-
-
-def best_time(function, repeats: int, sync=lambda: None) -> float:
-    """Smallest wall time of ``repeats`` calls after one warm-up call (seconds)."""
-    function()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

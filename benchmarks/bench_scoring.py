@@ -17,29 +17,16 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 import torch
+from timing import best_time
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from napari_brain_uad import scoring
 
 TARGET_RATIO = 100.0
-
-
-def best_time(function, repeats: int, sync=lambda: None) -> float:
-    """Smallest wall time of ``repeats`` calls after one warm-up call (seconds)."""
-    function()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def cpu_name() -> str:

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 from scipy import ndimage
+from timing import best_time
 
 from napari_brain_uad.postprocess import prepare
 
@@ -37,16 +38,6 @@ def synthetic_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return score_map * brain, brain
 
 
-def best_of(repeats: int, function) -> float:
-    """The fastest of ``repeats`` runs, in seconds (the least disturbed by other processes)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of prepare; the fastest counts")
@@ -59,8 +50,8 @@ def main() -> None:
     print(f"CPUs: {os.cpu_count()} (usable by this process: {usable}); numpy {np.__version__}")
     print(f"volume {SHAPE}, {int(brain.sum())} brain voxels")
 
-    prepare_s = best_of(args.repeats, lambda: prepare(score_map, brain))
-    plain_s = best_of(args.repeats, lambda: prepare(score_map, brain, median=False))
+    prepare_s = best_time(lambda: prepare(score_map, brain), args.repeats)
+    plain_s = best_time(lambda: prepare(score_map, brain, median=False), args.repeats)
     filtered = prepare(score_map, brain)
     low, high = filtered.score_range()
     thresholds = np.linspace(low, high, args.thresholds + 2)[1:-1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 from napari.components import ViewerModel
 
-from napari_brain_uad import sample_data
 from napari_brain_uad.sample_data import SampleDataUnavailable, fetch, file_sha256, registry
 
 
