@@ -80,6 +80,11 @@ def dice(predicted, truth) -> float:
     (a healthy case with nothing predicted is right, not undefined)."""
     predicted = _as_bool(predicted, "prediction")
     truth = _as_bool(truth, "ground truth", predicted.shape)
+    return _dice_of_masks(predicted, truth)
+
+
+def _dice_of_masks(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean arrays already checked (the inner loop of threshold searches)."""
     total = np.count_nonzero(predicted) + np.count_nonzero(truth)
     if total == 0:
         return 1.0

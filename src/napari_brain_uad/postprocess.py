@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .metrics import _as_numpy, _as_scores, _dice_of_masks
+
 MEDIAN_SIZE = 5
 MIN_COMPONENT_VOXELS = 7  # components of this many voxels or fewer are dropped
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
@@ -37,26 +39,15 @@ _AXIAL_CROSS = ndimage.generate_binary_structure(2, 1)[:, :, np.newaxis]
 # input checks
 
 
-def _as_numpy(array, name: str) -> np.ndarray:
-    """numpy arrays as they are; torch tensors (on any device) copied to the CPU."""
-    if hasattr(array, "detach") and hasattr(array, "cpu"):
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
 def _check_map(score_map, name: str = "anomaly map") -> np.ndarray:
-    values = _as_numpy(score_map, name)
+    values = _as_numpy(score_map)
     if values.ndim != 3:
         raise ValueError(f"{name} must be a 3D volume (X, Y, Z), got shape {values.shape}")
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise ValueError(f"{name} must hold real numbers, got dtype {values.dtype}")
-    if not np.isfinite(values).all():
-        raise ValueError(f"{name} contains NaN or infinite values ({np.count_nonzero(~np.isfinite(values))} voxels)")
-    return values
+    return _as_scores(values, name)
 
 
 def _check_mask(mask, shape: tuple[int, ...], name: str = "brain mask") -> np.ndarray:
-    values = _as_numpy(mask, name)
+    values = _as_numpy(mask)
     if values.shape != tuple(shape):
         raise ValueError(f"{name} has shape {values.shape} but the anomaly map has shape {tuple(shape)}")
     if values.dtype != bool:
@@ -103,7 +94,7 @@ def erode_brain_mask(brain_mask, iterations: int | None = None) -> np.ndarray:
 
     ``iterations=None`` uses :func:`erosion_iterations` of the in-plane shape; 0 returns a copy.
     """
-    mask = _as_numpy(brain_mask, "brain mask")
+    mask = _as_numpy(brain_mask)
     if mask.ndim != 3:
         raise ValueError(f"brain mask must be a 3D volume (X, Y, Z), got shape {mask.shape}")
     mask = mask.astype(bool)
@@ -127,7 +118,7 @@ def min_size_in_voxels(min_size_ml: float, spacing_mm) -> float:
 
 def remove_small_components(mask, min_size_voxels: float = MIN_COMPONENT_VOXELS) -> np.ndarray:
     """``mask`` without its 26-connected components of at most ``min_size_voxels`` voxels."""
-    mask = _as_numpy(mask, "mask").astype(bool, copy=False)
+    mask = _as_numpy(mask).astype(bool, copy=False)
     labels, _ = ndimage.label(mask, structure=_CONNECTIVITY_26)
     return _keep_large(labels, min_size_voxels)
 
@@ -286,8 +277,8 @@ def postprocess(
 def findings_table(labels, scores, spacing_mm=(2.0, 2.0, 2.0)) -> list[dict]:
     """One row per label > 0 of ``labels``: its voxel count, volume in mL, mean and max of
     ``scores`` over it, and its centre (the mean voxel index, unweighted), in label order."""
-    labels = _as_numpy(labels, "labels")
-    scores = _as_numpy(scores, "scores")
+    labels = _as_numpy(labels)
+    scores = _as_numpy(scores)
     if labels.shape != scores.shape:
         raise ValueError(f"labels have shape {labels.shape} but scores have shape {scores.shape}")
     voxel_ml = float(np.prod(_check_spacing(spacing_mm))) / 1000.0
@@ -360,12 +351,6 @@ def _validation_cases(maps, brain_masks, what: str) -> list[tuple[np.ndarray, np
     return cases
 
 
-def _dice_counts(predicted: np.ndarray, truth: np.ndarray) -> float:
-    overlap = np.count_nonzero(predicted & truth)
-    total = np.count_nonzero(predicted) + np.count_nonzero(truth)
-    return 1.0 if total == 0 else 2.0 * overlap / total
-
-
 def greedy_dice_threshold(
     maps,
     labels,
@@ -401,7 +386,7 @@ def greedy_dice_threshold(
         raise ValueError(f"{len(cases)} validation maps but {len(labels)} label masks")
     prepared = []
     for index, ((values, region), label) in enumerate(zip(cases, labels)):
-        truth = _as_numpy(label, f"label mask {index}")
+        truth = _as_numpy(label)
         if truth.shape != values.shape:
             raise ValueError(f"label mask {index} has shape {truth.shape} but its map has shape {values.shape}")
         truth = (truth != 0) & region
@@ -417,7 +402,7 @@ def greedy_dice_threshold(
             if min_size_voxels > 0:
                 predicted = remove_small_components(predicted, min_size_voxels)
             if objective == "mean":
-                dices.append(_dice_counts(predicted, truth))
+                dices.append(_dice_of_masks(predicted, truth))
             else:
                 overlap += np.count_nonzero(predicted & truth)
                 total += np.count_nonzero(predicted) + np.count_nonzero(truth)
