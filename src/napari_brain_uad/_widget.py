@@ -11,8 +11,8 @@ from pathlib import Path
 import napari
 from magicgui.widgets import Container, Label, PushButton, create_widget
 
-from ._writer import geometry_of
-from .io import nifti_stem, save_on_source_grid
+from ._writer import write_layer
+from .io import nifti_stem
 
 
 class BrainUADWidget(Container):
@@ -55,8 +55,8 @@ class BrainUADWidget(Container):
         layer = self.mask.value
         if layer is None:
             raise ValueError("choose a Labels layer to export")
-        geometry = geometry_of({"metadata": layer.metadata}, layer.name)
-        written = save_on_source_grid(layer.data, geometry, path, kind="labels", overwrite=overwrite)
+        meta = {"name": layer.name, "metadata": layer.metadata}
+        written = write_layer(str(path), layer.data, meta, kind="labels", overwrite=overwrite)
         self.status.value = f"Saved {written}"
         return written
 

@@ -20,11 +20,11 @@ class LayerExportError(RuntimeError):
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
-    return [str(_write(path, data, meta, kind="labels"))]
+    return [str(write_layer(path, data, meta, kind="labels"))]
 
 
 def write_image(path: str, data: Any, meta: dict) -> list[str]:
-    return [str(_write(path, data, meta, kind="image"))]
+    return [str(write_layer(path, data, meta, kind="image"))]
 
 
 def geometry_of(meta: dict, layer_name: str = "") -> NiftiGeometry:
@@ -39,7 +39,8 @@ def geometry_of(meta: dict, layer_name: str = "") -> NiftiGeometry:
     return geometry
 
 
-def _write(path: str, data: Any, meta: dict, *, kind: str) -> Path:
+def write_layer(path: str, data: Any, meta: dict, *, kind: str, overwrite: bool = True) -> Path:
+    """Write one layer's data (with its napari ``meta``) on its scan's source grid."""
     name = meta.get("name", "")
     geometry = geometry_of(meta, name)
     if not is_nifti_path(path):
@@ -50,6 +51,6 @@ def _write(path: str, data: Any, meta: dict, *, kind: str) -> Path:
             f"({geometry.source}) needs {geometry.display_shape}; it cannot be written on that grid"
         )
     try:
-        return save_on_source_grid(data, geometry, path, kind=kind, overwrite=True)
+        return save_on_source_grid(data, geometry, path, kind=kind, overwrite=overwrite)
     except ScanError as error:
         raise LayerExportError(str(error)) from None
