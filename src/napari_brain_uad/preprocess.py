@@ -35,9 +35,16 @@ class ModelSpaceSpec:
     spacing_mm: float = 2.0
     in_plane: tuple[int, int] = (96, 96)
     percentiles: tuple[float, float] = (1.0, 99.0)
+    # The contrast the model was trained on; the widget warns when a scan looks different.
+    modality: str = "T1"
 
     def to_dict(self) -> dict:
-        return {"spacing_mm": self.spacing_mm, "in_plane": list(self.in_plane), "percentiles": list(self.percentiles)}
+        return {
+            "spacing_mm": self.spacing_mm,
+            "in_plane": list(self.in_plane),
+            "percentiles": list(self.percentiles),
+            "modality": self.modality,
+        }
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelSpaceSpec":
@@ -45,6 +52,7 @@ class ModelSpaceSpec:
             spacing_mm=float(values["spacing_mm"]),
             in_plane=tuple(int(n) for n in values["in_plane"]),
             percentiles=tuple(float(p) for p in values["percentiles"]),
+            modality=str(values.get("modality", "T1")),
         )
 
 

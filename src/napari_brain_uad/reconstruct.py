@@ -9,12 +9,12 @@ bar and a Cancel button. A GPU that runs out of memory gets smaller batches, the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .models import DDPM
+from .models import ReconstructionModel
 
 
 class Cancelled(Exception):
@@ -33,11 +33,11 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 
 def reconstruct_volume(
-    model: DDPM,
+    model: ReconstructionModel,
     volume: np.ndarray,
     *,
     samples: int = 1,
-    t: int | None = None,
+    t: int | Sequence[int] | None = None,
     batch_size: int = 16,
     device: str | torch.device = "auto",
     seed: int | None = None,
@@ -46,6 +46,8 @@ def reconstruct_volume(
 ) -> np.ndarray:
     """Reconstructions of a model-space volume (X, Y, Z), as (samples, X, Y, Z) float32 in [0, 1].
 
+    ``t`` is the noise level of diffusion models (default: the model's ``t_test``); several
+    levels give each sample as the mean over them (the thesis's 250/500/750 ensemble).
     ``progress(done, total)`` is called after each batch (total = samples × slices);
     ``cancelled()`` is checked before each batch and raises :class:`Cancelled` when true.
     """

@@ -1,0 +1,70 @@
+"""Step 3's networks: every model kind, and rebuilding one from a checkpoint's metadata alone.
+
+Each kind is a :class:`ReconstructionModel` with a frozen hyper-parameter dataclass; a
+checkpoint names the kind and stores the hyper-parameters as JSON, so loading never needs code
+from the file. The plugin imports this package and the checkpoint reader, never the training
+module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from ..preprocess import ModelSpaceSpec
+from .base import ModelConfig, ReconstructionModel
+from .ddpm import DDPM, DDPMConfig, noise_levels
+
+MODEL_KINDS: dict[str, type[ReconstructionModel]] = {
+    DDPM.kind: DDPM,
+}
+
+__all__ = [
+    "DDPM",
+    "DDPMConfig",
+    "MODEL_KINDS",
+    "ModelConfig",
+    "ReconstructionModel",
+    "build_model",
+    "load_model",
+    "noise_levels",
+    "save_model",
+]
+
+
+def build_model(kind: str, hyperparameters: dict | None = None, spec: ModelSpaceSpec = ModelSpaceSpec()):
+    """A fresh (untrained) model of ``kind`` from JSON-like hyper-parameters."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(MODEL_KINDS)}")
+    model_class = MODEL_KINDS[kind]
+    return model_class(model_class.config_class.from_dict(hyperparameters or {}), spec)
+
+
+def save_model(
+    path: str | Path, model: ReconstructionModel, extra: dict[str, Any] | None = None, *, overwrite: bool = False
+) -> Path:
+    """Write a model with its metadata (plus training details in ``extra``) as a checkpoint."""
+    return save_checkpoint(path, model.state_dict(), {**(extra or {}), **model.metadata()}, overwrite=overwrite)
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[ReconstructionModel, dict[str, Any]]:
+    """Rebuild a model from a checkpoint's metadata and load its weights (no code from the file)."""
+    metadata = read_metadata(path)
+    kind = metadata["kind"]
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"{path}: unknown model kind {kind!r}; this version knows {', '.join(MODEL_KINDS)}")
+    try:
+        spec = ModelSpaceSpec.from_dict(metadata["model_space"]) if "model_space" in metadata else ModelSpaceSpec()
+        model = build_model(kind, metadata.get("hyperparameters", {}), spec)
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: its hyper-parameters do not describe a valid {kind} ({error})") from None
+    state, metadata = load_checkpoint(path, device="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0]
+        raise CheckpointError(f"{path}: the weights do not fit the {kind} its metadata describes ({first_line})") from None
+    return model.to(device).eval(), metadata
