@@ -41,3 +41,33 @@ def _discover_plugins():
     from npe2 import PluginManager
 
     PluginManager.instance().discover()
+
+
+# Two healthy IXI subjects whose slices the model tests train on.
+IXI_TRAINING_SUBJECTS = ("IXI012-HH-1211", "IXI013-HH-1212")
+
+
+@pytest.fixture(scope="session")
+def ixi_training_slices():
+    """Real healthy training slices: (slices, brain_masks), each (16, 1, 96, 96), slices float32
+    in [0, 1] in model space, masks bool; the 8 most brain-filled axial slices of two subjects."""
+    import numpy as np
+    import torch
+
+    from napari_brain_uad.io import read_nifti
+    from napari_brain_uad.preprocess import to_model_space
+
+    folder = SHARED_DATA / "ixi_t1"
+    images, masks = [], []
+    for subject in IXI_TRAINING_SUBJECTS:
+        scan_path, mask_path = folder / f"{subject}_T1.nii.gz", folder / "brainmask" / f"{subject}_brainmask.nii.gz"
+        if not (scan_path.is_file() and mask_path.is_file()):
+            pytest.skip(f"healthy IXI scans not found in {folder}")
+        volume = to_model_space(read_nifti(scan_path), brain_mask=read_nifti(mask_path).data > 0)
+        brain_per_slice = volume.brain_mask.sum(axis=(0, 1))
+        chosen = np.sort(np.argsort(brain_per_slice)[-8:])
+        images.append(np.moveaxis(volume.image[:, :, chosen], 2, 0))
+        masks.append(np.moveaxis(volume.brain_mask[:, :, chosen], 2, 0))
+    slices = torch.from_numpy(np.concatenate(images)[:, None].astype(np.float32))
+    brain = torch.from_numpy(np.concatenate(masks)[:, None].astype(bool))
+    return slices, brain
