@@ -36,3 +36,15 @@ def test_core_imports_neither_qt_nor_napari():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_plugin_never_imports_the_training_module():
+    """The plugin reads what training writes; it must work where the training module is absent."""
+    code = (
+        "import sys, importlib\n"
+        "import napari_brain_uad._widget, napari_brain_uad._reader, napari_brain_uad._writer, napari_brain_uad._samples\n"
+        f"for name in {CORE_MODULES!r}: importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'brain_uad_training'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .io import plain_file_mode, temporary_beside
 
 FORMAT_VERSION = 1
 METADATA_KEY = "napari_brain_uad"
@@ -60,10 +61,10 @@ def save_checkpoint(
     tensors = {name: value.detach().cpu().contiguous().clone() for name, value in state_dict.items()}
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    temporary = temporary_beside(path, ".tmp")
     try:
         save_file(tensors, temporary, metadata={METADATA_KEY: text})
+        os.chmod(temporary, plain_file_mode())  # safetensors recreates the file owner-only
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -362,8 +362,7 @@ def save_source_array(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
+    temporary = temporary_beside(path, suffix)
     try:
         nib.save(image, temporary)
         os.replace(temporary, path)
@@ -371,3 +370,20 @@ def save_source_array(
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_beside(path: Path, suffix: str) -> str:
+    """A new empty file in ``path``'s folder, for writing there and renaming onto ``path``
+    (atomic: a reader sees the old file or the whole new one). mkstemp creates it readable by
+    the owner only; it gets the permissions a plain ``open()`` would give, umask included."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    os.chmod(temporary, plain_file_mode())
+    return temporary
+
+
+def plain_file_mode() -> int:
+    """The permissions of a file made by ``open()``: 0o666 less the umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask

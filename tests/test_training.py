@@ -1,0 +1,353 @@
+"""The training module on real healthy IXI scans: every kind learns, runs are reproducible and
+resumable, checkpoints load in the plugin's core, the command refuses bad input clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brain_uad_training import ConfigError, TrainingConfig, TrainingDataError, fit
+from brain_uad_training.augment import AugmentationSettings, RandGhosting, SliceAugmenter
+from brain_uad_training.cli import main as train_command
+from brain_uad_training.data import SliceSampler, find_scans, load_model_space, split_subjects
+from napari_brain_uad.checkpoint import CheckpointError, read_metadata
+from napari_brain_uad.io import read_nifti
+from napari_brain_uad.models import MODEL_KINDS, load_model
+from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
+from napari_brain_uad.reconstruct import reconstruct_volume
+
+from conftest import SHARED_DATA
+
+SUBJECTS = ("IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236")
+IXI = SHARED_DATA / "ixi_t1"
+
+# Small networks, so that every kind trains in seconds on two CPU cores. Each kind registered
+# in the core must have an entry (a test checks), so a new kind cannot go untrained here.
+SMALL_MODELS = {
+    "ddpm": {"channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16},
+    "pddpm": {"channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16},
+    "cddpm": {"channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16},
+    "ae": {},
+    "vae": {},
+    "dae": {},
+}
+
+
+@pytest.fixture(scope="module")
+def ixi_folder(tmp_path_factory):
+    """Three healthy IXI subjects as a folder of scans plus a folder of brain masks (links)."""
+    if not IXI.is_dir():
+        pytest.skip(f"healthy IXI scans not found in {IXI}")
+    root = tmp_path_factory.mktemp("ixi")
+    (root / "scans").mkdir()
+    (root / "masks").mkdir()
+    for subject in SUBJECTS:
+        (root / "scans" / f"{subject}_T1.nii.gz").symlink_to(IXI / f"{subject}_T1.nii.gz")
+        (root / "masks" / f"{subject}_brainmask.nii.gz").symlink_to(IXI / "brainmask" / f"{subject}_brainmask.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ixi_scans(ixi_folder):
+    """The three subjects in model space: two for training, one for validation."""
+    pairs = find_scans(ixi_folder / "scans", ixi_folder / "masks")
+    loaded = load_model_space(pairs, ModelSpaceSpec())
+    return loaded[:2], loaded[2:]
+
+
+def small_config(tmp_path, ixi_folder, **changes) -> TrainingConfig:
+    values = dict(
+        data=str(ixi_folder / "scans"),
+        brain_masks=str(ixi_folder / "masks"),
+        output=str(tmp_path / "run"),
+        model=SMALL_MODELS["ddpm"],
+        steps=6,
+        batch_size=4,
+        learning_rate=1e-3,
+        validation_fraction=0.34,
+        validation_slices=8,
+        validate_every=3,
+        data_description="IXI T1 (3 subjects, Hammersmith)",
+        data_licence="CC BY-SA 3.0",
+    )
+    values.update(changes)
+    return TrainingConfig(**values)
+
+
+# ---------------------------------------------------------------- every kind learns
+
+
+def test_every_registered_kind_has_a_small_training_config():
+    assert set(SMALL_MODELS) >= set(MODEL_KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+def test_every_kind_trains_on_real_slices_and_its_validation_loss_falls(kind, tmp_path, ixi_folder, ixi_scans):
+    config = small_config(tmp_path, ixi_folder, kind=kind, model=SMALL_MODELS[kind], steps=25, batch_size=8,
+                          validate_every=25, validation_slices=16)
+    result = fit(config, show_progress=False, scans=ixi_scans)
+    (first_step, first), (last_step, last) = result.validation_history[0], result.validation_history[-1]
+    assert (first_step, last_step) == (0, 25)
+    assert last < 0.9 * first, f"{kind}: validation loss {first:.4f} -> {last:.4f}"
+    model, metadata = load_model(result.best)
+    assert metadata["kind"] == kind and metadata["validation"]["best_step"] == 25
+
+
+# ---------------------------------------------------------------- checkpoints the plugin reads
+
+
+def test_a_training_checkpoint_loads_in_the_core_and_reconstructs_a_volume(tmp_path, ixi_folder, ixi_scans):
+    result = fit(small_config(tmp_path, ixi_folder), show_progress=False, scans=ixi_scans)
+    model, metadata = load_model(result.last)
+    assert metadata["model_space"]["modality"] == "T1"
+    assert metadata["training_data"]["licence"] == "CC BY-SA 3.0"
+    assert metadata["training_data"]["training_subjects"] == ["IXI012-HH-1211_T1", "IXI013-HH-1212_T1"]
+    assert metadata["training_data"]["validation_subjects"] == ["IXI014-HH-1236_T1"]
+    assert metadata["training"]["steps_done"] == 6 and metadata["training"]["finished"]
+    assert metadata["training"]["settings"]["learning_rate"] == 1e-3
+    assert [step for step, _ in metadata["validation"]["history"]] == [0, 3, 6]
+
+    held_out = to_model_space(read_nifti(IXI / "IXI033-HH-1259_T1.nii.gz"),
+                              brain_mask=read_nifti(IXI / "brainmask/IXI033-HH-1259_brainmask.nii.gz").data > 0)
+    recon = reconstruct_volume(model, held_out.image, samples=2, seed=0, device="cpu", batch_size=32)
+    assert recon.shape == (2, *held_out.image.shape)
+    assert np.isfinite(recon).all() and 0 <= recon.min() and recon.max() <= 1
+
+
+def test_the_training_state_is_not_a_model(tmp_path, ixi_folder, ixi_scans):
+    result = fit(small_config(tmp_path, ixi_folder, steps=1), show_progress=False, scans=ixi_scans)
+    with pytest.raises(CheckpointError, match="unknown model kind 'training-state'"):
+        load_model(result.output / "training_state.safetensors")
+
+
+def test_checkpoints_are_readable_by_others_like_any_saved_file(tmp_path, ixi_folder, ixi_scans):
+    result = fit(small_config(tmp_path, ixi_folder, steps=1), show_progress=False, scans=ixi_scans)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (result.last.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+# ---------------------------------------------------------------- reproducible, resumable, stoppable
+
+
+def losses(output: Path) -> list[float]:
+    entries = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    return [entry["loss"] for entry in entries if "loss" in entry]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(path)[0].state_dict()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = weights(a), weights(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_a_fixed_seed_gives_the_same_run_and_another_seed_another(tmp_path, ixi_folder, ixi_scans):
+    one = fit(small_config(tmp_path / "a", ixi_folder), show_progress=False, scans=ixi_scans)
+    two = fit(small_config(tmp_path / "b", ixi_folder), show_progress=False, scans=ixi_scans)
+    other = fit(small_config(tmp_path / "c", ixi_folder, seed=1), show_progress=False, scans=ixi_scans)
+    assert losses(one.output) == losses(two.output)
+    assert_same_weights(one.last, two.last)
+    assert losses(other.output) != losses(one.output)
+
+
+def test_a_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, ixi_folder, ixi_scans):
+    whole = fit(small_config(tmp_path / "whole", ixi_folder), show_progress=False, scans=ixi_scans)
+    first_half = small_config(tmp_path / "halves", ixi_folder, steps=3)
+    fit(first_half, show_progress=False, scans=ixi_scans)
+    resumed = fit(small_config(tmp_path / "halves", ixi_folder), resume=True, show_progress=False, scans=ixi_scans)
+    assert resumed.steps_done == 6
+    assert losses(resumed.output) == losses(whole.output)
+    assert_same_weights(resumed.last, whole.last)
+    assert resumed.validation_history == whole.validation_history
+
+
+def test_ctrl_c_stops_after_the_current_step_and_leaves_whole_files(tmp_path, ixi_folder, ixi_scans):
+    """A real SIGINT to this process during step 2: the step finishes, the state of step 2 is
+    saved, nothing half-written stays behind, and resuming completes the run exactly."""
+
+    def press_ctrl_c(step, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = small_config(tmp_path / "stopped", ixi_folder)
+    stopped = fit(config, show_progress=False, scans=ixi_scans, on_step=press_ctrl_c)
+    assert stopped.stopped_early and stopped.steps_done == 2
+    assert read_metadata(stopped.last)["training"]["steps_done"] == 2
+    assert not read_metadata(stopped.last)["training"]["finished"]
+    assert read_metadata(stopped.output / "training_state.safetensors")["step"] == 2
+    assert not [p for p in stopped.output.iterdir() if p.name.startswith(".")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+
+    resumed = fit(config, resume=True, show_progress=False, scans=ixi_scans)
+    whole = fit(small_config(tmp_path / "whole", ixi_folder), show_progress=False, scans=ixi_scans)
+    assert_same_weights(resumed.last, whole.last)
+
+
+def test_a_previous_run_is_never_overwritten_silently(tmp_path, ixi_folder, ixi_scans):
+    config = small_config(tmp_path, ixi_folder, steps=1)
+    fit(config, show_progress=False, scans=ixi_scans)
+    before = (Path(config.output) / "last.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="holds a previous run"):
+        fit(config, show_progress=False, scans=ixi_scans)
+    assert (Path(config.output) / "last.safetensors").read_bytes() == before
+    fit(config, overwrite=True, show_progress=False, scans=ixi_scans)
+
+
+def test_resume_refuses_a_different_model_or_nothing_to_resume(tmp_path, ixi_folder, ixi_scans):
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        fit(small_config(tmp_path, ixi_folder), resume=True, show_progress=False, scans=ixi_scans)
+    fit(small_config(tmp_path, ixi_folder, steps=2), show_progress=False, scans=ixi_scans)
+    changed = small_config(tmp_path, ixi_folder, learning_rate=1e-4)
+    with pytest.raises(ConfigError, match="learning_rate"):
+        fit(changed, resume=True, show_progress=False, scans=ixi_scans)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_scans_are_matched_to_their_brain_masks_by_subject(ixi_folder):
+    pairs = find_scans(ixi_folder / "scans", ixi_folder / "masks")
+    assert [p.image.name for p in pairs] == [f"{s}_T1.nii.gz" for s in SUBJECTS]
+    assert [p.brain_mask.name for p in pairs] == [f"{s}_brainmask.nii.gz" for s in SUBJECTS]
+
+
+def test_a_csv_lists_scans_relative_to_itself(tmp_path, ixi_folder):
+    table = ixi_folder / "list.csv"
+    table.write_text("image,brain_mask\nscans/IXI012-HH-1211_T1.nii.gz,masks/IXI012-HH-1211_brainmask.nii.gz\n")
+    (pair,) = find_scans(table)
+    assert pair.image.samefile(IXI / "IXI012-HH-1211_T1.nii.gz") and pair.brain_mask.name.endswith("brainmask.nii.gz")
+
+
+def test_bad_training_data_is_named_in_the_error(tmp_path, ixi_folder):
+    with pytest.raises(TrainingDataError, match="no such folder"):
+        find_scans(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingDataError, match="no NIfTI scans"):
+        find_scans(tmp_path / "empty")
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(TrainingDataError, match="IXI012-HH-1211_T1.nii.gz: expected exactly one brain mask"):
+        find_scans(ixi_folder / "scans", tmp_path / "masks")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "scan_T1.nii.gz").write_bytes(b"not a scan")
+    with pytest.raises(TrainingDataError, match="scan_T1.nii.gz"):
+        load_model_space(find_scans(broken), ModelSpaceSpec())
+
+
+def test_subjects_are_split_once_for_good(ixi_folder):
+    pairs = find_scans(ixi_folder / "scans", ixi_folder / "masks")
+    training, validation = split_subjects(pairs, 0.34, seed=0)
+    assert len(validation) == 1 and not {p.subject for p in training} & {p.subject for p in validation}
+    assert split_subjects(pairs, 0.34, seed=0) == (training, validation)
+    with pytest.raises(TrainingDataError, match="too few"):
+        split_subjects(pairs[:1], 0.5, seed=0)
+
+
+def test_slices_are_drawn_from_the_brain_with_replacement_per_step_and_rank(ixi_scans):
+    training, _ = ixi_scans
+    sampler = SliceSampler(training, seed=0)
+    for scan_number, z in sampler.index:
+        assert training[scan_number].brain_mask[z].mean() >= 0.05
+    draws = [tuple(map(tuple, sampler.draw(step, 0, 64))) for step in range(3)]
+    assert sampler.draw(1, 0, 64).tolist() == [list(d) for d in draws[1]]  # same step, same slices
+    assert draws[0] != draws[1] and sampler.draw(0, 1, 64).tolist() != [list(d) for d in draws[0]]
+    assert len(set(draws[0])) < 64  # with replacement: 64 draws from ~100 slices repeat some
+    slices, masks = sampler.batch(0, 0, 4)
+    assert slices.shape == (4, 1, 96, 96) and masks.dtype == torch.bool
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_augmentation_is_seeded_stays_in_model_space_and_changes_slices(ixi_training_slices):
+    slices, brain = ixi_training_slices
+    augmenter = SliceAugmenter(AugmentationSettings(1.0, 1.0, 1.0, 1.0))
+    augmented = augmenter(slices, brain, seed=3)
+    assert torch.equal(augmented, augmenter(slices, brain, seed=3))
+    assert not torch.equal(augmented, augmenter(slices, brain, seed=4))
+    assert augmented.min() >= 0 and augmented.max() <= 1
+    assert not augmented[~brain].any()  # 0 outside the brain, as at inference
+    assert (augmented - slices).abs().mean() > 0.01
+    nothing = SliceAugmenter(AugmentationSettings(0.0, 0.0, 0.0, 0.0))
+    assert torch.equal(nothing(slices, brain, seed=3), slices)
+
+
+def test_ghosting_adds_shifted_copies_along_one_axis():
+    image = torch.zeros(1, 64, 64)
+    image[0, 25:38, 25:38] = 1.0  # a bright square in the middle (width 13: no spectral zeros on the lines)
+    ghosting = RandGhosting(prob=1.0, ghosts=(4, 4), strength=(1.0, 1.0))
+    ghosting.set_random_state(0)
+    ghosted = ghosting(image)
+    axis = ghosting._axis
+    along = ghosted[0].sum(dim=1 - axis)  # profile along the ghosting axis
+    across = ghosted[0].sum(dim=axis)
+    outside = torch.ones(64, dtype=torch.bool)
+    outside[25:38] = False
+    assert along[outside].sum() > 0.05 * along.sum()  # signal moved outside the square along the axis
+    assert across[outside].sum() < 1e-3 * across.sum()  # but not across it
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_the_command_trains_from_a_config_file_with_flags_overriding(tmp_path, ixi_folder, capsys):
+    settings = tmp_path / "run.toml"
+    settings.write_text(
+        f'data = "{ixi_folder / "scans"}"\nbrain_masks = "{ixi_folder / "masks"}"\noutput = "out"\n'
+        'steps = 50\nbatch_size = 2\nvalidation_fraction = 0.34\nvalidation_slices = 4\n'
+        '[model]\nchannels = [16, 32, 32]\nnorm_num_groups = 8\nnum_head_channels = 16\n'
+    )
+    assert train_command(["--config", str(settings), "--steps", "2", "--model", '{"noise": "simplex"}', "--quiet"]) == 0
+    metadata = read_metadata(tmp_path / "out" / "last.safetensors")  # relative to the config file
+    assert metadata["training"]["steps_done"] == 2
+    assert metadata["hyperparameters"]["noise"] == "simplex" and metadata["hyperparameters"]["channels"] == [16, 32, 32]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--output", "o"], "'data' is required"),
+        (["--data", "/nonexistent", "--output", "o"], "no such folder"),
+        (["--data", "SCANS", "--output", "o", "--steps", "0"], "'steps' must be at least 1"),
+        (["--data", "SCANS", "--output", "o", "--model", '{"channels": [16]}'], "channels"),
+        (["--data", "SCANS", "--output", "o", "--model", '{"colour": 1}'], "unknown"),
+        (["--data", "SCANS", "--output", "o", "--brain-masks", "/nonexistent"], "brain-mask folder does not exist"),
+    ],
+)
+def test_the_command_refuses_bad_settings_in_one_line(arguments, message, ixi_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    arguments = [str(ixi_folder / "scans") if a == "SCANS" else a for a in arguments]
+    assert train_command(arguments + ["--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "last.safetensors").exists()
+
+
+def test_torchrun_trains_with_two_processes(tmp_path, ixi_folder):
+    """The distributed launch the README documents, on CPU (Gloo) with two processes."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "brain_uad_training", "--quiet", "--data", str(ixi_folder / "scans"),
+        "--brain-masks", str(ixi_folder / "masks"), "--output", str(tmp_path / "ddp"), "--steps", "2",
+        "--batch-size", "2", "--validation-fraction", "0.34", "--validation-slices", "4",
+        "--model", json.dumps(SMALL_MODELS["ddpm"]),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = read_metadata(tmp_path / "ddp" / "last.safetensors")
+    assert metadata["training"]["processes"] == 2 and metadata["training"]["steps_done"] == 2
+    load_model(tmp_path / "ddp" / "last.safetensors")

@@ -1,0 +1,21 @@
+"""The training module (import name ``brain_uad_training``): models fitted on healthy scans.
+
+The data flow of training, one file per step:
+
+- ``config.py``: the run's settings (config file and flags);
+- ``data.py``: healthy scans to model space (the core's ``preprocess``), subject split, slices
+  sampled with replacement;
+- ``augment.py``: MONAI blur, bias field, gamma and our ghosting;
+- ``fit.py``: the loop, validation, best/last checkpoints, resume;
+- ``distributed.py``: torchrun / DistributedDataParallel, and a clean stop on Ctrl-C;
+- ``cli.py``: the ``brain-uad-train`` command.
+
+The plugin never imports this package; it reads what training writes through
+``napari_brain_uad.models.load_model``.
+"""
+
+from .config import ConfigError, TrainingConfig
+from .data import TrainingDataError
+from .fit import TrainingResult, fit
+
+__all__ = ["ConfigError", "TrainingConfig", "TrainingDataError", "TrainingResult", "fit"]

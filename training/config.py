@@ -1,0 +1,118 @@
+"""A training run's settings: a config file (TOML or JSON) and/or command-line flags.
+
+Every setting has a default that follows the papers where they give one (Adam, batch 32,
+learning rate 1e-4, held-out healthy validation, best checkpoint by validation loss). The
+settings are stored in every checkpoint the run writes, so a model says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_brain_uad.models import MODEL_KINDS
+from napari_brain_uad.preprocess import ModelSpaceSpec
+
+from .augment import AugmentationSettings
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    data: str | tuple[str, ...] = ""  # folder of NIfTI scans, CSV (image, brain_mask), or a list of files
+    output: str = ""  # folder for best/last checkpoints, the resume state and the log
+    brain_masks: str | None = None  # folder of brain masks (None: the scans are skull-stripped)
+    kind: str = "ddpm"
+    model: dict = field(default_factory=dict)  # the kind's hyper-parameters (see napari_brain_uad.models)
+    modality: str = "T1"
+    spacing_mm: float = 2.0
+    in_plane: tuple[int, int] = (96, 96)
+    data_description: str = ""
+    data_licence: str = ""
+    steps: int = 3000
+    batch_size: int = 32  # per process
+    learning_rate: float = 1e-4
+    seed: int = 0
+    validation_fraction: float = 0.1
+    validation_slices: int = 64
+    validate_every: int = 100
+    augment: bool = True
+    augmentation: dict = field(default_factory=dict)  # AugmentationSettings probabilities
+    device: str = "auto"
+
+    def __post_init__(self):
+        if not self.data:
+            raise ConfigError("'data' is required: a folder of healthy NIfTI scans, a CSV file, or a list of files")
+        if not self.output:
+            raise ConfigError("'output' is required: the folder the checkpoints are written to")
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"unknown model kind {self.kind!r}; known kinds: {', '.join(MODEL_KINDS)}")
+        for name in ("steps", "batch_size", "validation_slices", "validate_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"'{name}' must be at least 1, not {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"'learning_rate' must be positive, not {self.learning_rate}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"'validation_fraction' must be in [0, 1), not {self.validation_fraction}")
+        try:
+            self.model_space_spec()
+            self.augmentation_settings()
+            MODEL_KINDS[self.kind].config_class.from_dict(self.model)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(str(error)) from None
+
+    def model_space_spec(self) -> ModelSpaceSpec:
+        return ModelSpaceSpec(spacing_mm=float(self.spacing_mm), in_plane=tuple(int(n) for n in self.in_plane),
+                              modality=self.modality)
+
+    def augmentation_settings(self) -> AugmentationSettings:
+        return AugmentationSettings(**self.augmentation)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["data"] = self.data if isinstance(self.data, str) else list(self.data)
+        values["in_plane"] = list(self.in_plane)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        values = dict(values)
+        if isinstance(values.get("data"), list):
+            values["data"] = tuple(str(p) for p in values["data"])
+        if "in_plane" in values:
+            values["in_plane"] = tuple(values["in_plane"])
+        return cls(**values)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML or JSON file; relative paths in it are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(path.read_text())
+        else:
+            values = tomllib.loads(path.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read as {'JSON' if path.suffix.lower() == '.json' else 'TOML'} ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the settings must be a table of names and values")
+    for name in ("data", "output", "brain_masks"):
+        value = values.get(name)
+        if isinstance(value, str) and value:
+            values[name] = str((path.parent / value).resolve()) if not Path(value).is_absolute() else value
+        elif isinstance(value, list):
+            values[name] = [str((path.parent / v).resolve()) if not Path(v).is_absolute() else v for v in value]
+    return values

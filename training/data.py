@@ -1,0 +1,214 @@
+"""Training data: healthy scans in model space, and the slices each step trains on.
+
+Every scan goes through the core's ``to_model_space`` (the one definition of model space that
+inference uses too), so a trained model sees at test time exactly what it saw in training.
+Subjects, not slices, are split into training and validation, so no subject's anatomy leaks
+into its own validation. Training slices are drawn uniformly with replacement from the slices
+that hold brain, as the papers do; the draw for step k depends only on (seed, k, rank), so a
+fixed seed gives the same run and a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_brain_uad.io import ScanError, ScanWarning, read_nifti
+from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# A slice trains the model when at least this fraction of it is brain: the outermost slices
+# hold a few voxels of brain that teach nothing about anatomy.
+MIN_BRAIN_FRACTION = 0.05
+
+
+class TrainingDataError(ValueError):
+    """The training data cannot be used; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class ScanPair:
+    """One healthy scan and its brain mask (None: the scan is skull-stripped)."""
+
+    image: Path
+    brain_mask: Path | None
+
+    @property
+    def subject(self) -> str:
+        return nifti_stem(self.image)
+
+
+@dataclass
+class ModelSpaceScan:
+    subject: str
+    image: np.ndarray  # (Z, H, W) float32 in [0, 1]: axial slices in model space
+    brain_mask: np.ndarray  # (Z, H, W) bool
+
+
+def nifti_stem(path: Path) -> str:
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def find_scans(data: str | Path | Sequence[str | Path], brain_masks: str | Path | None = None) -> list[ScanPair]:
+    """The healthy scans of a training run, each with its brain mask.
+
+    ``data`` is a folder of NIfTI files, a list of NIfTI paths, or a CSV file with columns
+    ``image`` and (optionally) ``brain_mask``. ``brain_masks`` is a folder where the mask of
+    ``<subject>_<anything>.nii.gz`` is the file named ``<subject>_<anything else>.nii.gz`` (or
+    has the scan's own name). Without masks the scans must be skull-stripped.
+    """
+    if isinstance(data, (str, Path)) and Path(data).suffix.lower() == ".csv":
+        return _scans_from_csv(Path(data))
+    if isinstance(data, (str, Path)):
+        folder = Path(data)
+        if not folder.is_dir():
+            raise TrainingDataError(f"{folder}: no such folder (give a folder of NIfTI scans, a list, or a CSV file)")
+        images = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+        if not images:
+            raise TrainingDataError(f"{folder}: no NIfTI scans (.nii or .nii.gz) in this folder")
+    else:
+        images = [Path(p) for p in data]
+        if not images:
+            raise TrainingDataError("the list of training scans is empty")
+        for image in images:
+            if not image.is_file():
+                raise TrainingDataError(f"{image}: file not found")
+    if brain_masks is None:
+        return [ScanPair(image, None) for image in images]
+    return [ScanPair(image, _matching_mask(image, Path(brain_masks))) for image in images]
+
+
+def _matching_mask(image: Path, mask_folder: Path) -> Path:
+    if not mask_folder.is_dir():
+        raise TrainingDataError(f"{mask_folder}: the brain-mask folder does not exist")
+    stem = nifti_stem(image)
+    subject = stem.rsplit("_", 1)[0] if "_" in stem else stem
+    candidates = sorted(
+        p for p in mask_folder.iterdir()
+        if p.name.endswith(NIFTI_SUFFIXES) and (nifti_stem(p) == stem or nifti_stem(p).startswith(subject + "_"))
+    )
+    if len(candidates) != 1:
+        found = "none" if not candidates else ", ".join(p.name for p in candidates)
+        raise TrainingDataError(
+            f"{image}: expected exactly one brain mask named {subject}_*.nii.gz in {mask_folder}, found {found}"
+        )
+    return candidates[0]
+
+
+def _scans_from_csv(path: Path) -> list[ScanPair]:
+    if not path.is_file():
+        raise TrainingDataError(f"{path}: file not found")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "image" not in rows[0]:
+        raise TrainingDataError(f"{path}: a CSV with a header row naming the columns 'image' and 'brain_mask' is needed")
+    pairs = []
+    for row in rows:
+        # Relative paths in the CSV are relative to the CSV, so a data folder can move whole.
+        image = (path.parent / row["image"]).resolve()
+        mask_text = (row.get("brain_mask") or "").strip()
+        mask = (path.parent / mask_text).resolve() if mask_text else None
+        for file in (image, mask):
+            if file is not None and not file.is_file():
+                raise TrainingDataError(f"{path}: {file}: file not found")
+        pairs.append(ScanPair(image, mask))
+    return pairs
+
+
+def split_subjects(scans: Sequence[ScanPair], validation_fraction: float, seed: int) -> tuple[list, list]:
+    """Training and validation scans, split by subject with a seeded shuffle (same seed, same split)."""
+    if not 0.0 <= validation_fraction < 1.0:
+        raise TrainingDataError(f"the validation fraction must be in [0, 1), not {validation_fraction}")
+    order = np.random.default_rng(seed).permutation(len(scans))
+    count = int(round(validation_fraction * len(scans)))
+    if validation_fraction > 0 and count == 0:
+        count = 1
+    if count >= len(scans):
+        raise TrainingDataError(f"{len(scans)} scan(s) are too few to keep {count} for validation")
+    validation = sorted((scans[i] for i in order[:count]), key=lambda s: s.subject)
+    training = sorted((scans[i] for i in order[count:]), key=lambda s: s.subject)
+    return training, validation
+
+
+def load_model_space(
+    scans: Sequence[ScanPair],
+    spec: ModelSpaceSpec,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[ModelSpaceScan]:
+    """Every scan in model space, as stacks of axial slices (read once, kept in memory)."""
+    loaded = []
+    for index, pair in enumerate(scans):
+        try:
+            with warnings.catch_warnings():
+                # Edges cut off and the like matter to a user looking at one scan; in a
+                # training set of hundreds they would drown the progress bar.
+                warnings.simplefilter("ignore", ScanWarning)
+                scan = read_nifti(pair.image)
+                mask = read_nifti(pair.brain_mask).data > 0 if pair.brain_mask is not None else None
+                volume = to_model_space(scan, brain_mask=mask, spec=spec)
+        except ScanError as error:
+            raise TrainingDataError(str(error)) from None
+        loaded.append(ModelSpaceScan(
+            subject=pair.subject,
+            image=np.ascontiguousarray(np.moveaxis(volume.image, 2, 0)),
+            brain_mask=np.ascontiguousarray(np.moveaxis(volume.brain_mask, 2, 0)),
+        ))
+        if progress is not None:
+            progress(index + 1, len(scans))
+    return loaded
+
+
+class SliceSampler:
+    """Batches of brain-holding axial slices, drawn uniformly with replacement.
+
+    ``batch(step, rank)`` depends only on the seed, the step and the rank: each process of a
+    distributed run gets its own slices, and a resumed run draws what the first one would have.
+    """
+
+    def __init__(self, scans: Sequence[ModelSpaceScan], seed: int, min_brain_fraction: float = MIN_BRAIN_FRACTION):
+        if not scans:
+            raise TrainingDataError("no training scans")
+        self.scans = list(scans)
+        self.seed = int(seed)
+        index = []
+        for scan_number, scan in enumerate(self.scans):
+            area = scan.brain_mask.shape[1] * scan.brain_mask.shape[2]
+            fraction = scan.brain_mask.reshape(len(scan.brain_mask), -1).sum(axis=1) / area
+            index.extend((scan_number, int(z)) for z in np.nonzero(fraction >= min_brain_fraction)[0])
+        if not index:
+            raise TrainingDataError("no slice of the training scans holds enough brain to train on")
+        self.index = np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def draw(self, step: int, rank: int, batch_size: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step, rank])
+        return self.index[rng.integers(0, len(self.index), size=batch_size)]
+
+    def gather(self, chosen: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, H, W) float32 slices and bool brain masks for (scan, slice) pairs."""
+        images = np.stack([self.scans[s].image[z] for s, z in chosen])[:, None]
+        masks = np.stack([self.scans[s].brain_mask[z] for s, z in chosen])[:, None]
+        return torch.from_numpy(images), torch.from_numpy(masks)
+
+    def batch(self, step: int, rank: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gather(self.draw(step, rank, batch_size))
+
+
+def validation_slices(scans: Sequence[ModelSpaceScan], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed set of up to ``count`` brain-holding slices spread evenly over the validation scans."""
+    sampler = SliceSampler(scans, seed=0)
+    count = min(count, len(sampler))
+    chosen = sampler.index[np.linspace(0, len(sampler) - 1, count).round().astype(int)]
+    return sampler.gather(chosen)

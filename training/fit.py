@@ -1,0 +1,331 @@
+"""The training loop: healthy slices in, versioned checkpoints out.
+
+``fit(config)`` reads the scans into model space, splits subjects into training and
+validation, and runs Adam on the model's own training loss. It writes into the output folder:
+
+- ``last.safetensors``: the model after the latest validation (or the stop), loadable by the
+  plugin like any checkpoint;
+- ``best.safetensors``: the model with the lowest validation loss so far (the papers pick
+  their model this way);
+- ``training_state.safetensors``: optimizer moments and the step, to resume;
+- ``log.jsonl``: one JSON line per step (training loss) and per validation.
+
+Every random draw of step k comes from generators seeded by (seed, k, rank): the slices, their
+augmentation, the model's noise and noise levels. So a fixed seed gives the same run, and a run
+resumed from step k continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import napari_brain_uad
+from napari_brain_uad.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from napari_brain_uad.models import ReconstructionModel, build_model, load_model, save_model
+
+from . import distributed
+from .augment import SliceAugmenter
+from .config import ConfigError, TrainingConfig
+from .data import ModelSpaceScan, SliceSampler, find_scans, load_model_space, split_subjects, validation_slices
+
+BEST, LAST, STATE, LOG = "best.safetensors", "last.safetensors", "training_state.safetensors", "log.jsonl"
+STATE_KIND = "training-state"
+# Settings a resumed run may change: how long to train, how often to validate, where.
+RESUMABLE_CHANGES = {"steps", "validate_every", "device"}
+
+
+@dataclass
+class TrainingResult:
+    output: Path
+    last: Path
+    best: Path | None
+    steps_done: int
+    stopped_early: bool
+    best_validation_loss: float | None
+    validation_history: list[tuple[int, float]] = field(default_factory=list)
+
+
+class _LossOf(torch.nn.Module):
+    """The model's training loss as a forward pass, so DistributedDataParallel sees it (DDP
+    synchronises gradients for what runs through its wrapper's forward)."""
+
+    def __init__(self, model: ReconstructionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, slices, brain_mask, generator):
+        return self.model.training_loss(slices, brain_mask, generator)
+
+
+def fit(
+    config: TrainingConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    scans: tuple[list[ModelSpaceScan], list[ModelSpaceScan]] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainingResult:
+    """Train ``config.kind`` on healthy scans; see the module docstring for what is written.
+
+    ``resume`` continues from the output folder's state; ``overwrite`` starts afresh over a
+    previous run's files (otherwise they are never replaced). ``scans`` gives training and
+    validation scans already in model space (tests, notebooks); ``on_step(step, loss)`` is
+    called after every step with this process's loss.
+    """
+    processes = distributed.start(config.device)
+    try:
+        return _fit(config, processes, resume, overwrite, show_progress, scans, on_step)
+    finally:
+        distributed.stop(processes)
+
+
+def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) -> TrainingResult:
+    output = Path(config.output)
+    _check_output(output, resume, overwrite)
+    show = show_progress and processes.is_main
+    spec = config.model_space_spec()
+
+    if scans is None:
+        pairs = find_scans(config.data if isinstance(config.data, str) else list(config.data), config.brain_masks)
+        training_pairs, validation_pairs = split_subjects(pairs, config.validation_fraction, config.seed)
+        with tqdm(total=len(pairs), desc="scans to model space", unit="scan", disable=not show) as bar:
+            def advance(done, total):
+                bar.update(1)
+            training_scans = load_model_space(training_pairs, spec, advance)
+            validation_scans = load_model_space(validation_pairs, spec, advance)
+    else:
+        training_scans, validation_scans = scans
+    sampler = SliceSampler(training_scans, config.seed)
+    validation = validation_slices(validation_scans, config.validation_slices) if validation_scans else None
+    augmenter = SliceAugmenter(config.augmentation_settings()) if config.augment else None
+
+    torch.manual_seed(config.seed)  # the same initial weights for the same seed, on every rank
+    model = build_model(config.kind, config.model, spec).to(processes.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    start_step, best_loss, best_step, history = 0, math.inf, None, []
+    if resume:
+        start_step, best_loss, best_step, history = _restore(output, config, model, optimizer, processes.device)
+    loss_of = _LossOf(model)
+    if processes.distributed:
+        device_ids = [processes.device.index] if processes.device.type == "cuda" else None
+        loss_of = torch.nn.parallel.DistributedDataParallel(loss_of, device_ids=device_ids)
+
+    description = {
+        "training_subjects": [scan.subject for scan in training_scans],
+        "validation_subjects": [scan.subject for scan in validation_scans],
+        "description": config.data_description,
+        "licence": config.data_licence,
+        "training_slices": len(sampler),
+    }
+    log = _Log(output / LOG, start_step, enabled=processes.is_main)
+
+    def checkpoint(step: int, finished: bool) -> None:
+        nonlocal best_loss, best_step
+        validation_loss = None
+        if validation is not None and (not history or history[-1][0] != step):
+            validation_loss = _validation_loss(model, validation, config, processes.device)
+            history.append((step, validation_loss))
+            log.write({"step": step, "validation_loss": validation_loss})
+        if processes.is_main:
+            current = history[-1][1] if history else None
+            improved = current is not None and current < best_loss
+            if improved:
+                best_loss, best_step = current, step
+            extra = _metadata(config, description, processes, step, finished, history, best_loss, best_step)
+            save_model(output / LAST, model, extra, overwrite=True)
+            if improved:
+                save_model(output / BEST, model, extra, overwrite=True)
+            _save_state(output / STATE, optimizer, step, config, history, best_loss, best_step)
+        distributed.barrier(processes)
+
+    step, stopped = start_step, False
+    with distributed.StopRequest() as stop, tqdm(
+        total=config.steps, initial=start_step, desc=f"training {config.kind}", unit="step", disable=not show
+    ) as bar:
+        if step == 0 and validation is not None:
+            checkpoint(0, finished=False)
+        while step < config.steps:
+            model.train()
+            slices, brain_mask = sampler.batch(step, processes.rank, config.batch_size)
+            if augmenter is not None:
+                slices = augmenter(slices, brain_mask, _seed_of(config.seed, step, processes.rank, 1))
+            slices, brain_mask = slices.to(processes.device), brain_mask.to(processes.device)
+            generator = _generator(processes.device, _seed_of(config.seed, step, processes.rank, 2))
+            loss = loss_of(slices, brain_mask, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if on_step is not None:
+                on_step(step, float(loss.detach()))
+            mean_loss, stopped = distributed.mean_loss_and_stop(processes, float(loss.detach()), stop.requested)
+            log.write({"step": step, "loss": mean_loss})
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", val=f"{history[-1][1]:.4f}" if history else "-")
+            if stopped:
+                break
+            if step % config.validate_every == 0 and step < config.steps:
+                checkpoint(step, finished=False)
+        checkpoint(step, finished=not stopped)
+    if stopped and processes.is_main:
+        tqdm.write(f"stopped after step {step}; resume with the same command and --resume")
+    log.close()
+    return TrainingResult(
+        output=output,
+        last=output / LAST,
+        best=output / BEST if (output / BEST).exists() else None,
+        steps_done=step,
+        stopped_early=stopped,
+        best_validation_loss=None if best_step is None else best_loss,
+        validation_history=list(history),
+    )
+
+
+def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
+    ours = [output / name for name in (BEST, LAST, STATE, LOG)]
+    if resume:
+        if not (output / STATE).is_file() or not (output / LAST).is_file():
+            raise ConfigError(f"{output}: nothing to resume (no {STATE} and {LAST} there)")
+        return
+    existing = [path.name for path in ours if path.exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            f"{output}: holds a previous run ({', '.join(existing)}); resume it with --resume, "
+            "start afresh with --overwrite, or choose another output folder"
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    for path in ours:
+        path.unlink(missing_ok=True)
+
+
+def _seed_of(*numbers: int) -> int:
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    # MPS has no generator of its own; draws are made on the CPU and moved by the models.
+    generator = torch.Generator(device="cpu" if device.type == "mps" else device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@torch.no_grad()
+def _validation_loss(model, validation, config: TrainingConfig, device) -> float:
+    """The training loss on fixed healthy validation slices with fixed random draws, so that
+    numbers from different steps compare the model, not the luck of the draw."""
+    slices, brain_mask = validation
+    model.eval()
+    total = 0.0
+    for start in range(0, len(slices), config.batch_size):
+        part = slice(start, start + config.batch_size)
+        generator = _generator(device, _seed_of(config.seed, start, 3))
+        loss = model.training_loss(slices[part].to(device), brain_mask[part].to(device), generator)
+        total += float(loss) * len(slices[part])
+    model.train()
+    return total / len(slices)
+
+
+def _metadata(config, description, processes, step, finished, history, best_loss, best_step) -> dict[str, Any]:
+    return {
+        "training": {
+            "settings": config.to_dict(),
+            "steps_done": step,
+            "finished": finished,
+            "processes": processes.world_size,
+            "device": processes.device.type,
+            "napari_brain_uad_version": napari_brain_uad.__version__,
+            "torch_version": torch.__version__,
+        },
+        "training_data": description,
+        "validation": {
+            "loss": history[-1][1] if history else None,
+            "best_loss": None if best_step is None else best_loss,
+            "best_step": best_step,
+            "history": [list(entry) for entry in history],
+        },
+    }
+
+
+def _save_state(path: Path, optimizer, step, config, history, best_loss, best_step) -> None:
+    state = optimizer.state_dict()
+    tensors = {
+        f"optimizer.{index}.{name}": torch.as_tensor(value)
+        for index, moments in state["state"].items()
+        for name, value in moments.items()
+    }
+    groups = [{**group, "betas": list(group["betas"])} if "betas" in group else group for group in state["param_groups"]]
+    save_checkpoint(path, tensors, {
+        "kind": STATE_KIND,
+        "step": step,
+        "settings": config.to_dict(),
+        "param_groups": groups,
+        "history": [list(entry) for entry in history],
+        "best_loss": None if best_step is None else best_loss,
+        "best_step": best_step,
+    }, overwrite=True)
+
+
+def _restore(output: Path, config, model, optimizer, device):
+    """Weights from last.safetensors and the optimizer from the state file, checked against the
+    settings: a resumed run must train the same model on the same data."""
+    tensors, state = load_checkpoint(output / STATE, device="cpu")
+    if state.get("kind") != STATE_KIND:
+        raise CheckpointError(f"{output / STATE}: not a training state")
+    stored, current = state["settings"], config.to_dict()
+    changed = sorted(name for name in current if name not in RESUMABLE_CHANGES and stored.get(name) != current[name])
+    if changed:
+        raise ConfigError(
+            f"{output}: cannot resume with different {', '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))} "
+            "may change); start a new run in another folder instead"
+        )
+    saved, _ = load_model(output / LAST, device=device)
+    model.load_state_dict(saved.state_dict())
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        moments.setdefault(int(index), {})[name] = value
+    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in state["param_groups"]]
+    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    if int(state["step"]) > config.steps:
+        raise ConfigError(f"{output}: the run already did {state['step']} steps, more than steps = {config.steps}")
+    best_loss = math.inf if state["best_loss"] is None else float(state["best_loss"])
+    history = [(int(s), float(v)) for s, v in state["history"]]
+    return int(state["step"]), best_loss, state["best_step"], history
+
+
+class _Log:
+    """log.jsonl, one JSON object per line; a resumed run drops lines after its resume point."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool):
+        self.handle = None
+        if not enabled:
+            return
+        kept = []
+        if start_step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            # The validation at the resume step is restored from the state, not re-run.
+        self.handle = open(path, "w")
+        for line in kept:
+            self.handle.write(line + "\n")
+        self.handle.flush()
+        self.started = time.time()
+
+    def write(self, entry: dict) -> None:
+        if self.handle is not None:
+            self.handle.write(json.dumps({**entry, "seconds": round(time.time() - self.started, 3)}) + "\n")
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
