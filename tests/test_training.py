@@ -308,12 +308,15 @@ def test_the_command_trains_from_a_config_file_with_flags_overriding(tmp_path, i
     settings.write_text(
         f'data = "{ixi_folder / "scans"}"\nbrain_masks = "{ixi_folder / "masks"}"\noutput = "out"\n'
         'steps = 50\nbatch_size = 2\nvalidation_fraction = 0.34\nvalidation_slices = 4\n'
+        'exclude_subjects = ["IXI014"]\n'
         '[model]\nchannels = [16, 32, 32]\nnorm_num_groups = 8\nnum_head_channels = 16\n'
     )
     assert train_command(["--config", str(settings), "--steps", "2", "--model", '{"noise": "simplex"}', "--quiet"]) == 0
     metadata = read_metadata(tmp_path / "out" / "last.safetensors")  # relative to the config file
     assert metadata["training"]["steps_done"] == 2
     assert metadata["hyperparameters"]["noise"] == "simplex" and metadata["hyperparameters"]["channels"] == [16, 32, 32]
+    subjects = metadata["training_data"]["training_subjects"] + metadata["training_data"]["validation_subjects"]
+    assert sorted(subjects) == ["IXI012-HH-1211_T1", "IXI013-HH-1212_T1"]  # IXI014 held out
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML or JSON file of settings (flags override it)")
     parser.add_argument("--data", nargs="+", help="folder of healthy NIfTI scans, a CSV (image,brain_mask), or files")
     parser.add_argument("--brain-masks", help="folder of brain masks named <subject>_*.nii.gz (omit for skull-stripped scans)")
+    parser.add_argument("--exclude-subjects", nargs="+", metavar="PREFIX",
+                        help="leave out scans whose names start with these (e.g. a healthy test set)")
     parser.add_argument("--output", help="folder for the checkpoints, the resume state and the log")
     parser.add_argument("--kind", choices=sorted(MODEL_KINDS), help="model kind (default ddpm)")
     parser.add_argument("--model", type=json.loads, metavar="JSON",

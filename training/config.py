@@ -29,6 +29,7 @@ class TrainingConfig:
     data: str | tuple[str, ...] = ""  # folder of NIfTI scans, CSV (image, brain_mask), or a list of files
     output: str = ""  # folder for best/last checkpoints, the resume state and the log
     brain_masks: str | None = None  # folder of brain masks (None: the scans are skull-stripped)
+    exclude_subjects: tuple[str, ...] = ()  # left out entirely (e.g. a healthy test set); name prefixes
     kind: str = "ddpm"
     model: dict = field(default_factory=dict)  # the kind's hyper-parameters (see napari_brain_uad.models)
     modality: str = "T1"
@@ -79,6 +80,7 @@ class TrainingConfig:
         values = dataclasses.asdict(self)
         values["data"] = self.data if isinstance(self.data, str) else list(self.data)
         values["in_plane"] = list(self.in_plane)
+        values["exclude_subjects"] = list(self.exclude_subjects)
         return values
 
     @classmethod
@@ -90,8 +92,9 @@ class TrainingConfig:
         values = dict(values)
         if isinstance(values.get("data"), list):
             values["data"] = tuple(str(p) for p in values["data"])
-        if "in_plane" in values:
-            values["in_plane"] = tuple(values["in_plane"])
+        for name in ("in_plane", "exclude_subjects"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)
 
 

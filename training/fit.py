@@ -98,6 +98,10 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
 
     if scans is None:
         pairs = find_scans(config.data if isinstance(config.data, str) else list(config.data), config.brain_masks)
+        if config.exclude_subjects:
+            pairs = [pair for pair in pairs if not pair.subject.startswith(tuple(config.exclude_subjects))]
+            if not pairs:
+                raise ConfigError("every scan is excluded by 'exclude_subjects'")
         training_pairs, validation_pairs = split_subjects(pairs, config.validation_fraction, config.seed)
         with tqdm(total=len(pairs), desc="scans to model space", unit="scan", disable=not show) as bar:
             def advance(done, total):
