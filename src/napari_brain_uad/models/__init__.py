@@ -17,12 +17,16 @@ from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, save_c
 from ..preprocess import ModelSpaceSpec
 from .base import ModelConfig, ReconstructionModel
 from .ddpm import DDPM, DDPMConfig, noise_levels
+from .cddpm import CDDPM, CDDPMConfig
 
 MODEL_KINDS: dict[str, type[ReconstructionModel]] = {
     DDPM.kind: DDPM,
+    CDDPM.kind: CDDPM,
 }
 
 __all__ = [
+    "CDDPM",
+    "CDDPMConfig",
     "DDPM",
     "DDPMConfig",
     "MODEL_KINDS",
