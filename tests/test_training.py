@@ -101,6 +101,19 @@ def test_every_kind_trains_on_real_slices_and_its_validation_loss_falls(kind, tm
     assert metadata["kind"] == kind and metadata["validation"]["best_step"] == 25
 
 
+def test_cddpm_encoder_pre_training_runs_before_training_and_is_recorded(tmp_path, ixi_folder, ixi_scans):
+    config = small_config(tmp_path, ixi_folder, kind="cddpm", model=SMALL_MODELS["cddpm"], steps=1,
+                          pretrain_encoder_steps=2)
+    untouched = fit(small_config(tmp_path / "plain", ixi_folder, kind="cddpm", model=SMALL_MODELS["cddpm"], steps=1),
+                    show_progress=False, scans=ixi_scans)
+    result = fit(config, show_progress=False, scans=ixi_scans)
+    assert read_metadata(result.last)["training"]["settings"]["pretrain_encoder_steps"] == 2
+    pretrained, plain = weights(result.last), weights(untouched.last)
+    assert not torch.equal(pretrained["encoder.conv1.weight"], plain["encoder.conv1.weight"])
+    with pytest.raises(ConfigError, match="cddpm kind only"):
+        small_config(tmp_path, ixi_folder, pretrain_encoder_steps=2)
+
+
 # ---------------------------------------------------------------- checkpoints the plugin reads
 
 

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation-slices", type=int, help="validation slices (default 64)")
     parser.add_argument("--validate-every", type=int, help="steps between validations and checkpoints (default 100)")
     parser.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="no augmentation")
+    parser.add_argument("--pretrain-encoder-steps", type=int,
+                        help="cddpm: steps of masked pre-training of the context encoder first (default 0)")
     parser.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, ... (default auto)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")

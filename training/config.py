@@ -45,6 +45,7 @@ class TrainingConfig:
     validation_slices: int = 64
     validate_every: int = 100
     augment: bool = True
+    pretrain_encoder_steps: int = 0  # cDDPM: masked pre-training of the context encoder first
     augmentation: dict = field(default_factory=dict)  # AugmentationSettings probabilities
     device: str = "auto"
 
@@ -58,6 +59,10 @@ class TrainingConfig:
         for name in ("steps", "batch_size", "validation_slices", "validate_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"'{name}' must be at least 1, not {getattr(self, name)}")
+        if self.pretrain_encoder_steps < 0:
+            raise ConfigError(f"'pretrain_encoder_steps' must be 0 or more, not {self.pretrain_encoder_steps}")
+        if self.pretrain_encoder_steps and self.kind != "cddpm":
+            raise ConfigError("'pretrain_encoder_steps' applies to the cddpm kind only (it has the context encoder)")
         if not self.learning_rate > 0:
             raise ConfigError(f"'learning_rate' must be positive, not {self.learning_rate}")
         if not 0 <= self.validation_fraction < 1:

@@ -192,8 +192,9 @@ class SliceSampler:
     def __len__(self) -> int:
         return len(self.index)
 
-    def draw(self, step: int, rank: int, batch_size: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, step, rank])
+    def draw(self, step: int, rank: int, batch_size: int, stream: int = 0) -> np.ndarray:
+        """Indices for one step; ``stream`` separates uses (0: training, 1: encoder pre-training)."""
+        rng = np.random.default_rng([self.seed, stream, step, rank])
         return self.index[rng.integers(0, len(self.index), size=batch_size)]
 
     def gather(self, chosen: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,8 +203,8 @@ class SliceSampler:
         masks = np.stack([self.scans[s].brain_mask[z] for s, z in chosen])[:, None]
         return torch.from_numpy(images), torch.from_numpy(masks)
 
-    def batch(self, step: int, rank: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gather(self.draw(step, rank, batch_size))
+    def batch(self, step: int, rank: int, batch_size: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gather(self.draw(step, rank, batch_size, stream))
 
 
 def validation_slices(scans: Sequence[ModelSpaceScan], count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,6 +120,8 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
     start_step, best_loss, best_step, history = 0, math.inf, None, []
     if resume:
         start_step, best_loss, best_step, history = _restore(output, config, model, optimizer, processes.device)
+    elif config.pretrain_encoder_steps:
+        _pretrain_encoder(model, sampler, config, processes, show)
     loss_of = _LossOf(model)
     if processes.distributed:
         device_ids = [processes.device.index] if processes.device.type == "cuda" else None
@@ -194,6 +196,25 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         best_validation_loss=None if best_step is None else best_loss,
         validation_history=list(history),
     )
+
+
+def _pretrain_encoder(model, sampler, config, processes, show) -> None:
+    """cDDPM's optional masked pre-training of its context encoder, on the same training slices
+    (every process does the same steps on the same slices, so the encoders stay identical)."""
+    from napari_brain_uad.models.cddpm import pretrain_encoder_masked
+
+    def batches():
+        for step in range(config.pretrain_encoder_steps):
+            yield sampler.batch(step, 0, config.batch_size, stream=1)[0]
+
+    generator = _generator(processes.device, _seed_of(config.seed, 4))
+    with tqdm(total=config.pretrain_encoder_steps, desc="pre-training the encoder", unit="step", disable=not show) as bar:
+        def counted():
+            for batch in batches():
+                yield batch
+                bar.update(1)
+        pretrain_encoder_masked(model, counted(), steps=config.pretrain_encoder_steps, batch_size=config.batch_size,
+                                lr=config.learning_rate, generator=generator)
 
 
 def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
