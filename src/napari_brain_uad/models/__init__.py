@@ -15,21 +15,35 @@ import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from ..preprocess import ModelSpaceSpec
+from .autoencoders import AE, DAE, VAE, AEConfig, DAEConfig, VAEConfig
 from .base import ModelConfig, ReconstructionModel
 from .ddpm import DDPM, DDPMConfig, noise_levels
 from .cddpm import CDDPM, CDDPMConfig
+from .pddpm import PDDPM, PDDPMConfig
 
 MODEL_KINDS: dict[str, type[ReconstructionModel]] = {
     DDPM.kind: DDPM,
     CDDPM.kind: CDDPM,
+    PDDPM.kind: PDDPM,
+    AE.kind: AE,
+    VAE.kind: VAE,
+    DAE.kind: DAE,
 }
 
 __all__ = [
+    "AE",
+    "AEConfig",
+    "DAE",
+    "DAEConfig",
+    "VAE",
+    "VAEConfig",
     "CDDPM",
     "CDDPMConfig",
     "DDPM",
     "DDPMConfig",
     "MODEL_KINDS",
+    "PDDPM",
+    "PDDPMConfig",
     "ModelConfig",
     "ReconstructionModel",
     "build_model",
