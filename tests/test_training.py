@@ -35,9 +35,9 @@ SMALL_MODELS = {
     "ddpm": {"channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16},
     "pddpm": {"channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16},
     "cddpm": {"channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16},
-    "ae": {},
-    "vae": {},
-    "dae": {},
+    "ae": {"channels": [16, 32, 32, 64], "latent_size": 64},
+    "vae": {"channels": [16, 32, 32, 64], "latent_size": 64},
+    "dae": {"channels": [16, 32, 32, 64], "num_res_units": 1},
 }
 
 

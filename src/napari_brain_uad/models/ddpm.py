@@ -39,7 +39,7 @@ class DDPMConfig(ModelConfig):
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 2e-2
-    noise: str = "gaussian"  # or "simplex"
+    noise: str = "simplex"  # AnoDDPM simplex noise, as every DDPM of the thesis; or "gaussian"
     t_test: int = 500
     # mDDPM training-time masking; the fraction of the brain masked is drawn per slice.
     masking: str = "none"
