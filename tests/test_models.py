@@ -102,3 +102,34 @@ def test_simplex_noise_ddpm_reconstructs(mslub_model_space):
     volume = mslub_model_space.image[:, :, 30:34]
     out = reconstruct_volume(ddpm, volume, samples=2, seed=0, device="cpu")
     assert out.shape == (2, *volume.shape) and np.isfinite(out).all()
+
+
+def test_a_noise_level_ensemble_is_the_mean_of_its_levels(model, ixi_training_slices):
+    """The thesis averages reconstructions at t = 250, 500 and 750; each level draws fresh noise."""
+    slices = ixi_training_slices[0][:4]
+    generator = torch.Generator().manual_seed(5)
+    ensemble = model.reconstruct(slices, t=[250, 500, 750], generator=generator)
+    generator.manual_seed(5)
+    levels = [model.reconstruct(slices, t=level, generator=generator) for level in (250, 500, 750)]
+    torch.testing.assert_close(ensemble, torch.stack(levels).mean(dim=0))
+    assert not torch.equal(levels[0], levels[2])  # the levels differ, so the mean is not trivial
+    with pytest.raises(ValueError, match="noise level"):
+        model.reconstruct(slices, t=[500, 1000])
+
+
+def test_every_kind_reconstructs_a_volume_through_the_same_door(ixi_training_slices):
+    """reconstruct_volume takes any registered kind; kinds without noise levels ignore t."""
+    from napari_brain_uad.models import MODEL_KINDS, build_model
+
+    small = {
+        "ddpm": SMALL.to_dict(), "pddpm": SMALL.to_dict(), "cddpm": SMALL.to_dict(),
+        "ae": {"channels": [8, 16, 16, 32], "latent_size": 16},
+        "vae": {"channels": [8, 16, 16, 32], "latent_size": 16},
+        "dae": {"channels": [8, 16, 16, 32], "num_res_units": 1},
+    }
+    volume = np.moveaxis(ixi_training_slices[0][:6, 0].numpy(), 0, -1)  # (96, 96, 6)
+    for kind, model_class in MODEL_KINDS.items():
+        model = build_model(kind, small[kind])
+        out = reconstruct_volume(model, volume, samples=2, t=[250, 500], seed=0, device="cpu")
+        assert out.shape == (2, *volume.shape) and np.isfinite(out).all(), kind
+        assert model_class.uses_noise_level == kind.endswith("ddpm"), kind
