@@ -16,6 +16,7 @@ CORE_MODULES = [
     "napari_brain_uad.models",
     "napari_brain_uad.reconstruct",
     "napari_brain_uad.noise",
+    "napari_brain_uad.analysis",
 ]
 
 

@@ -1,0 +1,205 @@
+"""One scan through the whole data flow: the single function the widget and the CLI both call.
+
+``analyse_scan`` runs steps 2 to 6 in order: the scan to model space (``preprocess``),
+pseudo-healthy reconstructions (``reconstruct``), the anomaly score (``scoring``), median
+filter and brain erosion (``postprocess.prepare``), and everything back onto the scan's own
+grid. What comes back (:class:`ScanAnalysis`) holds the results on the native grid and the
+filtered map there, so a new threshold only thresholds and labels (a slider never re-runs the
+network) and every mask is already on the original voxels for export.
+
+The same scan, model and settings give the same maps whichever door asks (seeded noise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .io import NiftiVolume
+from .models import ReconstructionModel
+from .postprocess import MIN_COMPONENT_VOXELS, FilteredMap, prepare
+from .preprocess import ModelSpaceVolume, to_model_space
+from .reconstruct import Cancelled, reconstruct_volume
+from .scoring import SCORERS, ensemble_mean, score
+
+# Share of the progress bar each stage takes (reconstruction dominates).
+_STAGES = {"model space": 0.05, "reconstruction": 0.80, "scoring": 0.08, "post-processing": 0.04, "native grid": 0.03}
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """How to analyse a scan. ``noise_levels`` None means the model's ``t_test``; several levels
+    average their reconstructions (the thesis's 250/500/750 ensemble)."""
+
+    scorer: str = "ssim-ens"
+    samples: int = 1
+    noise_levels: tuple[int, ...] | None = None
+    scorer_parameters: dict = field(default_factory=dict)
+    median: bool = True
+    batch_size: int | None = None
+    device: str = "auto"
+    seed: int | None = 0
+
+    def __post_init__(self):
+        if self.scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {self.scorer!r}; known: {', '.join(SCORERS)}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be at least 1, not {self.samples}")
+        if SCORERS[self.scorer].needs == "samples" and self.samples < 2:
+            raise ValueError(
+                f"the {self.scorer} scorer compares the scan with several reconstructions; "
+                "ask for at least 2 samples (the thesis uses 10)"
+            )
+        unknown = sorted(set(self.scorer_parameters) - set(SCORERS[self.scorer].params))
+        if unknown:
+            raise ValueError(f"the {self.scorer} scorer does not take {', '.join(unknown)}")
+
+
+@dataclass(eq=False)
+class ScanAnalysis:
+    """A scan's analysis: model-space intermediates and native-grid results."""
+
+    scan: NiftiVolume
+    settings: AnalysisSettings
+    model_space: ModelSpaceVolume = field(repr=False)
+    reconstructions: np.ndarray = field(repr=False)  # (N, X, Y, Z) model space, [0, 1]
+    score_model_space: np.ndarray = field(repr=False)  # (X, Y, Z)
+    brain_mask: np.ndarray = field(repr=False)  # bool, native grid
+    reconstruction: np.ndarray = field(repr=False)  # native grid, scan intensities
+    anomaly_map: np.ndarray = field(repr=False)  # native grid, 0 outside the brain
+    spread: np.ndarray | None = field(repr=False)  # native grid, std over samples (N > 1)
+    filtered: FilteredMap = field(repr=False)  # native grid, median-filtered and eroded
+    model_voxel_ml: float = 0.008
+
+    @property
+    def default_min_size_ml(self) -> float:
+        """The papers' minimum lesion size, 7 model-space voxels, in mL (0.056 at 2 mm)."""
+        return MIN_COMPONENT_VOXELS * self.model_voxel_ml
+
+    def mask_at(self, threshold: float, min_size_ml: float | None = None) -> np.ndarray:
+        """Binary mask (uint8, native grid): filtered score > threshold, small components removed."""
+        size = self.default_min_size_ml if min_size_ml is None else min_size_ml
+        return self.filtered.mask_at(threshold, min_size_ml=size).astype(np.uint8)
+
+    def labels_at(self, threshold: float, min_size_ml: float | None = None) -> np.ndarray:
+        size = self.default_min_size_ml if min_size_ml is None else min_size_ml
+        return self.filtered.labels_at(threshold, min_size_ml=size)
+
+    def findings(self, threshold: float, min_size_ml: float | None = None) -> list[dict]:
+        """One row per finding, largest first: voxels, mL, mean/max score, centre (native voxel)."""
+        size = self.default_min_size_ml if min_size_ml is None else min_size_ml
+        return self.filtered.findings(threshold, min_size_ml=size)
+
+
+def analyse_scan(
+    scan: NiftiVolume,
+    model: ReconstructionModel,
+    *,
+    brain_mask: NiftiVolume | np.ndarray | None = None,
+    settings: AnalysisSettings = AnalysisSettings(),
+    progress: Callable[[float, str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> ScanAnalysis:
+    """Analyse one scan with one model (steps 2-6 of the data flow).
+
+    ``brain_mask`` on the scan's grid; without it the scan must be skull-stripped (its
+    non-background voxels are the brain). ``progress(fraction, stage)`` reports from 0 to 1;
+    ``cancelled()`` is polled between batches and stages and raises :class:`Cancelled`.
+    """
+    report = _Progress(progress)
+
+    def check_cancel():
+        if cancelled is not None and cancelled():
+            raise Cancelled("analysis cancelled")
+
+    report.start("model space")
+    volume = to_model_space(scan, brain_mask=brain_mask, spec=model.spec)
+    check_cancel()
+
+    report.start("reconstruction")
+    reconstructions = reconstruct_volume(
+        model,
+        volume.image,
+        samples=settings.samples,
+        t=list(settings.noise_levels) if settings.noise_levels else None,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        seed=settings.seed,
+        progress=lambda done, total: report.within(done / total),
+        cancelled=cancelled,
+    )
+    check_cancel()
+
+    report.start("scoring")
+    needs_samples = SCORERS[settings.scorer].needs == "samples"
+    mean_reconstruction = ensemble_mean(list(reconstructions)) if len(reconstructions) > 1 else reconstructions[0]
+    other = reconstructions if needs_samples else mean_reconstruction
+    score_map = np.asarray(score(settings.scorer, volume.image, other, volume.brain_mask, **settings.scorer_parameters),
+                           dtype=np.float32)
+    score_map = np.where(volume.brain_mask, score_map, np.float32(0))
+    check_cancel()
+
+    report.start("post-processing")
+    filtered_model = prepare(score_map, volume.brain_mask, median=settings.median,
+                             spacing_mm=(model.spec.spacing_mm,) * 3)
+    check_cancel()
+
+    report.start("native grid")
+    transform = volume.transform
+    if brain_mask is not None:
+        mask_data = brain_mask.data if isinstance(brain_mask, NiftiVolume) else np.asarray(brain_mask)
+        native_brain = mask_data > 0
+    else:
+        native_brain = transform.to_native(volume.brain_mask.astype(np.float32)) >= 0.5
+    region = (transform.to_native(filtered_model.region.astype(np.float32)) >= 0.5) & native_brain
+    if not region.any():
+        raise ValueError(f"{scan.path}: the eroded brain region vanishes on the scan's grid; is the brain mask right?")
+    spacing = scan.geometry.spacing
+    filtered = FilteredMap(
+        np.where(region, transform.to_native(filtered_model.values), np.float32(0)).astype(np.float32),
+        region, native_brain, tuple(float(s) for s in spacing), filtered_model.median, filtered_model.iterations,
+    )
+    recon_native = transform.intensity_to_native(transform.to_native(mean_reconstruction)).astype(np.float32)
+    reconstruction = np.where(native_brain, recon_native, scan.data).astype(np.float32)
+    anomaly_map = np.where(native_brain, transform.to_native(score_map), np.float32(0)).astype(np.float32)
+    spread = None
+    if len(reconstructions) > 1:
+        # Spread in scan intensities, so it reads in the same units as the reconstruction.
+        scale = np.float32(transform.intensity_high - transform.intensity_low)
+        spread_model = reconstructions.std(axis=0) * scale
+        spread = np.where(native_brain, transform.to_native(spread_model), np.float32(0)).astype(np.float32)
+    report.start("done")
+    return ScanAnalysis(
+        scan=scan,
+        settings=settings,
+        model_space=volume,
+        reconstructions=reconstructions,
+        score_model_space=score_map,
+        brain_mask=native_brain,
+        reconstruction=reconstruction,
+        anomaly_map=anomaly_map,
+        spread=spread,
+        filtered=filtered,
+        model_voxel_ml=float(model.spec.spacing_mm) ** 3 / 1000.0,
+    )
+
+
+class _Progress:
+    """Turns stage starts and within-stage fractions into one fraction from 0 to 1."""
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.offset, self.share, self.stage = 0.0, 0.0, ""
+
+    def start(self, stage: str) -> None:
+        self.offset += self.share
+        self.share = _STAGES.get(stage, 0.0)
+        self.stage = stage
+        if self.callback is not None:
+            self.callback(min(self.offset, 1.0) if stage != "done" else 1.0, stage)
+
+    def within(self, fraction: float) -> None:
+        if self.callback is not None:
+            self.callback(min(self.offset + self.share * fraction, 1.0), self.stage)
