@@ -75,3 +75,98 @@ def test_export_without_geometry_says_why(viewer_with_widget, tmp_path):
     with pytest.raises(Exception, match="no NIfTI geometry"):
         widget.export_mask(tmp_path / "drawn.nii.gz")
     assert not (tmp_path / "drawn.nii.gz").exists()
+
+
+# ---------------------------------------------------------------- running a model from the widget
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """A small DDPM written by the training module itself (a few steps on two IXI subjects)."""
+    from brain_uad_training import TrainingConfig, fit
+
+    from conftest import IXI_TRAINING_SUBJECTS, SHARED_DATA
+
+    folder = SHARED_DATA / "ixi_t1"
+    if not folder.is_dir():
+        pytest.skip(f"healthy IXI scans not found in {folder}")
+    files = [str(folder / f"{subject}_T1.nii.gz") for subject in IXI_TRAINING_SUBJECTS]
+    output = tmp_path_factory.mktemp("model")
+    config = TrainingConfig(
+        data=tuple(files), brain_masks=str(folder / "brainmask"), output=str(output), steps=3, batch_size=4,
+        validation_fraction=0.5, validation_slices=4, data_description="two IXI subjects (test)",
+        model={"channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16},
+    )
+    return fit(config, show_progress=False).last
+
+
+def run_and_wait(widget, qtbot, timeout_ms=240_000):
+    widget.run()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout_ms)
+
+
+@pytest.fixture
+def mslub_in_widget(viewer_with_widget, trained_checkpoint):
+    viewer, widget = viewer_with_widget
+    viewer.open_sample("napari-brain-uad", "mslub-patient26")
+    widget.scan.value = viewer.layers["MSLUB T1"]
+    widget.model_file.value = str(trained_checkpoint)
+    return viewer, widget
+
+
+def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widget, qtbot, tmp_path, shared_data):
+    viewer, widget = mslub_in_widget
+    assert "ddpm, T1" in widget.model_info.value and "two IXI subjects" in widget.model_info.value
+    widget.scorer.value = "residual"
+    run_and_wait(widget, qtbot)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    scan = viewer.layers["MSLUB T1"]
+    for name in ("reconstruction", "anomaly map", "anomalies"):
+        layer = viewer.layers[f"MSLUB T1 {name}"]
+        assert layer.data.shape == scan.data.shape
+        np.testing.assert_array_equal(layer.scale, scan.scale)
+        np.testing.assert_array_equal(layer.translate, scan.translate)
+    labels = viewer.layers["MSLUB T1 anomalies"]
+    low, high = widget.threshold.min, widget.threshold.max
+    widget.threshold.value = low + 0.05 * (high - low)
+    many = int((labels.data > 0).sum())
+    widget.threshold.value = low + 0.6 * (high - low)
+    few = int((labels.data > 0).sum())
+    assert many > few  # the mask follows the slider, with no new run
+
+    out = widget.export_mask(tmp_path / "anomalies.nii.gz")
+    saved = nib.load(out)
+    np.testing.assert_array_equal(saved.affine, nib.load(shared_data / "mslub/patient26/T1.nii.gz").affine)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj) > 0,
+                                  scan.metadata["nifti"].to_source(labels.data) > 0)
+
+
+def test_cancel_leaves_no_half_results(mslub_in_widget, qtbot):
+    viewer, widget = mslub_in_widget
+    before = [layer.name for layer in viewer.layers]
+    widget.run()
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=240_000)
+    assert widget.status.value.startswith("Cancelled")
+    assert [layer.name for layer in viewer.layers] == before
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+
+
+def test_errors_say_what_is_missing(viewer_with_widget, tmp_path, qtbot):
+    viewer, widget = viewer_with_widget
+    widget.run()
+    assert "open a scan first" in widget.status.value
+    viewer.add_image(np.zeros((10, 10), dtype=np.float32), name="flat")
+    widget.scan.value = viewer.layers["flat"]
+    widget.run()
+    assert "3D scan opened from NIfTI" in widget.status.value
+    viewer.open_sample("napari-brain-uad", "mslub-patient26")
+    widget.scan.value = viewer.layers["MSLUB T1"]
+    widget.run()
+    assert "choose a model checkpoint" in widget.status.value
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    widget.model_file.value = str(corrupt)
+    assert "Not usable" in widget.model_info.value
+    run_and_wait(widget, qtbot)
+    assert widget.status.value.startswith("Error") and "corrupt.safetensors" in widget.status.value

@@ -1,18 +1,42 @@
-"""The main dock widget. For now: what the scan is, and exporting a mask onto the scan's grid.
+"""The main dock widget: scan, model, scorer, Run/Cancel, results, threshold, export.
 
-Anomaly detection (model, scorer, run, threshold) joins this widget with the model and scoring
-work; the widget stays thin and calls the Qt-free core for everything.
+The widget holds no science: ``analysis.analyse_scan`` (the Qt-free core) does the work in a
+napari ``thread_worker``; the widget turns its progress callback into a progress bar, its
+cancel callback into the Cancel button, and its native-grid results into layers on the scan's
+own display grid. A threshold change only re-thresholds the cached filtered map.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import napari
-from magicgui.widgets import Container, Label, PushButton, create_widget
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
+from qtpy.QtCore import QObject, Signal
 
 from ._writer import write_layer
-from .io import nifti_stem
+from .io import NiftiVolume, nifti_stem
+from .scoring import SCORERS
+
+
+class _ProgressRelay(QObject):
+    """Carries progress from the worker thread to the GUI thread (Qt queues cross-thread signals)."""
+
+    changed = Signal(float, str)
 
 
 class BrainUADWidget(Container):
@@ -21,17 +45,50 @@ class BrainUADWidget(Container):
         self._viewer = viewer
         self.scan = create_widget(annotation=napari.layers.Image, label="Scan")
         self.scan_info = Label(value="")
+        self.brain_mask = create_widget(annotation=napari.layers.Labels, label="Brain mask",
+                                        options={"nullable": True})
+        self.model_file = FileEdit(label="Model", filter="*.safetensors", value="")
+        self.model_info = Label(value="")
+        self.scorer = ComboBox(label="Scorer", choices=list(SCORERS), value="ssim-ens")
+        self.samples = SpinBox(label="Samples (N)", min=1, max=50, value=1)
+        self.noise_levels = ComboBox(label="Noise level", choices=["model's t_test", "250, 500, 750"],
+                                     value="model's t_test")
+        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="Progress", min=0, max=1000, value=0)
+        self.threshold = FloatSlider(label="Threshold", min=0.0, max=1.0, value=0.5, enabled=False)
+        self.min_size_ml = FloatSpinBox(label="Min lesion (mL)", min=0.0, max=100.0, step=0.01, value=0.056)
+        self.median = CheckBox(label="Median filter", value=True, enabled=False, tooltip="applied in the analysis")
         self.mask = create_widget(annotation=napari.layers.Labels, label="Mask")
         self.export_button = PushButton(text="Export mask…")
         self.status = Label(value="")
-        self.extend([self.scan, self.scan_info, self.mask, self.export_button, self.status])
+        self.extend([
+            self.scan, self.scan_info, self.brain_mask, self.model_file, self.model_info, self.scorer,
+            self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button, self.progress,
+            self.threshold, self.min_size_ml, self.median, self.mask, self.export_button, self.status,
+        ])
+        self.analysis = None  # the latest ScanAnalysis
+        self._results_layer = None
+        self._worker = None
+        self._cancel = threading.Event()
+        self._relay = _ProgressRelay()
+        self._relay.changed.connect(self._show_progress)
         self.scan.changed.connect(self._show_scan_info)
+        self.model_file.changed.connect(self._show_model_info)
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.threshold.changed.connect(self._update_mask)
+        self.min_size_ml.changed.connect(self._update_mask)
         self.export_button.changed.connect(self._ask_and_export)
         self._show_scan_info()
+        self._show_model_info()
 
     def reset_choices(self, *_):  # napari calls this when layers are added or removed
         super().reset_choices()
         self._show_scan_info()
+
+    # ------------------------------------------------------------------ what the inputs are
 
     def _show_scan_info(self, *_):
         layer = self.scan.value
@@ -49,6 +106,172 @@ class BrainUADWidget(Container):
             f"{Path(geometry.source).name}\nstored {''.join(geometry.axcodes)}, "
             f"{shape} voxels of {spacing} mm{oblique}"
         )
+
+    def _model_path(self) -> Path | None:
+        value = self.model_file.value
+        path = Path(value) if value else None
+        return path if path is not None and str(path) not in ("", ".") and path.is_file() else None
+
+    def _show_model_info(self, *_):
+        from .checkpoint import CheckpointError, read_metadata
+
+        path = self._model_path()
+        if path is None:
+            self.model_info.value = "Choose a model checkpoint (.safetensors)."
+            return
+        try:
+            metadata = read_metadata(path)
+        except CheckpointError as error:
+            self.model_info.value = f"Not usable: {error}"
+            return
+        space = metadata.get("model_space", {})
+        data = metadata.get("training_data", {})
+        self.model_info.value = (
+            f"{metadata['kind']}, {space.get('modality', '?')}, {space.get('spacing_mm', '?')} mm, "
+            f"{' × '.join(str(n) for n in space.get('in_plane', []))}\n"
+            f"trained on: {data.get('description') or 'not described'}"
+        )
+
+    # ------------------------------------------------------------------ running
+
+    def _inputs(self):
+        """The scan (and brain mask) on the source grid, and the model; errors say what is missing."""
+        layer = self.scan.value
+        if layer is None:
+            raise ValueError("open a scan first (File > Open, or File > Open Sample)")
+        geometry = layer.metadata.get("nifti")
+        if geometry is None or layer.data.ndim != 3:
+            raise ValueError(f"{layer.name}: a 3D scan opened from NIfTI is needed (its geometry is unknown)")
+        scan = NiftiVolume(data=np.asarray(geometry.to_source(np.asarray(layer.data)), dtype=np.float32),
+                           geometry=geometry)
+        brain = None
+        if self.brain_mask.value is not None:
+            brain = geometry.to_source(np.asarray(self.brain_mask.value.data)) > 0
+        path = self._model_path()
+        if path is None:
+            raise ValueError("choose a model checkpoint first")
+        return layer, scan, brain, path
+
+    def _settings(self):
+        from .analysis import AnalysisSettings
+
+        levels = None if self.noise_levels.value == "model's t_test" else (250, 500, 750)
+        return AnalysisSettings(scorer=self.scorer.value, samples=self.samples.value, noise_levels=levels,
+                                device=self.device.value, median=self.median.value)
+
+    def run(self, *_):
+        """Start the analysis in a worker thread; the viewer stays responsive."""
+        from napari.qt.threading import create_worker
+
+        from .analysis import analyse_scan
+        from .models import load_model
+        from .reconstruct import Cancelled
+
+        try:
+            layer, scan, brain, path = self._inputs()
+            settings = self._settings()
+        except Exception as error:
+            self._fail(str(error))
+            return
+        self._cancel.clear()
+        relay = self._relay
+
+        def work():
+            # Expected failures (bad scan, unusable model) come back as a message for the
+            # status line; anything else is a bug and reaches napari's error handling.
+            try:
+                model, metadata = load_model(path)
+                analysis = analyse_scan(scan, model, brain_mask=brain, settings=settings,
+                                        progress=lambda fraction, stage: relay.changed.emit(fraction, stage),
+                                        cancelled=self._cancel.is_set)
+            except Cancelled:
+                return ("cancelled",)  # a user's choice, not an error
+            except ValueError as error:  # ScanError and CheckpointError are ValueErrors
+                return ("failed", str(error))
+            return ("done", analysis, metadata)
+
+        self._worker = create_worker(work, _progress={"desc": "Brain UAD"})
+        self._worker.returned.connect(lambda outcome: self._outcome(layer, outcome))
+        self._worker.errored.connect(self._worker_failed)
+        self._worker.finished.connect(self._finished)
+        self.run_button.enabled, self.cancel_button.enabled = False, True
+        self.status.value = "Running…"
+        self._worker.start()
+
+    def cancel(self, *_):
+        self._cancel.set()
+        self.status.value = "Cancelling…"
+
+    def _show_progress(self, fraction: float, stage: str):
+        self.progress.value = int(round(1000 * fraction))
+        self.progress.label = stage
+
+    def _outcome(self, scan_layer, outcome):
+        if outcome[0] == "done":
+            self._show_results(scan_layer, *outcome[1:])
+        elif outcome[0] == "cancelled":
+            self.status.value = "Cancelled; nothing was added."
+            self.progress.value = 0
+        else:
+            self._fail(outcome[1])
+
+    def _worker_failed(self, error: Exception):
+        self._fail(str(error))
+
+    def _fail(self, message: str):
+        self.status.value = f"Error: {message}"
+        napari.utils.notifications.show_error(message)
+
+    def _finished(self):
+        self.run_button.enabled, self.cancel_button.enabled = True, False
+        self._worker = None
+
+    # ------------------------------------------------------------------ results
+
+    def _show_results(self, scan_layer, analysis, metadata):
+        geometry = scan_layer.metadata["nifti"]
+        placement = {"scale": scan_layer.scale, "translate": scan_layer.translate,
+                     "metadata": {"nifti": geometry, "model": metadata.get("kind")}}
+        name = scan_layer.name
+        self.analysis = analysis
+        self._replace(f"{name} reconstruction", "image", geometry.to_display(analysis.reconstruction),
+                      colormap="gray", contrast_limits=scan_layer.contrast_limits, visible=False, **placement)
+        low, high = analysis.filtered.score_range()
+        high = high if high > low else low + 1e-6
+        self._replace(f"{name} anomaly map", "image", geometry.to_display(analysis.anomaly_map),
+                      colormap="inferno", blending="additive", opacity=0.6, contrast_limits=(low, high), **placement)
+        if analysis.spread is not None:
+            self._replace(f"{name} spread", "image", geometry.to_display(analysis.spread), colormap="viridis",
+                          blending="additive", visible=False, **placement)
+        with self.threshold.changed.blocked():
+            self.threshold.range = (low, high)
+            self.threshold.step = (high - low) / 1000
+            self.threshold.value = low + 0.5 * (high - low)
+        self.threshold.enabled = True
+        self._results_layer = self._replace(f"{name} anomalies", "labels",
+                                            geometry.to_display(analysis.mask_at(self.threshold.value,
+                                                                                 self.min_size_ml.value)),
+                                            **placement)
+        self.mask.reset_choices()
+        self.mask.value = self._results_layer
+        self.status.value = f"Done: {len(analysis.findings(self.threshold.value, self.min_size_ml.value))} finding(s)."
+
+    def _replace(self, name, kind, data, **kwargs):
+        """Add a result layer, or refresh the one of the same name from an earlier run."""
+        if name in self._viewer.layers:
+            self._viewer.layers.remove(name)
+        add = self._viewer.add_labels if kind == "labels" else self._viewer.add_image
+        return add(data, name=name, **kwargs)
+
+    def _update_mask(self, *_):
+        """Threshold or minimum size moved: re-threshold the cached filtered map, nothing else."""
+        if self.analysis is None or self._results_layer is None or self._results_layer not in self._viewer.layers:
+            return
+        geometry = self._results_layer.metadata["nifti"]
+        self._results_layer.data = geometry.to_display(self.analysis.mask_at(self.threshold.value,
+                                                                             self.min_size_ml.value))
+
+    # ------------------------------------------------------------------ export
 
     def export_mask(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the chosen Labels layer on its scan's original grid, with the scan's affine."""
