@@ -59,6 +59,20 @@ def test_display_is_upright_with_voxel_spacing(shared_data, geometry):
     assert volume.display_data().shape == geometry_.display_shape
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_a_source_voxel_is_found_at_its_display_position(shared_data, geometry):
+    """Clicking a finding (a source voxel) must take the viewer to that voxel on screen."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScanWarning)
+        geometry_ = read_nifti(shared_data / GEOMETRIES[geometry][0]).geometry
+    index = (3, 7, 11)
+    marked = np.zeros(geometry_.shape, dtype=np.uint8)
+    marked[index] = 1
+    display_index = np.argwhere(geometry_.to_display(marked))[0]
+    expected = display_index * np.asarray(geometry_.display_scale) + np.asarray(geometry_.display_translate)
+    np.testing.assert_allclose(geometry_.source_index_to_world(index), expected, atol=1e-6)
+
+
 def test_grids_of_one_subject_overlay_in_world_coordinates(shared_data):
     """Scan and brain mask of another resolution sit on each other in napari's world."""
     volume = read_nifti(shared_data / "mslub/patient26/T1.nii.gz")

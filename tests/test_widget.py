@@ -134,6 +134,24 @@ def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widg
     few = int((labels.data > 0).sum())
     assert many > few  # the mask follows the slider, with no new run
 
+    # Findings: one row per component; clicking a row takes the viewer to it.
+    widget.threshold.value = low + 0.3 * (high - low)
+    widget._update_findings()  # what the timer does once the slider rests
+    rows = widget.findings.data.to_list()
+    assert len(rows) == widget.analysis.labels_at(widget.threshold.value).max()
+    assert rows and rows[0][0] == 1  # largest first
+    widget.go_to_finding(0)
+    centre = widget._finding_rows[0]["centre_voxel"]
+    world = scan.metadata["nifti"].source_index_to_world(centre)
+    np.testing.assert_allclose(viewer.dims.point[:3], world, atol=max(scan.scale))
+
+    written = widget.export_results(tmp_path)
+    assert sorted(p.name for p in written) == ["T1_anomaly_map.nii.gz", "T1_reconstruction.nii.gz"]
+    saved_map = nib.load(tmp_path / "T1_anomaly_map.nii.gz")
+    np.testing.assert_allclose(np.asarray(saved_map.dataobj), widget.analysis.anomaly_map, rtol=1e-6)
+    with pytest.raises(FileExistsError):
+        widget.export_results(tmp_path)  # never over a user's files
+
     out = widget.export_mask(tmp_path / "anomalies.nii.gz")
     saved = nib.load(out)
     np.testing.assert_array_equal(saved.affine, nib.load(shared_data / "mslub/patient26/T1.nii.gz").affine)
@@ -170,3 +188,13 @@ def test_errors_say_what_is_missing(viewer_with_widget, tmp_path, qtbot):
     assert "Not usable" in widget.model_info.value
     run_and_wait(widget, qtbot)
     assert widget.status.value.startswith("Error") and "corrupt.safetensors" in widget.status.value
+
+
+def test_a_model_for_another_contrast_is_flagged(viewer_with_widget, trained_checkpoint):
+    viewer, widget = viewer_with_widget
+    viewer.open_sample("napari-brain-uad", "mslub-patient26")
+    widget.model_file.value = str(trained_checkpoint)  # trained on T1
+    widget.scan.value = viewer.layers["MSLUB FLAIR"]
+    assert "looks like FLAIR but the model was trained on T1" in widget.model_info.value
+    widget.scan.value = viewer.layers["MSLUB T1"]
+    assert "looks like" not in widget.model_info.value

@@ -24,13 +24,29 @@ from magicgui.widgets import (
     ProgressBar,
     PushButton,
     SpinBox,
+    Table,
     create_widget,
 )
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 
 from ._writer import write_layer
 from .io import NiftiVolume, nifti_stem
 from .scoring import SCORERS
+
+
+_FINDING_COLUMNS = ("#", "volume (mL)", "mean score", "max score")
+_MODALITY_WORDS = {"FLAIR": ("flair",), "T1c": ("t1c", "t1ce", "t1post", "t1gd"), "T2": ("t2",), "T1": ("t1",)}
+
+
+def guess_modality(*names: str) -> str | None:
+    """The contrast a file or layer name suggests (``T1``, ``T1c``, ``T2``, ``FLAIR``), or None."""
+    import re
+
+    text = " ".join(names).lower()
+    for modality, words in _MODALITY_WORDS.items():  # T1c before T1: the longer word first
+        if any(re.search(rf"(^|[^a-z0-9]){word}([^a-z0-9]|$)", text) for word in words):
+            return modality
+    return None
 
 
 class _ProgressRelay(QObject):
@@ -60,13 +76,16 @@ class BrainUADWidget(Container):
         self.threshold = FloatSlider(label="Threshold", min=0.0, max=1.0, value=0.5, enabled=False)
         self.min_size_ml = FloatSpinBox(label="Min lesion (mL)", min=0.0, max=100.0, step=0.01, value=0.056)
         self.median = CheckBox(label="Median filter", value=True, enabled=False, tooltip="applied in the analysis")
+        self.findings = Table(label="Findings", value={"data": [], "index": [], "columns": list(_FINDING_COLUMNS)})
         self.mask = create_widget(annotation=napari.layers.Labels, label="Mask")
         self.export_button = PushButton(text="Export mask…")
+        self.export_results_button = PushButton(text="Export map and reconstruction…")
         self.status = Label(value="")
         self.extend([
             self.scan, self.scan_info, self.brain_mask, self.model_file, self.model_info, self.scorer,
             self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button, self.progress,
-            self.threshold, self.min_size_ml, self.median, self.mask, self.export_button, self.status,
+            self.threshold, self.min_size_ml, self.median, self.findings, self.mask, self.export_button,
+            self.export_results_button, self.status,
         ])
         self.analysis = None  # the latest ScanAnalysis
         self._results_layer = None
@@ -81,6 +100,15 @@ class BrainUADWidget(Container):
         self.threshold.changed.connect(self._update_mask)
         self.min_size_ml.changed.connect(self._update_mask)
         self.export_button.changed.connect(self._ask_and_export)
+        self.export_results_button.changed.connect(self._ask_and_export_results)
+        self.findings.native.cellClicked.connect(lambda row, column: self.go_to_finding(row))
+        # The findings table (components, volumes, scores) costs more than the mask itself, so it
+        # follows the slider once it rests for a moment rather than at every step.
+        self._findings_timer = QTimer()
+        self._findings_timer.setSingleShot(True)
+        self._findings_timer.setInterval(250)
+        self._findings_timer.timeout.connect(self._update_findings)
+        self._finding_rows: list[dict] = []
         self._show_scan_info()
         self._show_model_info()
 
@@ -91,6 +119,8 @@ class BrainUADWidget(Container):
     # ------------------------------------------------------------------ what the inputs are
 
     def _show_scan_info(self, *_):
+        if hasattr(self, "model_info"):
+            self._show_model_info()
         layer = self.scan.value
         if layer is None:
             self.scan_info.value = "Open a NIfTI scan (File > Open, or File > Open Sample)."
@@ -130,7 +160,16 @@ class BrainUADWidget(Container):
             f"{metadata['kind']}, {space.get('modality', '?')}, {space.get('spacing_mm', '?')} mm, "
             f"{' × '.join(str(n) for n in space.get('in_plane', []))}\n"
             f"trained on: {data.get('description') or 'not described'}"
-        )
+        ) + self._modality_warning(space.get("modality"))
+
+    def _modality_warning(self, model_modality: str | None) -> str:
+        """A warning line when the scan's name suggests another contrast than the model's."""
+        layer = self.scan.value
+        guess = guess_modality(layer.name if layer is not None else "",
+                               layer.metadata.get("nifti").source if layer is not None and "nifti" in layer.metadata else "")
+        if model_modality and guess and guess.upper() != model_modality.upper():
+            return f"\n⚠ the scan looks like {guess} but the model was trained on {model_modality}"
+        return ""
 
     # ------------------------------------------------------------------ running
 
@@ -254,7 +293,8 @@ class BrainUADWidget(Container):
                                             **placement)
         self.mask.reset_choices()
         self.mask.value = self._results_layer
-        self.status.value = f"Done: {len(analysis.findings(self.threshold.value, self.min_size_ml.value))} finding(s)."
+        self._update_findings()
+        self.status.value = f"Done: {len(self._finding_rows)} finding(s)."
 
     def _replace(self, name, kind, data, **kwargs):
         """Add a result layer, or refresh the one of the same name from an earlier run."""
@@ -270,6 +310,24 @@ class BrainUADWidget(Container):
         geometry = self._results_layer.metadata["nifti"]
         self._results_layer.data = geometry.to_display(self.analysis.mask_at(self.threshold.value,
                                                                              self.min_size_ml.value))
+        self._findings_timer.start()
+
+    def _update_findings(self):
+        if self.analysis is None:
+            return
+        self._finding_rows = self.analysis.findings(self.threshold.value, self.min_size_ml.value)
+        rows = [[row["label"], round(row["volume_ml"], 3), round(row["mean_score"], 4), round(row["max_score"], 4)]
+                for row in self._finding_rows]
+        self.findings.value = {"data": rows, "index": [str(row[0]) for row in rows], "columns": list(_FINDING_COLUMNS)}
+
+    def go_to_finding(self, row: int):
+        """Centre the viewer on a finding: its slice in every dimension, and the camera."""
+        if not 0 <= row < len(self._finding_rows) or self.analysis is None:
+            return
+        geometry = self.analysis.scan.geometry
+        world = geometry.source_index_to_world(self._finding_rows[row]["centre_voxel"])
+        self._viewer.dims.point = tuple(world)
+        self._viewer.camera.center = tuple(world)
 
     # ------------------------------------------------------------------ export
 
@@ -282,6 +340,40 @@ class BrainUADWidget(Container):
         written = write_layer(str(path), layer.data, meta, kind="labels", overwrite=overwrite)
         self.status.value = f"Saved {written}"
         return written
+
+    def export_results(self, folder: str | Path, *, overwrite: bool = False) -> list[Path]:
+        """Write the anomaly map and the reconstruction (and the spread) on the scan's own grid."""
+        from .io import save_source_array
+
+        if self.analysis is None:
+            raise ValueError("run the analysis first")
+        folder = Path(folder)
+        stem = nifti_stem(Path(self.analysis.scan.path).name)
+        written = []
+        for suffix, array in (("anomaly_map", self.analysis.anomaly_map),
+                              ("reconstruction", self.analysis.reconstruction),
+                              ("spread", self.analysis.spread)):
+            if array is not None:
+                written.append(save_source_array(array, self.analysis.scan.geometry,
+                                                 folder / f"{stem}_{suffix}.nii.gz", kind="image",
+                                                 overwrite=overwrite))
+        self.status.value = f"Saved {len(written)} files to {folder}"
+        return written
+
+    def _ask_and_export_results(self, *_):
+        from qtpy.QtWidgets import QFileDialog
+
+        if self.analysis is None:
+            self.status.value = "Run the analysis first."
+            return
+        folder = QFileDialog.getExistingDirectory(self.native, "Export map and reconstruction to…")
+        if not folder:
+            return
+        try:
+            self.export_results(folder)
+        except Exception as error:  # e.g. files already there: never replaced silently
+            self.status.value = f"Not saved: {error}"
+            napari.utils.notifications.show_error(str(error))
 
     def _ask_and_export(self, *_):
         from qtpy.QtWidgets import QFileDialog

@@ -160,6 +160,12 @@ class NiftiGeometry:
                 f"scan's {grid} grid of shape {tuple(expected)}"
             )
 
+    def source_index_to_world(self, index) -> np.ndarray:
+        """napari world coordinates (display axes, mm) of a (fractional) source voxel index."""
+        source = np.append(np.asarray(index, dtype=float), 1.0)
+        display_index = np.linalg.solve(self.display_affine, self.affine @ source)[:3]
+        return display_index * np.asarray(self.display_scale) + np.asarray(self.display_translate)
+
     def layer_kwargs(self) -> dict:
         """napari layer keyword arguments placing the display array in the world."""
         return {
