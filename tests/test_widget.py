@@ -152,6 +152,22 @@ def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widg
     with pytest.raises(FileExistsError):
         widget.export_results(tmp_path)  # never over a user's files
 
+    # Evaluate: the anomalies mask against itself scores Dice 1 at the slider's threshold (same
+    # grid, same threshold); against the expert lesion mask the numbers are valid fractions.
+    from napari_brain_uad._evaluate_widget import EvaluateWidget
+
+    evaluate = EvaluateWidget(viewer)
+    evaluate.reset_choices()
+    evaluate.anomaly_map.value = viewer.layers["MSLUB T1 anomaly map"]
+    assert evaluate.threshold.value == pytest.approx(widget.threshold.value)
+    evaluate.truth.value = labels
+    assert evaluate.evaluate()["dice"] == pytest.approx(1.0)
+    evaluate.truth.value = viewer.layers["MSLUB lesion mask"]
+    evaluate._evaluate_and_show()
+    scores = evaluate.scores
+    assert 0 <= scores["dice"] <= scores["best_dice"] <= 1 and 0 < scores["auprc"] <= 1
+    assert "AUPRC" in evaluate.results.value
+
     out = widget.export_mask(tmp_path / "anomalies.nii.gz")
     saved = nib.load(out)
     np.testing.assert_array_equal(saved.affine, nib.load(shared_data / "mslub/patient26/T1.nii.gz").affine)

@@ -89,6 +89,7 @@ class BrainUADWidget(Container):
         ])
         self.analysis = None  # the latest ScanAnalysis
         self._results_layer = None
+        self._map_layer = None
         self._worker = None
         self._cancel = threading.Event()
         self._relay = _ProgressRelay()
@@ -277,8 +278,11 @@ class BrainUADWidget(Container):
                       colormap="gray", contrast_limits=scan_layer.contrast_limits, visible=False, **placement)
         low, high = analysis.filtered.score_range()
         high = high if high > low else low + 1e-6
-        self._replace(f"{name} anomaly map", "image", geometry.to_display(analysis.anomaly_map),
-                      colormap="inferno", blending="additive", opacity=0.6, contrast_limits=(low, high), **placement)
+        self._map_layer = self._replace(
+            f"{name} anomaly map", "image", geometry.to_display(analysis.anomaly_map), colormap="inferno",
+            blending="additive", opacity=0.6, contrast_limits=(low, high),
+            **{**placement, "metadata": {**placement["metadata"], "analysis": analysis}},
+        )
         if analysis.spread is not None:
             self._replace(f"{name} spread", "image", geometry.to_display(analysis.spread), colormap="viridis",
                           blending="additive", visible=False, **placement)
@@ -287,6 +291,7 @@ class BrainUADWidget(Container):
             self.threshold.step = (high - low) / 1000
             self.threshold.value = low + 0.5 * (high - low)
         self.threshold.enabled = True
+        self._map_layer.metadata["threshold"] = self.threshold.value
         self._results_layer = self._replace(f"{name} anomalies", "labels",
                                             geometry.to_display(analysis.mask_at(self.threshold.value,
                                                                                  self.min_size_ml.value)),
@@ -310,6 +315,8 @@ class BrainUADWidget(Container):
         geometry = self._results_layer.metadata["nifti"]
         self._results_layer.data = geometry.to_display(self.analysis.mask_at(self.threshold.value,
                                                                              self.min_size_ml.value))
+        if self._map_layer is not None:
+            self._map_layer.metadata["threshold"] = self.threshold.value  # for the Evaluate widget
         self._findings_timer.start()
 
     def _update_findings(self):
