@@ -75,7 +75,7 @@ class BrainUADWidget(Container):
         self.progress = ProgressBar(label="Progress", min=0, max=1000, value=0)
         self.threshold = FloatSlider(label="Threshold", min=0.0, max=1.0, value=0.5, enabled=False)
         self.min_size_ml = FloatSpinBox(label="Min lesion (mL)", min=0.0, max=100.0, step=0.01, value=0.056)
-        self.median = CheckBox(label="Median filter", value=True, enabled=False, tooltip="applied in the analysis")
+        self.median = CheckBox(label="Median filter", value=True, tooltip="5×5×5 median of the map; applies at the next Run")
         self.findings = Table(label="Findings", value={"data": [], "index": [], "columns": list(_FINDING_COLUMNS)})
         self.mask = create_widget(annotation=napari.layers.Labels, label="Mask")
         self.export_button = PushButton(text="Export mask…")
