@@ -17,6 +17,7 @@ CORE_MODULES = [
     "napari_brain_uad.reconstruct",
     "napari_brain_uad.noise",
     "napari_brain_uad.analysis",
+    "napari_brain_uad.cli",
 ]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from .io import NiftiVolume
 from .models import ReconstructionModel
 from .postprocess import MIN_COMPONENT_VOXELS, FilteredMap, prepare
-from .preprocess import ModelSpaceVolume, to_model_space
+from .preprocess import ModelSpaceVolume, background_value, to_model_space
 from .reconstruct import Cancelled, reconstruct_volume
 from .scoring import SCORERS, ensemble_mean, score
 
@@ -152,7 +152,10 @@ def analyse_scan(
         mask_data = brain_mask.data if isinstance(brain_mask, NiftiVolume) else np.asarray(brain_mask)
         native_brain = mask_data > 0
     else:
-        native_brain = transform.to_native(volume.brain_mask.astype(np.float32)) >= 0.5
+        # A skull-stripped scan: its brain is what differs from the background, voxel for voxel
+        # (the model-space mask, 2 mm, would spill over the edge on a finer grid).
+        native_brain = (transform.to_native(volume.brain_mask.astype(np.float32)) >= 0.5) & (
+            scan.data != background_value(scan.data))
     region = (transform.to_native(filtered_model.region.astype(np.float32)) >= 0.5) & native_brain
     if not region.any():
         raise ValueError(f"{scan.path}: the eroded brain region vanishes on the scan's grid; is the brain mask right?")

@@ -1,0 +1,131 @@
+"""``brain-uad`` on real scans: outputs on the input's grid, and every bad input refused in one line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_brain_uad.cli import main
+from napari_brain_uad.models import DDPM, DDPMConfig, save_model
+
+from conftest import SHARED_DATA
+
+MSLUB_T1 = SHARED_DATA / "mslub/patient26/T1.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small DDPM checkpoint (random weights whose output depends on the input), with a stored threshold."""
+    torch.manual_seed(0)
+    model = DDPM(DDPMConfig(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=16))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("model") / "small.safetensors"
+    return save_model(path, model, {"thresholds": {"healthy-99": {"value": 0.05}},
+                                    "training_data": {"description": "test weights"}})
+
+
+@pytest.fixture(scope="module")
+def mslub_outputs(checkpoint, tmp_path_factory):
+    if not MSLUB_T1.is_file():
+        pytest.skip(f"real scans not found at {SHARED_DATA}")
+    folder = tmp_path_factory.mktemp("out")
+    code = main(["score", str(MSLUB_T1), "--model", str(checkpoint), "--scorer", "residual", "--quiet",
+                 "--out-map", str(folder / "map.nii.gz"), "--out-recon", str(folder / "recon.nii.gz"),
+                 "--out-mask", str(folder / "mask.nii.gz"), "--threshold", "healthy-99"])
+    assert code == 0
+    return folder
+
+
+def test_every_output_is_on_the_inputs_grid_with_its_affine(mslub_outputs):
+    source = nib.load(MSLUB_T1)
+    for name in ("map", "recon", "mask"):
+        written = nib.load(mslub_outputs / f"{name}.nii.gz")
+        assert written.shape == source.shape
+        np.testing.assert_array_equal(written.affine, source.affine)
+    brain = np.asarray(source.dataobj) != 0
+    score_map = np.asarray(nib.load(mslub_outputs / "map.nii.gz").dataobj)
+    assert not score_map[~brain].any() and score_map[brain].max() > 0  # scores only inside the brain
+    mask = np.asarray(nib.load(mslub_outputs / "mask.nii.gz").dataobj)
+    assert set(np.unique(mask)) <= {0, 1} and not mask[~brain].any()
+
+
+def test_outputs_are_never_replaced_silently(mslub_outputs, checkpoint, capsys):
+    before = (mslub_outputs / "map.nii.gz").read_bytes()
+    code = main(["score", str(MSLUB_T1), "--model", str(checkpoint), "--out-map", str(mslub_outputs / "map.nii.gz")])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert (mslub_outputs / "map.nii.gz").read_bytes() == before
+
+
+def test_models_prints_the_card(checkpoint, capsys):
+    assert main(["models", str(checkpoint)]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["kind"] == "ddpm" and card["thresholds"]["healthy-99"]["value"] == 0.05
+
+
+def write_bytes(path, content):
+    path.write_bytes(content)
+    return path
+
+
+def write_nifti(path, data, affine=np.eye(4)):
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda d: d / "missing.nii.gz", "file not found"),
+        (lambda d: write_bytes(d / "text.nii.gz", gzip.compress(b"not an image")), "text.nii.gz"),
+        (lambda d: write_nifti(d / "flat.nii.gz", np.ones((32, 32), np.float32)), "flat.nii.gz"),
+        (lambda d: write_nifti(d / "zeros.nii.gz", np.zeros((16, 16, 16), np.float32)), "zeros.nii.gz"),
+        (lambda d: write_nifti(d / "nan.nii.gz", np.full((16, 16, 16), np.nan, np.float32)), "nan.nii.gz"),
+    ],
+)
+def test_bad_inputs_give_one_line_and_no_output(make_input, message, checkpoint, tmp_path, capsys):
+    scan = make_input(tmp_path)
+    out = tmp_path / "map.nii.gz"
+    code = main(["score", str(scan), "--model", str(checkpoint), "--out-map", str(out), "--quiet"])
+    error = capsys.readouterr().err
+    assert code == 2, error
+    lines = [line for line in error.splitlines() if line.startswith("brain-uad: error")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in error
+    assert not out.exists() and not list(tmp_path.glob(".map*"))
+
+
+def test_a_brain_mask_of_another_grid_is_refused(checkpoint, tmp_path, capsys):
+    if not MSLUB_T1.is_file():
+        pytest.skip(f"real scans not found at {SHARED_DATA}")
+    other = write_nifti(tmp_path / "mask.nii.gz", np.ones((20, 20, 20), np.uint8))
+    code = main(["score", str(MSLUB_T1), "--model", str(checkpoint), "--brain-mask", str(other),
+                 "--out-map", str(tmp_path / "map.nii.gz"), "--quiet"])
+    assert code == 2 and "grid" in capsys.readouterr().err
+    assert not (tmp_path / "map.nii.gz").exists()
+
+
+def test_usage_errors_are_refused_before_any_work(checkpoint, tmp_path, capsys):
+    assert main(["score", str(MSLUB_T1), "--model", str(checkpoint)]) == 2
+    assert "nothing to write" in capsys.readouterr().err
+    assert main(["score", str(MSLUB_T1), "--model", str(checkpoint), "--out-mask", str(tmp_path / "m.nii.gz")]) == 2
+    assert "needs --threshold" in capsys.readouterr().err
+    assert main(["score", str(MSLUB_T1), "--model", str(checkpoint), "--out-mask", str(tmp_path / "m.nii.gz"),
+                 "--threshold", "nonsense"]) == 2
+    assert "healthy-99" in capsys.readouterr().err
+    assert main(["score", str(MSLUB_T1), "--model", str(tmp_path / "none.safetensors"),
+                 "--out-map", str(tmp_path / "m.nii.gz")]) == 2
+    assert "checkpoint file not found" in capsys.readouterr().err
+
+
+def test_the_installed_command_runs():
+    result = subprocess.run([sys.executable, "-m", "napari_brain_uad.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "score" in result.stdout
