@@ -214,3 +214,24 @@ def test_a_model_for_another_contrast_is_flagged(viewer_with_widget, trained_che
     assert "looks like FLAIR but the model was trained on T1" in widget.model_info.value
     widget.scan.value = viewer.layers["MSLUB T1"]
     assert "looks like" not in widget.model_info.value
+
+
+def test_the_anomaly_overlay_shows_on_screen(make_napari_viewer, trained_checkpoint, qtbot, shared_data):
+    viewer = make_napari_viewer(show=True)  # the canvas renders only in a shown window
+    _, widget = viewer.window.add_plugin_dock_widget("napari-brain-uad")
+    viewer.open_sample("napari-brain-uad", "mslub-patient26")
+    for name in ("MSLUB T2", "MSLUB FLAIR", "MSLUB lesion mask"):
+        viewer.layers[name].visible = False
+    widget.scan.value = viewer.layers["MSLUB T1"]
+    widget.model_file.value = str(trained_checkpoint)
+    widget.scorer.value = "residual"
+    run_and_wait(widget, qtbot)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    viewer.dims.set_point(0, viewer.layers["MSLUB T1"].translate[0] + 90)
+    with_overlay = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    viewer.layers["MSLUB T1 anomaly map"].visible = False
+    viewer.layers["MSLUB T1 anomalies"].visible = False
+    without = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    assert without.std() > 10  # the scan itself is drawn
+    changed = np.abs(with_overlay - without).max(axis=-1) > 30
+    assert changed.mean() > 0.01  # the overlay visibly colours part of the brain
