@@ -44,8 +44,10 @@ class HealthyReference(ReconstructionModel):
     def __init__(self, healthy_model_space: np.ndarray):
         super().__init__(_NoConfig())
         self.healthy = torch.from_numpy(np.moveaxis(healthy_model_space, 2, 0)[:, None].copy())
+        self.calls = 0
 
     def reconstruct(self, slices, t=None, generator=None):
+        self.calls += 1
         distance = (slices[:, None] - self.healthy[None]).abs().flatten(2).mean(-1)  # (B, Z)
         return self.healthy[distance.argmin(dim=1)]
 
@@ -111,6 +113,21 @@ def test_a_higher_threshold_gives_a_smaller_mask_without_rerunning_anything(case
     assert not small_dropped.any()  # every component is smaller than 1,000 L
 
 
+def test_the_median_switch_redoes_only_the_post_processing(case):
+    _, _, lesioned, mask, _, reference = case
+    settings = AnalysisSettings(scorer="residual", device="cpu")
+    with_median = analyse_scan(lesioned, reference, brain_mask=mask, settings=settings)
+    without = analyse_scan(lesioned, reference, brain_mask=mask,
+                           settings=dataclasses.replace(settings, median=False))
+    calls = reference.calls
+    switched = with_median.with_median(False)
+    assert reference.calls == calls  # the model did not run again
+    assert switched.reconstructions is with_median.reconstructions and not switched.filtered.median
+    np.testing.assert_array_equal(switched.filtered.values, without.filtered.values)
+    assert not np.array_equal(switched.filtered.values, with_median.filtered.values)
+    assert switched.with_median(True).filtered.median and with_median.with_median(True) is with_median
+
+
 @pytest.fixture(scope="module")
 def small_ddpm():
     torch.manual_seed(0)
@@ -171,3 +188,10 @@ def test_cancel_stops_the_analysis(small_ddpm, mslub):
 def test_settings_that_cannot_work_are_refused_before_any_work(settings, message):
     with pytest.raises(ValueError, match=message):
         AnalysisSettings(**settings)
+
+
+def test_mahalanobis_with_a_model_whose_samples_never_differ_is_refused_before_any_work(mslub):
+    from napari_brain_uad.models import DAE, DAEConfig
+
+    with pytest.raises(ValueError, match="reconstructs the same way every time"):
+        analyse_scan(mslub, DAE(DAEConfig()), settings=AnalysisSettings(scorer="mhd-diag", samples=10))

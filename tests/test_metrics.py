@@ -241,3 +241,21 @@ def test_bad_inputs_raise_clear_errors():
         auprc_pooled([scores, scores], [truth])
     with pytest.raises(ValueError, match="2 maps but 1 names"):
         case_table([scores, scores], [truth, truth], names=["one"])
+
+
+def test_the_precision_recall_curve_is_sklearns_and_its_area_is_auprc():
+    from sklearn.metrics import precision_recall_curve as sklearn_curve
+
+    from napari_brain_uad.metrics import auprc, precision_recall_curve
+
+    rng = np.random.default_rng(3)
+    truth = rng.random((12, 12, 6)) < 0.1
+    scores = np.round(rng.random(truth.shape) + truth * 0.5, 2)  # ties included
+    curve = precision_recall_curve(scores, truth)
+    precision, recall, thresholds = sklearn_curve(truth.ravel(), scores.ravel())
+    # sklearn lists thresholds ascending and appends the (precision 1, recall 0) end point.
+    np.testing.assert_allclose(curve["thresholds"], thresholds[::-1])
+    np.testing.assert_allclose(curve["precision"], precision[:-1][::-1])
+    np.testing.assert_allclose(curve["recall"], recall[:-1][::-1])
+    area = np.sum(np.diff(curve["recall"], prepend=0.0) * curve["precision"])
+    assert area == pytest.approx(auprc(scores, truth))

@@ -13,7 +13,7 @@ The same scan, model and settings give the same maps whichever door asks (seeded
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -87,6 +87,15 @@ class ScanAnalysis:
         size = self.default_min_size_ml if min_size_ml is None else min_size_ml
         return self.filtered.labels_at(threshold, min_size_ml=size)
 
+    def with_median(self, median: bool) -> "ScanAnalysis":
+        """The same analysis with the median filter switched on or off: post-processing only,
+        from the cached model-space map; the network does not run again."""
+        if median == self.filtered.median:
+            return self
+        filtered = filtered_on_native_grid(self.scan, self.model_space, self.score_model_space, self.brain_mask,
+                                           median=median)
+        return replace(self, filtered=filtered, settings=replace(self.settings, median=median))
+
     def findings(self, threshold: float, min_size_ml: float | None = None) -> list[dict]:
         """One row per finding, largest first: voxels, mL, mean/max score, centre (native voxel)."""
         size = self.default_min_size_ml if min_size_ml is None else min_size_ml
@@ -108,6 +117,12 @@ def analyse_scan(
     non-background voxels are the brain). ``progress(fraction, stage)`` reports from 0 to 1;
     ``cancelled()`` is polled between batches and stages and raises :class:`Cancelled`.
     """
+    if SCORERS[settings.scorer].needs == "samples" and not model.samples_differ:
+        raise ValueError(
+            f"scorer {settings.scorer} compares N different reconstructions, but a {model.kind} model "
+            "reconstructs the same way every time; pick a scorer that needs one reconstruction "
+            "(residual, ssim, ssim-ens) or a diffusion model"
+        )
     report = _Progress(progress)
 
     def check_cancel():
@@ -142,11 +157,6 @@ def analyse_scan(
     check_cancel()
 
     report.start("post-processing")
-    filtered_model = prepare(score_map, volume.brain_mask, median=settings.median,
-                             spacing_mm=(model.spec.spacing_mm,) * 3)
-    check_cancel()
-
-    report.start("native grid")
     transform = volume.transform
     if brain_mask is not None:
         mask_data = brain_mask.data if isinstance(brain_mask, NiftiVolume) else np.asarray(brain_mask)
@@ -156,14 +166,10 @@ def analyse_scan(
         # (the model-space mask, 2 mm, would spill over the edge on a finer grid).
         native_brain = (transform.to_native(volume.brain_mask.astype(np.float32)) >= 0.5) & (
             scan.data != background_value(scan.data))
-    region = (transform.to_native(filtered_model.region.astype(np.float32)) >= 0.5) & native_brain
-    if not region.any():
-        raise ValueError(f"{scan.path}: the eroded brain region vanishes on the scan's grid; is the brain mask right?")
-    spacing = scan.geometry.spacing
-    filtered = FilteredMap(
-        np.where(region, transform.to_native(filtered_model.values), np.float32(0)).astype(np.float32),
-        region, native_brain, tuple(float(s) for s in spacing), filtered_model.median, filtered_model.iterations,
-    )
+    filtered = filtered_on_native_grid(scan, volume, score_map, native_brain, median=settings.median)
+    check_cancel()
+
+    report.start("native grid")
     recon_native = transform.intensity_to_native(transform.to_native(mean_reconstruction)).astype(np.float32)
     reconstruction = np.where(native_brain, recon_native, scan.data).astype(np.float32)
     anomaly_map = np.where(native_brain, transform.to_native(score_map), np.float32(0)).astype(np.float32)
@@ -186,6 +192,23 @@ def analyse_scan(
         spread=spread,
         filtered=filtered,
         model_voxel_ml=float(model.spec.spacing_mm) ** 3 / 1000.0,
+    )
+
+
+def filtered_on_native_grid(
+    scan: NiftiVolume, volume: ModelSpaceVolume, score_map: np.ndarray, native_brain: np.ndarray, *, median: bool
+) -> FilteredMap:
+    """Post-process the model-space map as the papers do (median 5³, eroded brain), then carry it
+    to the scan's grid: thresholds apply there, to the voxels the user exports."""
+    transform = volume.transform
+    filtered_model = prepare(score_map, volume.brain_mask, median=median, spacing_mm=(transform.spacing_mm,) * 3)
+    region = (transform.to_native(filtered_model.region.astype(np.float32)) >= 0.5) & native_brain
+    if not region.any():
+        raise ValueError(f"{scan.path}: the eroded brain region vanishes on the scan's grid; is the brain mask right?")
+    return FilteredMap(
+        np.where(region, transform.to_native(filtered_model.values), np.float32(0)).astype(np.float32),
+        region, native_brain, tuple(float(s) for s in scan.geometry.spacing), filtered_model.median,
+        filtered_model.iterations,
     )
 
 

@@ -148,10 +148,12 @@ def best_dice_pooled(maps: Sequence, truths: Sequence, masks: Sequence | None = 
 # average precision
 
 
-def _average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
+def _operating_points(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and threshold at each distinct score, from the highest down (the rule
+    is score >= threshold there); empty arrays when the truth has no positive voxel."""
     positives = int(np.count_nonzero(truth))
     if positives == 0:
-        return float("nan")
+        return np.empty(0), np.empty(0), np.empty(0)
     order = np.argsort(-scores, kind="stable")
     ranked = scores[order]
     # One operating point per distinct score: tied voxels enter together, as in scikit-learn.
@@ -159,8 +161,23 @@ def _average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
     true_positives = np.cumsum(truth[order], dtype=np.int64)[run_ends]
     precision = true_positives / (run_ends + 1.0)
     recall = true_positives / positives
+    return precision, recall, ranked[run_ends]
+
+
+def _average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
+    precision, recall, _ = _operating_points(scores, truth)
+    if recall.size == 0:
+        return float("nan")
     recall_gain = np.diff(recall, prepend=0.0)
     return float(np.sum(recall_gain * precision))
+
+
+def precision_recall_curve(score_map, truth, mask=None) -> dict[str, np.ndarray]:
+    """The precision-recall curve whose area :func:`auprc` is: ``precision``, ``recall`` and
+    ``thresholds`` (voxels with score >= threshold are called anomalous), one point per
+    distinct score, highest threshold first."""
+    precision, recall, thresholds = _operating_points(*_voxels(score_map, truth, mask))
+    return {"precision": precision, "recall": recall, "thresholds": thresholds}
 
 
 def auprc(score_map, truth, mask=None) -> float:

@@ -49,12 +49,15 @@ class ReconstructionModel(torch.nn.Module):
 
     Subclasses set ``kind`` and ``config_class`` and implement :meth:`training_loss` and
     :meth:`reconstruct`. ``uses_noise_level`` says whether ``t`` means anything to the model
-    (diffusion models) or is ignored (autoencoders).
+    (diffusion models) or is ignored (autoencoders); ``samples_differ`` whether two
+    reconstructions of the same slice differ (fresh noise each time), which the scorers over N
+    samples (Mahalanobis) need.
     """
 
     kind: ClassVar[str]
     config_class: ClassVar[type[ModelConfig]]
     uses_noise_level: ClassVar[bool] = False
+    samples_differ: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__()

@@ -70,6 +70,7 @@ class DDPM(ReconstructionModel):
     kind = "ddpm"
     config_class = DDPMConfig
     uses_noise_level = True
+    samples_differ = True
 
     def __init__(self, config: DDPMConfig = DDPMConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__(config, spec)
