@@ -367,3 +367,47 @@ def test_torchrun_trains_with_two_processes(tmp_path, ixi_folder):
     metadata = read_metadata(tmp_path / "ddp" / "last.safetensors")
     assert metadata["training"]["processes"] == 2 and metadata["training"]["steps_done"] == 2
     load_model(tmp_path / "ddp" / "last.safetensors")
+
+
+# ---------------------------------------------------------------- calibration for shipping
+
+
+def test_calibration_stores_thresholds_as_users_apply_them(tmp_path, ixi_folder, ixi_scans, shared_data):
+    from brain_uad_training.calibrate import main as calibrate_command
+    from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
+    from napari_brain_uad.checkpoint import load_checkpoint
+
+    fit(small_config(tmp_path, ixi_folder, steps=2), show_progress=False)
+    trained = tmp_path / "run" / "best.safetensors"
+    output = tmp_path / "calibrated.safetensors"
+    mslub = shared_data / "mslub/patient26"
+    arguments = ["--model", str(trained), "--output", str(output), "--scorer", "residual",
+                 "--lesion-image", str(mslub / "T1.nii.gz"), "--lesion-mask", str(mslub / "lesionmask.nii.gz"),
+                 "--lesion-name", "mslub", "--limits", "T1 only", "--training-command", "brain-uad-train --config x",
+                 "--quiet"]
+    assert calibrate_command(arguments) == 0
+    metadata = read_metadata(output)
+    healthy, best = metadata["thresholds"]["healthy-99"], metadata["thresholds"]["mslub-dice"]
+    assert healthy["scorer"] == best["scorer"] == metadata["default_scorer"] == "residual"
+    validation = metadata["training_data"]["validation_subjects"]
+    assert healthy["subjects"] == validation and len(validation) == 1
+
+    # On the healthy scan it was calibrated on, through the pipeline users run, about 1 % of the
+    # brain scores above the healthy threshold.
+    model, _ = load_model(output)
+    subject = validation[0].removesuffix("_T1")
+    analysis = analyse_scan(read_nifti(IXI / f"{subject}_T1.nii.gz"), model,
+                            brain_mask=read_nifti(IXI / "brainmask" / f"{subject}_brainmask.nii.gz"),
+                            settings=AnalysisSettings(scorer="residual"))
+    above = float(np.mean(analysis.filtered.scores() > healthy["value"]))
+    assert 0.005 <= above <= 0.011
+    dice = {row["threshold"]: row["mean_dice"] for row in metadata["calibration"]["dice_at_thresholds"]}
+    assert dice["mslub-dice"] >= dice["healthy-99"]  # tuned on MSLUB: at least as good there
+
+    # Same weights; the card has what a user needs and no trainer's paths.
+    original, _ = load_checkpoint(trained)
+    calibrated, _ = load_checkpoint(output)
+    assert all(torch.equal(original[name], calibrated[name]) for name in original)
+    assert metadata["limits"] == ["T1 only"] and metadata["training_command"] == "brain-uad-train --config x"
+    assert metadata["training"]["settings"]["data"] == "scans"
+    assert calibrate_command(arguments) == 2  # never over an existing file
