@@ -6,7 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_brain_uad._widget import BrainUADWidget
+from napari_brain_uad._widget import FILE_CHOICE, NO_PRESET, BrainUADWidget
+from napari_brain_uad.metrics import auprc
+from napari_brain_uad.model_registry import default_model_name
 
 
 @pytest.fixture
@@ -167,6 +169,14 @@ def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widg
     scores = evaluate.scores
     assert 0 <= scores["dice"] <= scores["best_dice"] <= 1 and 0 < scores["auprc"] <= 1
     assert "AUPRC" in evaluate.results.value
+    # The precision-recall curve is drawn, with the slider's operating point on it.
+    curve = evaluate.pr_curve
+    assert curve["recall"].size > 10 and curve["recall"][-1] == pytest.approx(1.0)
+    image = evaluate.curve.grab().toImage()
+    orange = sum(image.pixelColor(x, y).red() > 200 and 120 < image.pixelColor(x, y).green() < 220
+                 and image.pixelColor(x, y).blue() < 100
+                 for x in range(0, image.width(), 2) for y in range(0, image.height(), 2))
+    assert orange > 20
 
     out = widget.export_mask(tmp_path / "anomalies.nii.gz")
     saved = nib.load(out)
@@ -196,6 +206,7 @@ def test_errors_say_what_is_missing(viewer_with_widget, tmp_path, qtbot):
     assert "3D scan opened from NIfTI" in widget.status.value
     viewer.open_sample("napari-brain-uad", "mslub-patient26")
     widget.scan.value = viewer.layers["MSLUB T1"]
+    widget.model_choice.value = FILE_CHOICE
     widget.run()
     assert "choose a model checkpoint" in widget.status.value
     corrupt = tmp_path / "corrupt.safetensors"
@@ -235,3 +246,37 @@ def test_the_anomaly_overlay_shows_on_screen(make_napari_viewer, trained_checkpo
     assert without.std() > 10  # the scan itself is drawn
     changed = np.abs(with_overlay - without).max(axis=-1) > 30
     assert changed.mean() > 0.01  # the overlay visibly colours part of the brain
+
+
+def test_the_bundled_model_runs_by_default_with_its_threshold_and_median_switch(viewer_with_widget, qtbot):
+    viewer, widget = viewer_with_widget
+    assert widget.model_choice.value == default_model_name() and not widget.model_file.visible
+    assert "T1" in widget.model_info.value and "IXI" in widget.model_info.value
+    metadata = widget._model_metadata
+    assert widget.scorer.value == metadata["default_scorer"]
+    assert "healthy-99" in widget.threshold_preset.choices
+
+    viewer.open_sample("napari-brain-uad", "mslub-patient26")
+    widget.scan.value = viewer.layers["MSLUB T1"]
+    run_and_wait(widget, qtbot)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    # The slider starts at the model's healthy-percentile threshold.
+    assert widget.threshold_preset.value == "healthy-99"
+    assert widget.threshold.value == pytest.approx(metadata["thresholds"]["healthy-99"]["value"], abs=1e-6)  # the slider keeps 6 decimals
+    # The overlay points at the expert's lesions: ranking the brain by the filtered map finds
+    # them several times better than chance (their share of the brain).
+    analysis = widget.analysis
+    lesions = viewer.layers["MSLUB T1"].metadata["nifti"].to_source(viewer.layers["MSLUB lesion mask"].data) > 0
+    region = analysis.filtered.region
+    assert auprc(analysis.filtered.values, lesions, region) > 3 * lesions[region].mean()
+
+    # Median off: only the post-processing runs again; the mask and findings follow.
+    before = widget._results_layer.data.copy()
+    widget.median.value = False
+    qtbot.waitUntil(lambda: widget._median_worker is None, timeout=60_000)
+    assert widget.analysis.reconstructions is analysis.reconstructions and not widget.analysis.filtered.median
+    assert "Median filter off" in widget.status.value
+    assert not np.array_equal(widget._results_layer.data, before)
+    widget.threshold_preset.value = NO_PRESET  # a preset is a shortcut; the slider stays where it is
+    widget.threshold_preset.value = "healthy-99"
+    assert widget.threshold.value == pytest.approx(metadata["thresholds"]["healthy-99"]["value"], abs=1e-6)  # the slider keeps 6 decimals

@@ -3,7 +3,8 @@
 Numbers come from the core's ``metrics`` on the same filtered map the main widget thresholds
 (median-filtered, inside the eroded brain), so they are the papers' protocol: Dice at the
 chosen threshold (after removing small components), the best Dice over all thresholds
-([Dice]) and the area under the precision-recall curve (AUPRC).
+([Dice]) and the area under the precision-recall curve (AUPRC), whose curve is drawn with the
+current threshold's operating point on it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,54 @@ from __future__ import annotations
 import napari
 import numpy as np
 from magicgui.widgets import Container, FloatSpinBox, Label, PushButton, create_widget
+from qtpy.QtCore import QPointF
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import QSizePolicy, QWidget
 
-from .metrics import auprc, best_dice, dice
+from .metrics import auprc, best_dice, dice, precision_recall_curve
+
+CURVE_POINTS = 400  # enough for a smooth line on a dock-sized plot
+
+
+class PrecisionRecallPlot(QWidget):
+    """Precision (up) against recall (right), both 0 to 1, with one marked operating point."""
+
+    def __init__(self):
+        super().__init__()
+        self.setMinimumHeight(180)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.recall = np.empty(0)
+        self.precision = np.empty(0)
+        self.point: tuple[float, float] | None = None  # (recall, precision) at the threshold
+
+    def set_curve(self, recall: np.ndarray, precision: np.ndarray, point: tuple[float, float] | None) -> None:
+        if recall.size > CURVE_POINTS:  # thin out evenly along the curve, keeping both ends
+            keep = np.unique(np.linspace(0, recall.size - 1, CURVE_POINTS).round().astype(int))
+            recall, precision = recall[keep], precision[keep]
+        self.recall, self.precision, self.point = recall, precision, point
+        self.update()
+
+    def paintEvent(self, event):
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        margin, width, height = 28, self.width(), self.height()
+        plot_w, plot_h = width - 2 * margin, height - 2 * margin
+
+        def at(recall: float, precision: float) -> QPointF:
+            return QPointF(margin + recall * plot_w, margin + (1.0 - precision) * plot_h)
+
+        painter.setPen(QPen(QColor(160, 160, 160), 1))
+        painter.drawRect(margin, margin, plot_w, plot_h)
+        painter.drawText(margin, height - 8, "recall →")
+        painter.drawText(4, margin - 10, "precision")
+        if self.recall.size:
+            painter.setPen(QPen(QColor(255, 170, 40), 2))
+            painter.drawPolyline(QPolygonF([at(r, p) for r, p in zip(self.recall, self.precision)]))
+        if self.point is not None:
+            painter.setPen(QPen(QColor(90, 200, 255), 2))
+            painter.setBrush(QColor(90, 200, 255))
+            painter.drawEllipse(at(*self.point), 4.0, 4.0)
+        painter.end()
 
 
 class EvaluateWidget(Container):
@@ -24,10 +71,13 @@ class EvaluateWidget(Container):
         self.threshold = FloatSpinBox(label="Threshold", min=-1e9, max=1e9, step=1e-6, value=0.0)
         self.evaluate_button = PushButton(text="Evaluate")
         self.results = Label(value="")
+        self.curve = PrecisionRecallPlot()
         self.extend([self.anomaly_map, self.truth, self.threshold, self.evaluate_button, self.results])
+        self.native.layout().addWidget(self.curve)
         self.anomaly_map.changed.connect(self._take_threshold)
         self.evaluate_button.changed.connect(self._evaluate_and_show)
         self.scores: dict[str, float] = {}
+        self.pr_curve: dict[str, np.ndarray] = {}
         self._take_threshold()
 
     def _take_threshold(self, *_):
@@ -55,12 +105,17 @@ class EvaluateWidget(Container):
             predicted = (values > self.threshold.value) & region
         if not truth[region].any():
             raise ValueError("the ground truth has no voxel inside the evaluated brain region")
+        truth = truth & region
         self.scores = {
-            "dice": dice(predicted, truth & region),
+            "dice": dice(predicted, truth),
             "best_dice": best_dice(values, truth, region),
             "auprc": auprc(values, truth, region),
             "prevalence": float(truth[region].mean()),
+            # The marked point: the voxels the chosen threshold calls anomalous (small findings removed).
+            "precision": float(np.count_nonzero(predicted & truth) / max(np.count_nonzero(predicted), 1)),
+            "recall": float(np.count_nonzero(predicted & truth) / np.count_nonzero(truth)),
         }
+        self.pr_curve = precision_recall_curve(values, truth, region)
         return self.scores
 
     def _evaluate_and_show(self, *_):
@@ -72,5 +127,8 @@ class EvaluateWidget(Container):
         self.results.value = (
             f"Dice at {self.threshold.value:.4g}: {scores['dice']:.3f}\n"
             f"[Dice] (best threshold): {scores['best_dice']:.3f}\n"
-            f"AUPRC: {scores['auprc']:.3f} (chance: {scores['prevalence']:.4f})"
+            f"AUPRC: {scores['auprc']:.3f} (chance: {scores['prevalence']:.4f})\n"
+            f"at the threshold: precision {scores['precision']:.3f}, recall {scores['recall']:.3f}"
         )
+        self.curve.set_curve(self.pr_curve["recall"], self.pr_curve["precision"],
+                             (scores["recall"], scores["precision"]))

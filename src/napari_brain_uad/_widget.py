@@ -31,7 +31,21 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from ._writer import write_layer
 from .io import NiftiVolume, nifti_stem
+from .model_registry import (
+    ModelUnavailable,
+    cache_dir,
+    default_model_name,
+    default_threshold_name,
+    is_bundled,
+    model_names,
+    registry,
+    resolve_model,
+    stored_thresholds,
+)
 from .scoring import SCORERS
+
+FILE_CHOICE = "checkpoint file…"
+NO_PRESET = "—"
 
 
 _FINDING_COLUMNS = ("#", "volume (mL)", "mean score", "max score")
@@ -63,7 +77,8 @@ class BrainUADWidget(Container):
         self.scan_info = Label(value="")
         self.brain_mask = create_widget(annotation=napari.layers.Labels, label="Brain mask",
                                         options={"nullable": True})
-        self.model_file = FileEdit(label="Model", filter="*.safetensors", value="")
+        self.model_choice = ComboBox(label="Model", choices=[*model_names(), FILE_CHOICE], value=default_model_name())
+        self.model_file = FileEdit(label="Checkpoint", filter="*.safetensors", value="", visible=False)
         self.model_info = Label(value="")
         self.scorer = ComboBox(label="Scorer", choices=list(SCORERS), value="ssim-ens")
         self.samples = SpinBox(label="Samples (N)", min=1, max=50, value=1)
@@ -74,28 +89,38 @@ class BrainUADWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", min=0, max=1000, value=0)
         self.threshold = FloatSlider(label="Threshold", min=0.0, max=1.0, value=0.5, enabled=False)
+        self.threshold_preset = ComboBox(label="Preset", choices=[NO_PRESET], value=NO_PRESET,
+                                         tooltip="thresholds calibrated with the model for this scorer")
         self.min_size_ml = FloatSpinBox(label="Min lesion (mL)", min=0.0, max=100.0, step=0.01, value=0.056)
-        self.median = CheckBox(label="Median filter", value=True, tooltip="5×5×5 median of the map; applies at the next Run")
+        self.median = CheckBox(label="Median filter", value=True,
+                               tooltip="5×5×5 median of the map (post-processing only: the model does not run again)")
         self.findings = Table(label="Findings", value={"data": [], "index": [], "columns": list(_FINDING_COLUMNS)})
         self.mask = create_widget(annotation=napari.layers.Labels, label="Mask")
         self.export_button = PushButton(text="Export mask…")
         self.export_results_button = PushButton(text="Export map and reconstruction…")
         self.status = Label(value="")
         self.extend([
-            self.scan, self.scan_info, self.brain_mask, self.model_file, self.model_info, self.scorer,
-            self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button, self.progress,
-            self.threshold, self.min_size_ml, self.median, self.findings, self.mask, self.export_button,
+            self.scan, self.scan_info, self.brain_mask, self.model_choice, self.model_file, self.model_info,
+            self.scorer, self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button,
+            self.progress, self.threshold, self.threshold_preset, self.min_size_ml, self.median, self.findings, self.mask, self.export_button,
             self.export_results_button, self.status,
         ])
         self.analysis = None  # the latest ScanAnalysis
         self._results_layer = None
         self._map_layer = None
         self._worker = None
+        self._median_worker = None
+        self._model_metadata: dict = {}
+        self._resolved: dict[str, Path] = {}  # registry name -> verified local file
         self._cancel = threading.Event()
         self._relay = _ProgressRelay()
         self._relay.changed.connect(self._show_progress)
         self.scan.changed.connect(self._show_scan_info)
-        self.model_file.changed.connect(self._show_model_info)
+        self.model_choice.changed.connect(self._model_changed)
+        self.model_file.changed.connect(self._file_chosen)
+        self.scorer.changed.connect(self._show_presets)
+        self.threshold_preset.changed.connect(self._apply_preset)
+        self.median.changed.connect(self._median_changed)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.threshold.changed.connect(self._update_mask)
@@ -105,17 +130,22 @@ class BrainUADWidget(Container):
         self.findings.native.cellClicked.connect(lambda row, column: self.go_to_finding(row))
         # The findings table (components, volumes, scores) costs more than the mask itself, so it
         # follows the slider once it rests for a moment rather than at every step.
-        self._findings_timer = QTimer()
+        self._findings_timer = QTimer(self.native)  # dies with the widget, never fires after it
         self._findings_timer.setSingleShot(True)
         self._findings_timer.setInterval(250)
         self._findings_timer.timeout.connect(self._update_findings)
         self._finding_rows: list[dict] = []
         self._show_scan_info()
-        self._show_model_info()
+        self._model_changed()
 
     def reset_choices(self, *_):  # napari calls this when layers are added or removed
-        super().reset_choices()
+        preset = self.threshold_preset.value
+        super().reset_choices()  # also puts every ComboBox back to its initial choices
         self._show_scan_info()
+        self._show_presets()
+        if preset in self.threshold_preset.choices:
+            with self.threshold_preset.changed.blocked():
+                self.threshold_preset.value = preset
 
     # ------------------------------------------------------------------ what the inputs are
 
@@ -138,23 +168,67 @@ class BrainUADWidget(Container):
             f"{shape} voxels of {spacing} mm{oblique}"
         )
 
-    def _model_path(self) -> Path | None:
+    def _file_chosen(self, *_):
+        """Choosing a checkpoint file selects it as the model."""
+        if self._chosen_file() is not None and self.model_choice.value != FILE_CHOICE:
+            self.model_choice.value = FILE_CHOICE
+        else:
+            self._model_changed()
+
+    def _chosen_file(self) -> Path | None:
         value = self.model_file.value
         path = Path(value) if value else None
         return path if path is not None and str(path) not in ("", ".") and path.is_file() else None
 
+    def _model_source(self) -> str | Path | None:
+        """What to resolve at Run: a registry name, or the chosen checkpoint file (None: none yet)."""
+        if self.model_choice.value == FILE_CHOICE:
+            return self._chosen_file()
+        return self.model_choice.value
+
+    def _model_path(self) -> Path | None:
+        """The model's local file when it is already here (bundled, cached, or chosen), else None."""
+        source = self._model_source()
+        if source is None or isinstance(source, Path):
+            return source
+        if source not in self._resolved:
+            if not is_bundled(source):
+                cached = cache_dir() / "models" / registry()["models"][source]["filename"]
+                if not cached.is_file():
+                    return None
+            self._resolved[source] = resolve_model(source)  # a damaged bundled file raises
+        return self._resolved[source]
+
+    def _model_changed(self, *_):
+        """A new model: its card, its default scorer, and its calibrated thresholds."""
+        self.model_file.visible = self.model_choice.value == FILE_CHOICE
+        self._show_model_info()
+        default_scorer = self._model_metadata.get("default_scorer")
+        if default_scorer in SCORERS and self.scorer.value != default_scorer:
+            self.scorer.value = default_scorer  # its presets follow
+            if SCORERS[default_scorer].needs == "samples" and self.samples.value < 2:
+                self.samples.value = 10
+        else:
+            self._show_presets()
+
     def _show_model_info(self, *_):
         from .checkpoint import CheckpointError, read_metadata
 
-        path = self._model_path()
-        if path is None:
+        self._model_metadata = {}
+        source = self._model_source()
+        if source is None:
             self.model_info.value = "Choose a model checkpoint (.safetensors)."
             return
         try:
+            path = self._model_path()
+            if path is None:
+                self.model_info.value = f"{source}: downloaded (hash-checked) when you press Run."
+                return
             metadata = read_metadata(path)
-        except CheckpointError as error:
+        except (CheckpointError, ModelUnavailable) as error:
             self.model_info.value = f"Not usable: {error}"
             return
+        self._model_metadata = metadata
         space = metadata.get("model_space", {})
         data = metadata.get("training_data", {})
         self.model_info.value = (
@@ -162,6 +236,23 @@ class BrainUADWidget(Container):
             f"{' × '.join(str(n) for n in space.get('in_plane', []))}\n"
             f"trained on: {data.get('description') or 'not described'}"
         ) + self._modality_warning(space.get("modality"))
+
+    def _show_presets(self, *_):
+        """The model's thresholds that were calibrated for the chosen scorer."""
+        names = list(stored_thresholds(self._model_metadata, self.scorer.value))
+        with self.threshold_preset.changed.blocked():
+            self.threshold_preset.choices = [NO_PRESET, *names]
+            self.threshold_preset.value = NO_PRESET
+
+    def _apply_preset(self, *_):
+        name = self.threshold_preset.value
+        value = stored_thresholds(self._model_metadata, self.scorer.value).get(name)
+        if value is None or not self.threshold.enabled:
+            return
+        low, high = self.threshold.range
+        if not low <= value <= high:
+            self.status.value = f"{name} = {value:.4g} lies outside this map's scores ({low:.4g} to {high:.4g})"
+        self.threshold.value = min(max(value, low), high)
 
     def _modality_warning(self, model_modality: str | None) -> str:
         """A warning line when the scan's name suggests another contrast than the model's."""
@@ -187,10 +278,10 @@ class BrainUADWidget(Container):
         brain = None
         if self.brain_mask.value is not None:
             brain = geometry.to_source(np.asarray(self.brain_mask.value.data)) > 0
-        path = self._model_path()
-        if path is None:
+        source = self._model_source()
+        if source is None:
             raise ValueError("choose a model checkpoint first")
-        return layer, scan, brain, path
+        return layer, scan, brain, source
 
     def _settings(self):
         from .analysis import AnalysisSettings
@@ -208,7 +299,7 @@ class BrainUADWidget(Container):
         from .reconstruct import Cancelled
 
         try:
-            layer, scan, brain, path = self._inputs()
+            layer, scan, brain, source = self._inputs()
             settings = self._settings()
         except Exception as error:
             self._fail(str(error))
@@ -220,7 +311,8 @@ class BrainUADWidget(Container):
             # Expected failures (bad scan, unusable model) come back as a message for the
             # status line; anything else is a bug and reaches napari's error handling.
             try:
-                model, metadata = load_model(path)
+                relay.changed.emit(0.0, "model")
+                model, metadata = load_model(resolve_model(source))
                 analysis = analyse_scan(scan, model, brain_mask=brain, settings=settings,
                                         progress=lambda fraction, stage: relay.changed.emit(fraction, stage),
                                         cancelled=self._cancel.is_set)
@@ -286,10 +378,20 @@ class BrainUADWidget(Container):
         if analysis.spread is not None:
             self._replace(f"{name} spread", "image", geometry.to_display(analysis.spread), colormap="viridis",
                           blending="additive", visible=False, **placement)
+        # The model's healthy-percentile threshold for this scorer when it has one and this run
+        # used the scorer it was calibrated with; else the middle of the map's range.
+        preset = default_threshold_name(metadata, analysis.settings.scorer)
+        start = stored_thresholds(metadata, analysis.settings.scorer).get(preset) if preset else None
+        if start is None or not low <= start <= high:
+            preset, start = None, low + 0.5 * (high - low)
         with self.threshold.changed.blocked():
             self.threshold.range = (low, high)
             self.threshold.step = (high - low) / 1000
-            self.threshold.value = low + 0.5 * (high - low)
+            self.threshold.value = start
+        with self.threshold_preset.changed.blocked():
+            # The presets listed are those of the model and scorer now chosen, which the user
+            # may have changed while the run went on.
+            self.threshold_preset.value = preset if preset in self.threshold_preset.choices else NO_PRESET
         self.threshold.enabled = True
         self._map_layer.metadata["threshold"] = self.threshold.value
         self._results_layer = self._replace(f"{name} anomalies", "labels",
@@ -318,6 +420,33 @@ class BrainUADWidget(Container):
         if self._map_layer is not None:
             self._map_layer.metadata["threshold"] = self.threshold.value  # for the Evaluate widget
         self._findings_timer.start()
+
+    def _median_changed(self, *_):
+        """Median on/off after a run: redo the post-processing in a worker; the model does not run."""
+        from napari.qt.threading import create_worker
+
+        if self.analysis is None or self._median_worker is not None:
+            return
+        analysis, median = self.analysis, self.median.value
+        self.status.value = "Post-processing…"
+        self._median_worker = create_worker(lambda: analysis.with_median(median), _progress={"desc": "Median filter"})
+        self._median_worker.returned.connect(self._refiltered)
+        self._median_worker.errored.connect(self._worker_failed)
+        self._median_worker.finished.connect(self._median_finished)
+        self._median_worker.start()
+
+    def _refiltered(self, analysis):
+        self.analysis = analysis
+        if self._map_layer is not None:
+            self._map_layer.metadata["analysis"] = analysis
+        self._update_mask()
+        self._update_findings()
+        self.status.value = f"Median filter {'on' if analysis.filtered.median else 'off'}: {len(self._finding_rows)} finding(s)."
+
+    def _median_finished(self):
+        self._median_worker = None
+        if self.analysis is not None and self.analysis.filtered.median != self.median.value:
+            self._median_changed()  # toggled again while the worker ran
 
     def _update_findings(self):
         if self.analysis is None:
