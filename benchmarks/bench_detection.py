@@ -63,17 +63,29 @@ def synthetic_lesions(scan, brain: np.ndarray, seed: int) -> tuple[np.ndarray, n
     return data, lesion
 
 
-def cases(ixi_test: int):
+def ixi_subjects(which: str, model_path: str) -> list[str]:
+    """Healthy IXI subjects the model never trained on: the training config's held-out test set,
+    or the run's validation subjects (for choosing a model or a noise level without touching
+    the test set)."""
+    if which == "test":
+        config = tomllib.loads((REPOSITORY / "training/configs/ixi-t1-ddpm-cpu.toml").read_text())
+        return list(config["exclude_subjects"])
+    from napari_brain_uad.checkpoint import read_metadata
+
+    return [name.removesuffix("_T1") for name in read_metadata(model_path)["training_data"]["validation_subjects"]]
+
+
+def cases(ixi_test: int, which: str, model_path: str, mslub: bool = True):
     """(set name, case name, scan, brain mask or None, lesion mask) for every evaluated case."""
-    mslub = DATA / "mslub/patient26"
-    yield "MSLUB T1", "patient26", read_nifti(mslub / "T1.nii.gz"), None, read_nifti(mslub / "lesionmask.nii.gz").data > 0
-    config = tomllib.loads((REPOSITORY / "training/configs/ixi-t1-ddpm-cpu.toml").read_text())
-    for index, subject in enumerate(config["exclude_subjects"][:ixi_test]):
+    if mslub:
+        folder = DATA / "mslub/patient26"
+        yield "MSLUB T1", "patient26", read_nifti(folder / "T1.nii.gz"), None, read_nifti(folder / "lesionmask.nii.gz").data > 0
+    for index, subject in enumerate(ixi_subjects(which, model_path)[:ixi_test]):
         scan = read_nifti(DATA / f"ixi_t1/{subject}_T1.nii.gz")
         mask = read_nifti(DATA / f"ixi_t1/brainmask/{subject}_brainmask.nii.gz")
         data, lesion = synthetic_lesions(scan, mask.data > 0, seed=index)
         scan.data = data
-        yield "IXI + synthetic", subject, scan, mask, lesion
+        yield f"IXI {which} + synthetic", subject, scan, mask, lesion
 
 
 def main() -> None:
@@ -81,6 +93,12 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, help="checkpoint(s) to compare")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--ixi-test", type=int, default=4, help="held-out IXI subjects with synthetic lesions")
+    parser.add_argument("--subjects", choices=("test", "validation"), default="test",
+                        help="held-out test subjects (report) or the first model's validation subjects (choose)")
+    parser.add_argument("--no-mslub", dest="mslub", action="store_false", help="leave out the MSLUB case")
+    parser.add_argument("--noise-levels", type=int, nargs="+", action="append",
+                        help="noise level(s) for models with one (several: averaged); repeat to compare")
+    parser.add_argument("--scorers", nargs="+", default=list(SCORERS_COMPARED), choices=list(SCORERS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -96,23 +114,37 @@ def main() -> None:
         timings.setdefault(stage, []).append(time.perf_counter() - start)
         return result
 
-    for set_name, case_name, scan, mask, lesion in cases(args.ixi_test):
+    for set_name, case_name, scan, mask, lesion in cases(args.ixi_test, args.subjects, args.model[0], args.mslub):
         volume = timed("preprocess", lambda: to_model_space(scan, brain_mask=mask))
         truth = volume.transform.to_model(lesion.astype(np.float32), antialias=False) >= 0.5
         prepared.append((set_name, case_name, volume, truth & volume.brain_mask))
 
     results = []
-    for model_path in args.model:
+    variants = [(path, levels) for path in args.model for levels in (args.noise_levels or [None])]
+    for model_path, levels in variants:
         model, metadata = load_model(model_path)
+        if levels is not None and not model.uses_noise_level:
+            if levels != (args.noise_levels or [None])[0]:
+                continue  # one run is enough for a model without noise
+            levels = None
         label = f"{metadata['kind']} ({Path(model_path).parent.name}/{Path(model_path).name})"
+        if levels is not None:
+            label += f" t={'+'.join(map(str, levels))}"
+        t = None if levels is None else (levels[0] if len(levels) == 1 else list(levels))
+        # Mahalanobis over N reconstructions needs them to differ; an autoencoder's never do.
+        scorers = [name for name in args.scorers if SCORERS[name].needs != "samples" or model.samples_differ]
         per_set: dict[tuple[str, str], dict[str, list]] = {}
         for set_name, case_name, volume, truth in prepared:
             image, brain = volume.image, volume.brain_mask
-            one = timed("reconstruct x1", lambda: reconstruct_volume(model, image, samples=1, seed=0, device=args.device))
-            many = timed(f"reconstruct x{args.samples}",
-                         lambda: reconstruct_volume(model, image, samples=args.samples, seed=1, device=args.device))
+            one = timed(f"{label}: reconstruct x1", lambda: reconstruct_volume(model, image, samples=1, seed=0, t=t,
+                                                                     device=args.device))
+            many = None
+            if any(SCORERS[name].needs == "samples" for name in scorers):
+                many = timed(f"{label}: reconstruct x{args.samples}",
+                             lambda: reconstruct_volume(model, image, samples=args.samples, seed=1, t=t,
+                                                        device=args.device))
             maps = {"intensity": image, "dark": np.where(brain, 1.0 - image, 0.0).astype(np.float32)}
-            for name in SCORERS_COMPARED:
+            for name in scorers:
                 other = many if SCORERS[name].needs == "samples" else one[0]
                 maps[name] = timed(name, lambda: np.asarray(score(name, image, other, brain), dtype=np.float32))
             for name, score_map in maps.items():
@@ -131,7 +163,7 @@ def main() -> None:
                 "cases": len(entry["dice"]),
             })
 
-    print(f"\n| model | set | scorer | [Dice] (mean over cases) | AUPRC (pooled) |\n|---|---|---|---|---|")
+    print("\n| model | set | scorer | [Dice] (mean over cases) | AUPRC (pooled) |\n|---|---|---|---|---|")
     for row in results:
         print(f"| {row['model']} | {row['set']} ({row['cases']}) | {row['scorer']} | "
               f"{row['best_dice_mean']:.3f} | {row['auprc_pooled']:.3f} |")
