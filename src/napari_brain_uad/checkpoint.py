@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .io import plain_file_mode, temporary_beside
+from .io import plain_file_mode, write_atomically
 
 FORMAT_VERSION = 1
 METADATA_KEY = "napari_brain_uad"
@@ -60,16 +60,11 @@ def save_checkpoint(
     # safetensors wants contiguous tensors that do not share memory.
     tensors = {name: value.detach().cpu().contiguous().clone() for name, value in state_dict.items()}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_beside(path, ".tmp")
-    try:
+    def write(temporary: str) -> None:
         save_file(tensors, temporary, metadata={METADATA_KEY: text})
         os.chmod(temporary, plain_file_mode())  # safetensors recreates the file owner-only
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomically(path, write)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -366,11 +366,19 @@ def save_source_array(
     if qform is not None:
         image.set_qform(qform, int(qform_code))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+    return write_atomically(path, lambda temporary: nib.save(image, temporary), suffix=suffix)
+
+
+def write_atomically(path: str | os.PathLike, write, *, suffix: str = ".tmp") -> Path:
+    """Call ``write(temporary)`` on a new file beside ``path``, then rename it onto ``path``: a
+    reader sees the old file or the whole new one, and a failed or interrupted write leaves
+    nothing behind. ``suffix`` is the temporary's (some writers choose the format by it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_beside(path, suffix)
     try:
-        nib.save(image, temporary)
+        write(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
