@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def score_command(arguments) -> int:
     from .io import read_nifti, save_source_array
+    from .models import load_model
 
     outputs = {name: getattr(arguments, f"out_{name}") for name in ("map", "recon", "mask")}
     if not any(outputs.values()):
@@ -111,7 +112,7 @@ def score_command(arguments) -> int:
     with _warnings_as_lines():
         scan = read_nifti(arguments.input)
         brain = read_nifti(arguments.brain_mask, allow_empty=True) if arguments.brain_mask else None
-        analysis = _analyse(scan, brain, model_path, settings, quiet=arguments.quiet)
+        analysis = _analyse(scan, brain, load_model(model_path)[0], settings, quiet=arguments.quiet)
     if outputs["map"]:
         save_source_array(analysis.anomaly_map, scan.geometry, outputs["map"], kind="image", overwrite=arguments.overwrite)
     if outputs["recon"]:
@@ -141,11 +142,9 @@ def _model_and_settings(arguments):
     return model_path, metadata, settings
 
 
-def _analyse(scan, brain, model_path, settings, *, quiet: bool):
+def _analyse(scan, brain, model, settings, *, quiet: bool):
     from .analysis import analyse_scan
-    from .models import load_model
 
-    model, _ = load_model(model_path)
     analysis = analyse_scan(scan, model, brain_mask=brain, settings=settings,
                             progress=None if quiet else _progress_bar())
     if not quiet:
@@ -208,6 +207,7 @@ def evaluate_command(arguments) -> int:
 
     from .io import read_nifti
     from .metrics import auprc_pooled, best_dice_pooled, case_table, dice, mean_row
+    from .models import load_model
 
     images, masks = arguments.images, arguments.masks
     brains = arguments.brain_masks
@@ -224,6 +224,7 @@ def evaluate_command(arguments) -> int:
 
     maps, truths, regions, originals, reconstructions, mask_dice = [], [], [], [], [], []
     with _warnings_as_lines():
+        model, _ = load_model(model_path)
         for index, (image, mask) in enumerate(zip(images, masks)):
             if not arguments.quiet:
                 print(f"case {index + 1}/{len(images)}: {image}", file=sys.stderr)
@@ -233,7 +234,7 @@ def evaluate_command(arguments) -> int:
                                                                        atol=1e-3):
                 raise CommandError(f"{mask}: the lesion mask is not on the grid of {image} (shape or affine differs)")
             brain = read_nifti(brains[index], allow_empty=True) if brains else None
-            analysis = _analyse(scan, brain, model_path, settings, quiet=arguments.quiet)
+            analysis = _analyse(scan, brain, model, settings, quiet=arguments.quiet)
             region = analysis.filtered.region
             maps.append(analysis.filtered.values)
             truths.append((truth.data > 0) & region)
@@ -260,22 +261,14 @@ def evaluate_command(arguments) -> int:
         print("| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |")
     print(f"| pooled | | {pooled['best_dice']:.4f} |" + (" |" if mask_dice else "") + f" {pooled['auprc']:.4f} | |")
     if arguments.json:
-        from .io import temporary_beside
+        from .io import write_atomically
 
         document = {"model": str(model_path), "kind": metadata["kind"], "scorer": settings.scorer,
                     "samples": settings.samples, "threshold": {"name": threshold_name, "value": threshold},
                     "cases": rows, "mean": mean, "pooled": pooled,
                     "note": "metrics on each scan's own grid, inside the eroded brain mask, after the 5x5x5 median"}
-        target = Path(arguments.json)
-        temporary = temporary_beside(target, ".tmp")
-        try:
-            Path(temporary).write_text(json.dumps(document, indent=2, default=float))
-            import os
-
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        text = json.dumps(document, indent=2, default=float)
+        write_atomically(arguments.json, lambda temporary: Path(temporary).write_text(text))
     return 0
 
 
