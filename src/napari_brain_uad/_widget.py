@@ -33,12 +33,10 @@ from ._writer import write_layer
 from .io import NiftiVolume, nifti_stem
 from .model_registry import (
     ModelUnavailable,
-    cache_dir,
     default_model_name,
     default_threshold_name,
-    is_bundled,
+    local_model_file,
     model_names,
-    registry,
     resolve_model,
     stored_thresholds,
 )
@@ -192,11 +190,10 @@ class BrainUADWidget(Container):
         if source is None or isinstance(source, Path):
             return source
         if source not in self._resolved:
-            if not is_bundled(source):
-                cached = cache_dir() / "models" / registry()["models"][source]["filename"]
-                if not cached.is_file():
-                    return None
-            self._resolved[source] = resolve_model(source)  # a damaged bundled file raises
+            local = local_model_file(source)  # a damaged bundled file raises
+            if local is None:
+                return None
+            self._resolved[source] = local
         return self._resolved[source]
 
     def _model_changed(self, *_):

@@ -26,7 +26,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from .sample_data import OFFLINE_VARIABLE, cache_dir, file_sha256
+from .sample_data import OFFLINE_VARIABLE, cache_dir, download, downloads_off, file_sha256
 
 
 class ModelUnavailable(ValueError):
@@ -44,10 +44,6 @@ def model_names() -> list[str]:
 
 def default_model_name() -> str:
     return registry()["default"]
-
-
-def is_bundled(name: str) -> bool:
-    return "file" in registry()["models"].get(name, {})
 
 
 def resolve_model(name_or_path: str | os.PathLike | None = None, *, progressbar: Any = False) -> Path:
@@ -78,21 +74,29 @@ def _fetch(name: str, entry: dict[str, Any], progressbar: Any) -> Path:
                 f"model {name}: {path} is damaged (its SHA256 differs from the registry's); reinstall the package"
             )
         return path
-    cached = cache_dir() / "models" / entry["filename"]
+    cached = _cached_path(entry)
     if cached.is_file() and file_sha256(cached) == entry["sha256"]:
         return cached
-    if os.environ.get(OFFLINE_VARIABLE, "").strip() not in ("", "0"):
+    if downloads_off():
         raise ModelUnavailable(f"model {name} is not in the cache ({cached}) and downloads are off ({OFFLINE_VARIABLE})")
-    import pooch
-
-    if callable(progressbar):
-        progressbar = progressbar()
     try:
-        fetched = pooch.retrieve(entry["url"], known_hash=f"sha256:{entry['sha256']}", fname=cached.name,
-                                 path=cached.parent, downloader=pooch.HTTPDownloader(progressbar=progressbar, timeout=60))
+        return download(entry["url"], cached, entry["sha256"], progressbar)
     except Exception as error:  # network errors and hash mismatches (pooch deletes a bad download)
         raise ModelUnavailable(f"model {name}: download from {entry['url']} failed: {error}") from None
-    return Path(fetched)
+
+
+def _cached_path(entry: dict[str, Any]) -> Path:
+    """Where a downloadable model lives in the user's cache."""
+    return cache_dir() / "models" / entry["filename"]
+
+
+def local_model_file(name: str) -> Path | None:
+    """A registry model's verified local file when no download is needed (bundled, or cached),
+    else None. A damaged bundled file raises :class:`ModelUnavailable`."""
+    entry = registry()["models"][name]
+    if "file" not in entry and not _cached_path(entry).is_file():
+        return None
+    return _fetch(name, entry, progressbar=False)
 
 
 def model_card(path: str | os.PathLike) -> dict[str, Any]:
@@ -127,7 +131,7 @@ def registry_cards() -> list[dict[str, Any]]:
         if "file" in entry:
             card.update(model_card(resolve_model(name)))
         else:
-            cached = cache_dir() / "models" / entry["filename"]
+            cached = _cached_path(entry)
             card["cached"] = cached.is_file()
             if card["cached"]:
                 card.update(model_card(cached))

@@ -105,7 +105,7 @@ def fetch(local_path: str, *, progressbar: Any = True) -> Path:
         return cached
     looked.append(f"{cached} is not in the cache")
 
-    if os.environ.get(OFFLINE_VARIABLE, "").strip() not in ("", "0"):
+    if downloads_off():
         looked.append(f"downloads are off ({OFFLINE_VARIABLE} is set)")
         raise SampleDataUnavailable(_unavailable(local_path, looked))
     try:
@@ -125,36 +125,38 @@ def _unavailable(local_path: str, looked: list[str]) -> str:
     )
 
 
-def _download(local_path: str, entry: dict[str, Any], target: Path, progressbar: Any) -> Path:
+def downloads_off() -> bool:
+    """Whether the user forbade downloads (``NAPARI_BRAIN_UAD_OFFLINE`` set to anything but 0)."""
+    return os.environ.get(OFFLINE_VARIABLE, "").strip() not in ("", "0")
+
+
+def download(url: str, target: Path, sha256: str | None, progressbar: Any) -> Path:
+    """Download ``url`` to ``target`` with pooch, checked against ``sha256`` (None: unchecked);
+    a download whose hash differs raises and is not kept. ``progressbar`` as for :func:`fetch`."""
     import pooch
 
     target.parent.mkdir(parents=True, exist_ok=True)
     if callable(progressbar):
         progressbar = progressbar()
-    downloader = pooch.HTTPDownloader(progressbar=progressbar, timeout=60)
+    fetched = pooch.retrieve(
+        url,
+        known_hash=None if sha256 is None else f"sha256:{sha256}",
+        fname=target.name,
+        path=target.parent,
+        downloader=pooch.HTTPDownloader(progressbar=progressbar, timeout=60),
+    )
+    return Path(fetched)
+
+
+def _download(local_path: str, entry: dict[str, Any], target: Path, progressbar: Any) -> Path:
     if "derived" not in entry:
-        fetched = pooch.retrieve(
-            entry["url"],
-            known_hash=f"sha256:{entry['sha256']}",
-            fname=target.name,
-            path=target.parent,
-            downloader=downloader,
-        )
-        return Path(fetched)
+        return download(entry["url"], target, entry["sha256"], progressbar)
 
     # A brain mask derived from a label map: the download is pinned by the hash of the mask
     # it yields, since the derived file's bytes depend on how it is compressed.
     import nibabel as nib
 
-    labels_path = Path(
-        pooch.retrieve(
-            entry["url"],
-            known_hash=None,
-            fname=target.name + ".labels.nii.gz",
-            path=target.parent,
-            downloader=downloader,
-        )
-    )
+    labels_path = download(entry["url"], target.with_name(target.name + ".labels.nii.gz"), None, progressbar)
     try:
         labels = nib.load(labels_path)
         mask = np.asarray(labels.dataobj) > 0
