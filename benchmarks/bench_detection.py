@@ -120,13 +120,12 @@ def main() -> None:
         prepared.append((set_name, case_name, volume, truth & volume.brain_mask))
 
     results = []
-    variants = [(path, levels) for path in args.model for levels in (args.noise_levels or [None])]
-    for model_path, levels in variants:
+    variants = []  # (path, model, metadata, noise levels): one run per level, one for a model without noise
+    for model_path in args.model:
         model, metadata = load_model(model_path)
-        if levels is not None and not model.uses_noise_level:
-            if levels != (args.noise_levels or [None])[0]:
-                continue  # one run is enough for a model without noise
-            levels = None
+        for levels in (args.noise_levels if args.noise_levels and model.uses_noise_level else [None]):
+            variants.append((model_path, model, metadata, levels))
+    for model_path, model, metadata, levels in variants:
         label = f"{metadata['kind']} ({Path(model_path).parent.name}/{Path(model_path).name})"
         if levels is not None:
             label += f" t={'+'.join(map(str, levels))}"
