@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modality", help="contrast of the training scans, stored in the model (default T1)")
     parser.add_argument("--spacing-mm", type=float, help="model-space voxel size (default 2)")
     parser.add_argument("--in-plane", type=int, nargs=2, metavar=("X", "Y"), help="model-space slice size (default 96 96)")
+    parser.add_argument("--bias-correction", choices=("n4",),
+                        help="remove each scan's bias field with N4 first, as the thesis does (default: none)")
     parser.add_argument("--data-description", help="what the scans are, stored in the model card")
     parser.add_argument("--data-licence", help="the training data's licence, stored in the model card")
     parser.add_argument("--steps", type=int, help="optimizer steps (default 3000)")

@@ -35,6 +35,7 @@ class TrainingConfig:
     modality: str = "T1"
     spacing_mm: float = 2.0
     in_plane: tuple[int, int] = (96, 96)
+    bias_correction: str | None = None  # "n4": N4 on every scan, training and test (the thesis's pipeline)
     data_description: str = ""
     data_licence: str = ""
     steps: int = 3000
@@ -76,7 +77,7 @@ class TrainingConfig:
 
     def model_space_spec(self) -> ModelSpaceSpec:
         return ModelSpaceSpec(spacing_mm=float(self.spacing_mm), in_plane=tuple(int(n) for n in self.in_plane),
-                              modality=self.modality)
+                              modality=self.modality, bias_correction=self.bias_correction)
 
     def augmentation_settings(self) -> AugmentationSettings:
         return AugmentationSettings(**self.augmentation)

@@ -170,14 +170,13 @@ def analyse_scan(
     check_cancel()
 
     report.start("native grid")
-    recon_native = transform.intensity_to_native(transform.to_native(mean_reconstruction)).astype(np.float32)
+    recon_native = transform.to_native(volume.to_scan_intensities(mean_reconstruction))
     reconstruction = np.where(native_brain, recon_native, scan.data).astype(np.float32)
     anomaly_map = np.where(native_brain, transform.to_native(score_map), np.float32(0)).astype(np.float32)
     spread = None
     if len(reconstructions) > 1:
         # Spread in scan intensities, so it reads in the same units as the reconstruction.
-        scale = np.float32(transform.intensity_high - transform.intensity_low)
-        spread_model = reconstructions.std(axis=0) * scale
+        spread_model = volume.to_scan_intensities(reconstructions.std(axis=0), difference=True)
         spread = np.where(native_brain, transform.to_native(spread_model), np.float32(0)).astype(np.float32)
     report.start("done")
     return ScanAnalysis(

@@ -4,7 +4,9 @@
 Model space, as in the papers: canonical RAS orientation, isotropic voxels of ``spacing_mm``
 (2 mm), cropped to the brain and padded to ``in_plane`` (96 x 96) axial slices, intensities
 mapped to [0, 1] by the 1st/99th percentile inside the brain and clipped, 0 outside the brain.
-The model reads axial slices ``volume[:, :, k]`` (axes R, A).
+Models that ask for it (``bias_correction = "n4"``, as the thesis does for every scan) first
+have the scan's bias field removed by N4 (``bias_field``). The model reads axial slices
+``volume[:, :, k]`` (axes R, A).
 
 Every geometric step (reorientation, resampling, crop and pad) is a map between voxel indices,
 so the whole chain is recorded as one affine matrix from model voxels to native voxels plus
@@ -22,10 +24,12 @@ import numpy as np
 from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
 
+from .bias_field import BiasCorrectionSkipped, n4_bias_field
 from .io import NiftiVolume, ScanError, ScanWarning
 
 # An adult brain (with its CSF) is 1.0-2.0 litres; a larger "brain" still has its skull.
 _LARGEST_BRAIN_ML = 2500.0
+BIAS_CORRECTIONS = (None, "n4")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,12 @@ class ModelSpaceSpec:
     percentiles: tuple[float, float] = (1.0, 99.0)
     # The contrast the model was trained on; the widget warns when a scan looks different.
     modality: str = "T1"
+    # "n4": remove the bias field before normalising (bias_field.py); None: leave intensities.
+    bias_correction: str | None = None
+
+    def __post_init__(self):
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise ValueError(f"unknown bias correction {self.bias_correction!r}; known: n4, or none")
 
     def to_dict(self) -> dict:
         return {
@@ -44,6 +54,7 @@ class ModelSpaceSpec:
             "in_plane": list(self.in_plane),
             "percentiles": list(self.percentiles),
             "modality": self.modality,
+            "bias_correction": self.bias_correction,
         }
 
     @classmethod
@@ -53,6 +64,8 @@ class ModelSpaceSpec:
             in_plane=tuple(int(n) for n in values["in_plane"]),
             percentiles=tuple(float(p) for p in values["percentiles"]),
             modality=str(values.get("modality", "T1")),
+            # Models from before the setting existed were trained without correction.
+            bias_correction=values.get("bias_correction"),
         )
 
 
@@ -142,10 +155,22 @@ class ModelSpaceVolume:
     image: np.ndarray  # float32 (X, Y, Z), RAS axes, in [0, 1], 0 outside the brain
     brain_mask: np.ndarray  # bool, same shape
     transform: ModelSpaceTransform
+    bias_field: np.ndarray | None = None  # removed before normalising (median 1 in the brain), or None
 
     def axial_slices(self) -> np.ndarray:
         """(Z, X, Y) stack of the model's input slices."""
         return np.moveaxis(self.image, 2, 0)
+
+    def to_scan_intensities(self, values: np.ndarray, *, difference: bool = False) -> np.ndarray:
+        """Model-space values in [0, 1] (a reconstruction) back in the scan's own intensities, still
+        in model space: the normalisation undone, and the bias field put back. ``difference``:
+        the values are differences or spreads, so only the scale applies, not the offset."""
+        transform = self.transform
+        scan_units = (np.asarray(values) * np.float32(transform.intensity_high - transform.intensity_low)
+                      if difference else transform.intensity_to_native(values))
+        if self.bias_field is not None:
+            scan_units = scan_units * self.bias_field
+        return scan_units.astype(np.float32)
 
 
 def _antialias(native: np.ndarray, transform: ModelSpaceTransform) -> np.ndarray:
@@ -261,6 +286,15 @@ def to_model_space(
     model_mask = geometry_only.to_model(mask, antialias=False) >= 0.5
     model_image = geometry_only.to_model(data, antialias=True)
 
+    bias = None
+    if spec.bias_correction == "n4":
+        try:
+            bias = n4_bias_field(model_image, model_mask)
+        except BiasCorrectionSkipped as reason:
+            warnings.warn(f"{name}: no bias field correction: {reason}", ScanWarning, stacklevel=2)
+        else:
+            model_image = model_image / bias
+
     brain_values = model_image[model_mask]
     intensity_low, intensity_high = (float(v) for v in np.percentile(brain_values, spec.percentiles))
     if intensity_high <= intensity_low:
@@ -270,4 +304,5 @@ def to_model_space(
     )
     normalised = np.clip((model_image - intensity_low) / (intensity_high - intensity_low), 0.0, 1.0)
     normalised[~model_mask] = 0.0
-    return ModelSpaceVolume(image=normalised.astype(np.float32), brain_mask=model_mask, transform=transform)
+    return ModelSpaceVolume(image=normalised.astype(np.float32), brain_mask=model_mask, transform=transform,
+                            bias_field=bias)
