@@ -4,16 +4,22 @@ Run by hand:
     .venv/bin/python benchmarks/bench_detection.py --model runs/ixi-t1-ddpm/best.safetensors \\
         [--model other.safetensors ...] [--samples 10] [--ixi-test 4] [--json results.json]
 
-Cases: the MSLUB patient 26 T1 with its expert lesion mask (real MS lesions, subtle on T1), and
+Cases: the MSLUB patient 26 T1 with its expert lesion mask (real MS lesions, subtle on T1),
 held-out healthy IXI T1 scans (subjects the training config excludes) with synthetic lesions:
 three ellipsoids per scan, 4–9 mm radii, intensity scaled by 0.5 with a soft edge (dark, like
-T1 lesions), placed at random (seeded) inside the brain.
+T1 lesions), placed at random (seeded) inside the brain, and the healthy IXI002 T1 from another
+hospital and scanner (Guy's; the training scans are all Hammersmith's): no lesions, so only
+false alarms can be counted there.
 
 For each model, N reconstructions are made once per case; every scorer is computed from them;
 maps are post-processed as in the papers (median 5³, eroded brain) and evaluated in model
 space at 2 mm: [Dice] (best Dice over all thresholds, per case) and AUPRC (pooled over the
-cases of a set), next to the learning-free baselines "intensity" (x) and "dark" (1 − x). Also
-printed: time per stage and the peak resident memory. Nothing is written unless --json.
+cases of a set), next to the learning-free baselines "intensity" (x) and "dark" (1 − x). For a
+model with a stored healthy-percentile threshold for the scorer (``brain-uad-calibrate``), the
+share of the eroded brain above it ("flagged", mean over cases): on healthy scans of the
+training scanner it should be near 1 %, and a model robust to another scanner keeps it low on
+IXI002 and on the MSLUB brain. Also printed: time per stage and the peak resident memory.
+Nothing is written unless --json.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from scipy import ndimage
 
 from napari_brain_uad.io import read_nifti
 from napari_brain_uad.metrics import auprc_pooled, best_dice
+from napari_brain_uad.model_registry import stored_thresholds
 from napari_brain_uad.models import load_model
 from napari_brain_uad.postprocess import prepare
 from napari_brain_uad.preprocess import to_model_space
@@ -75,8 +82,12 @@ def ixi_subjects(which: str, model_path: str) -> list[str]:
     return [name.removesuffix("_T1") for name in read_metadata(model_path)["training_data"]["validation_subjects"]]
 
 
-def cases(ixi_test: int, which: str, model_path: str, mslub: bool = True):
+def cases(ixi_test: int, which: str, model_path: str, mslub: bool = True, other_scanner: bool = True):
     """(set name, case name, scan, brain mask or None, lesion mask) for every evaluated case."""
+    if other_scanner:
+        scan = read_nifti(DATA / "ixi002/T1.nii.gz")
+        yield "IXI002 T1 healthy, other scanner", "IXI002", scan, read_nifti(DATA / "ixi002/T1_brainmask.nii.gz"), \
+            np.zeros(scan.data.shape, dtype=bool)
     if mslub:
         folder = DATA / "mslub/patient26"
         yield "MSLUB T1", "patient26", read_nifti(folder / "T1.nii.gz"), None, read_nifti(folder / "lesionmask.nii.gz").data > 0
@@ -96,6 +107,8 @@ def main() -> None:
     parser.add_argument("--subjects", choices=("test", "validation"), default="test",
                         help="held-out test subjects (report) or the first model's validation subjects (choose)")
     parser.add_argument("--no-mslub", dest="mslub", action="store_false", help="leave out the MSLUB case")
+    parser.add_argument("--no-other-scanner", dest="other_scanner", action="store_false",
+                        help="leave out the healthy IXI002 scan from another scanner")
     parser.add_argument("--noise-levels", type=int, nargs="+", action="append",
                         help="noise level(s) for models with one (several: averaged); repeat to compare")
     parser.add_argument("--scorers", nargs="+", default=list(SCORERS_COMPARED), choices=list(SCORERS))
@@ -105,7 +118,6 @@ def main() -> None:
     print(f"machine: {platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}; N = {args.samples}")
 
-    prepared = []
     timings: dict[str, list[float]] = {}
 
     def timed(stage, function):
@@ -114,18 +126,26 @@ def main() -> None:
         timings.setdefault(stage, []).append(time.perf_counter() - start)
         return result
 
-    for set_name, case_name, scan, mask, lesion in cases(args.ixi_test, args.subjects, args.model[0], args.mslub):
-        volume = timed("preprocess", lambda: to_model_space(scan, brain_mask=mask))
-        truth = volume.transform.to_model(lesion.astype(np.float32), antialias=False) >= 0.5
-        prepared.append((set_name, case_name, volume, truth & volume.brain_mask))
-
     results = []
     variants = []  # (path, model, metadata, noise levels): one run per level, one for a model without noise
     for model_path in args.model:
         model, metadata = load_model(model_path)
         for levels in (args.noise_levels if args.noise_levels and model.uses_noise_level else [None]):
             variants.append((model_path, model, metadata, levels))
+
+    # Each case in each model space the models ask for (with or without N4), made once.
+    prepared_by_spec: dict = {}
+    for spec in dict.fromkeys(model.spec for _, model, _, _ in variants):
+        stage = "preprocess" + (f" ({spec.bias_correction})" if spec.bias_correction else "")
+        prepared = prepared_by_spec[spec] = []
+        for set_name, case_name, scan, mask, lesion in cases(args.ixi_test, args.subjects, args.model[0], args.mslub,
+                                                             args.other_scanner):
+            volume = timed(stage, lambda: to_model_space(scan, brain_mask=mask, spec=spec))
+            truth = volume.transform.to_model(lesion.astype(np.float32), antialias=False) >= 0.5
+            prepared.append((set_name, case_name, volume, truth & volume.brain_mask))
+
     for model_path, model, metadata, levels in variants:
+        prepared = prepared_by_spec[model.spec]
         label = f"{metadata['kind']} ({Path(model_path).parent.name}/{Path(model_path).name})"
         if levels is not None:
             label += f" t={'+'.join(map(str, levels))}"
@@ -148,24 +168,38 @@ def main() -> None:
                 maps[name] = timed(name, lambda: np.asarray(score(name, image, other, brain), dtype=np.float32))
             for name, score_map in maps.items():
                 filtered = timed("post-process", lambda: prepare(score_map, brain))
-                entry = per_set.setdefault((set_name, name), {"dice": [], "maps": [], "truths": [], "regions": []})
-                entry["dice"].append(best_dice(filtered.values, truth, filtered.region))
-                entry["maps"].append(filtered.values)
-                entry["truths"].append(truth)
-                entry["regions"].append(filtered.region)
+                entry = per_set.setdefault((set_name, name), {"dice": [], "maps": [], "truths": [], "regions": [],
+                                                              "flagged": []})
+                if truth.any():
+                    entry["dice"].append(best_dice(filtered.values, truth, filtered.region))
+                    entry["maps"].append(filtered.values)
+                    entry["truths"].append(truth)
+                    entry["regions"].append(filtered.region)
+                healthy = [value for key, value in stored_thresholds(metadata, name).items() if key.startswith("healthy-")]
+                if healthy:
+                    entry["flagged"].append(float((filtered.values[filtered.region] > healthy[0]).mean()))
             print(f"  {label}: {set_name} {case_name} done", flush=True)
         for (set_name, name), entry in per_set.items():
+            lesions = bool(entry["dice"])
+            if not lesions and not entry["flagged"]:
+                continue  # a healthy set, and no healthy threshold to count false alarms at
             results.append({
                 "model": label, "set": set_name, "scorer": name,
-                "best_dice_mean": float(np.mean(entry["dice"])),
-                "auprc_pooled": float(auprc_pooled(entry["maps"], entry["truths"], entry["regions"])),
-                "cases": len(entry["dice"]),
+                "best_dice_mean": float(np.mean(entry["dice"])) if lesions else None,
+                "auprc_pooled": float(auprc_pooled(entry["maps"], entry["truths"], entry["regions"])) if lesions else None,
+                "flagged_at_healthy_threshold": float(np.mean(entry["flagged"])) if entry["flagged"] else None,
+                "cases": len(entry["dice"]) if lesions else len(entry["flagged"]),
             })
 
-    print("\n| model | set | scorer | [Dice] (mean over cases) | AUPRC (pooled) |\n|---|---|---|---|---|")
+    def cell(value, form):
+        return "–" if value is None else format(value, form)
+
+    print("\n| model | set | scorer | [Dice] (mean over cases) | AUPRC (pooled) | flagged at healthy threshold |"
+          "\n|---|---|---|---|---|---|")
     for row in results:
         print(f"| {row['model']} | {row['set']} ({row['cases']}) | {row['scorer']} | "
-              f"{row['best_dice_mean']:.3f} | {row['auprc_pooled']:.3f} |")
+              f"{cell(row['best_dice_mean'], '.3f')} | {cell(row['auprc_pooled'], '.3f')} | "
+              f"{cell(row['flagged_at_healthy_threshold'], '.1%')} |")
     print("\n| stage | mean time per volume |\n|---|---|")
     for stage, values in timings.items():
         print(f"| {stage} | {np.mean(values):.2f} s |")
