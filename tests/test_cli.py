@@ -163,16 +163,16 @@ def test_the_bundled_model_gives_a_sensible_map_of_the_ms_patient(default_output
     assert score_map.shape == lesions.shape
     # The map points at the expert's lesions: they score higher than the rest of the brain, and
     # ranking the brain's voxels by score finds them far better than chance (the lesions'
-    # share of the brain). Measured with the bundled DAE: 1.44x and 8x.
-    assert score_map[lesions & brain].mean() > 1.3 * score_map[brain & ~lesions].mean()
-    assert auprc(score_map, lesions, brain) > 4 * lesions[brain].mean()
+    # share of the brain). Measured with the bundled N4 DAE: 1.26x and 3.9x.
+    assert score_map[lesions & brain].mean() > 1.15 * score_map[brain & ~lesions].mean()
+    assert auprc(score_map, lesions, brain) > 3 * lesions[brain].mean()
     mask = np.asarray(nib.load(default_outputs / "mask.nii.gz").dataobj) > 0
-    # The default (healthy-percentile) mask flags lesion voxels more often than the rest of the
-    # brain (measured: 24 % of lesion voxels against 13 % of the brain; this scan comes from
-    # another scanner than the model's training data, so the healthy threshold over-flags: the
-    # card says so).
-    assert mask[lesions].mean() > 1.5 * mask[brain & ~lesions].mean()
-    assert 0 < mask.sum() < 0.25 * brain.sum()
+    # The default (healthy-percentile) mask flags lesion voxels far more often than the rest of
+    # the brain, and stays a small share of this brain although the scan comes from another
+    # scanner than the training scans (measured: 10 % of the lesion voxels, 2.0 % of the brain;
+    # 24 % and 13 % before the models removed the bias field).
+    assert mask[lesions].mean() > 3 * mask[brain & ~lesions].mean()
+    assert 0 < mask.sum() < 0.05 * brain.sum()
 
 
 def test_models_lists_the_bundled_default_with_its_card(capsys):

@@ -230,7 +230,8 @@ class BrainUADWidget(Container):
         data = metadata.get("training_data", {})
         self.model_info.value = (
             f"{metadata['kind']}, {space.get('modality', '?')}, {space.get('spacing_mm', '?')} mm, "
-            f"{' × '.join(str(n) for n in space.get('in_plane', []))}\n"
+            f"{' × '.join(str(n) for n in space.get('in_plane', []))}"
+            f"{', N4 bias correction' if space.get('bias_correction') == 'n4' else ''}\n"
             f"trained on: {data.get('description') or 'not described'}"
         ) + self._modality_warning(space.get("modality"))
 
