@@ -27,7 +27,7 @@ def _offline_samples(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("NAPARI_BRAIN_UAD_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip(f"real scans not found at {SHARED_DATA} (set NAPARI_BRAIN_UAD_DATA to ../shared/data)")

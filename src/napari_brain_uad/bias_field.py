@@ -46,9 +46,9 @@ def n4_bias_field(
     brain = np.asarray(brain_mask, dtype=bool)
     if image.shape != brain.shape or image.ndim != 3:
         raise ValueError(f"image {image.shape} and brain mask {brain.shape} must be the same 3D grid")
-    positive = brain & (image > 0)
     if not brain.any():
         raise BiasCorrectionSkipped("the brain mask is empty")
+    positive = brain & (image > 0)
     non_positive = 1.0 - positive.sum() / brain.sum()
     if non_positive > MAX_NON_POSITIVE_FRACTION:
         raise BiasCorrectionSkipped(
