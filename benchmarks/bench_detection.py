@@ -39,7 +39,7 @@ from scipy import ndimage
 
 from napari_brain_uad.io import read_nifti
 from napari_brain_uad.metrics import auprc_pooled, best_dice
-from napari_brain_uad.model_registry import stored_thresholds
+from napari_brain_uad.model_registry import default_threshold_name, stored_thresholds
 from napari_brain_uad.models import load_model
 from napari_brain_uad.postprocess import prepare
 from napari_brain_uad.preprocess import to_model_space
@@ -133,13 +133,14 @@ def main() -> None:
         for levels in (args.noise_levels if args.noise_levels and model.uses_noise_level else [None]):
             variants.append((model_path, model, metadata, levels))
 
-    # Each case in each model space the models ask for (with or without N4), made once.
+    # Each case read (and given its synthetic lesions) once, then brought into each model space
+    # the models ask for (with or without N4) once.
+    case_list = list(cases(args.ixi_test, args.subjects, args.model[0], args.mslub, args.other_scanner))
     prepared_by_spec: dict = {}
     for spec in dict.fromkeys(model.spec for _, model, _, _ in variants):
         stage = "preprocess" + (f" ({spec.bias_correction})" if spec.bias_correction else "")
         prepared = prepared_by_spec[spec] = []
-        for set_name, case_name, scan, mask, lesion in cases(args.ixi_test, args.subjects, args.model[0], args.mslub,
-                                                             args.other_scanner):
+        for set_name, case_name, scan, mask, lesion in case_list:
             volume = timed(stage, lambda: to_model_space(scan, brain_mask=mask, spec=spec))
             truth = volume.transform.to_model(lesion.astype(np.float32), antialias=False) >= 0.5
             prepared.append((set_name, case_name, volume, truth & volume.brain_mask))
@@ -152,6 +153,9 @@ def main() -> None:
         t = None if levels is None else (levels[0] if len(levels) == 1 else list(levels))
         # Mahalanobis over N reconstructions needs them to differ; an autoencoder's never do.
         scorers = [name for name in args.scorers if SCORERS[name].needs != "samples" or model.samples_differ]
+        # The model's healthy-percentile threshold per scorer, where it has one: false alarms are counted at it.
+        healthy_threshold = {name: stored_thresholds(metadata, name)[default_threshold_name(metadata, name)]
+                             for name in scorers if default_threshold_name(metadata, name)}
         per_set: dict[tuple[str, str], dict[str, list]] = {}
         for set_name, case_name, volume, truth in prepared:
             image, brain = volume.image, volume.brain_mask
@@ -175,9 +179,8 @@ def main() -> None:
                     entry["maps"].append(filtered.values)
                     entry["truths"].append(truth)
                     entry["regions"].append(filtered.region)
-                healthy = [value for key, value in stored_thresholds(metadata, name).items() if key.startswith("healthy-")]
-                if healthy:
-                    entry["flagged"].append(float((filtered.values[filtered.region] > healthy[0]).mean()))
+                if name in healthy_threshold:
+                    entry["flagged"].append(float((filtered.values[filtered.region] > healthy_threshold[name]).mean()))
             print(f"  {label}: {set_name} {case_name} done", flush=True)
         for (set_name, name), entry in per_set.items():
             lesions = bool(entry["dice"])
