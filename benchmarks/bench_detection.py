@@ -37,14 +37,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from napari_brain_uad.evaluation import evaluate_filtered, flagged_fraction, pooled
 from napari_brain_uad.io import read_nifti
-from napari_brain_uad.metrics import auprc_pooled, best_dice
-from napari_brain_uad.model_registry import default_threshold_name, stored_thresholds
 from napari_brain_uad.models import load_model
 from napari_brain_uad.postprocess import prepare
 from napari_brain_uad.preprocess import to_model_space
 from napari_brain_uad.reconstruct import reconstruct_volume
 from napari_brain_uad.scoring import SCORERS, score
+from napari_brain_uad.thresholds import default_threshold
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NAPARI_BRAIN_UAD_DATA", REPOSITORY.parent / "shared" / "data"))
@@ -152,46 +152,42 @@ def main() -> None:
             label += f" t={'+'.join(map(str, levels))}"
         t = None if levels is None else (levels[0] if len(levels) == 1 else list(levels))
         # Mahalanobis over N reconstructions needs them to differ; an autoencoder's never do.
-        scorers = [name for name in args.scorers if SCORERS[name].needs != "samples" or model.samples_differ]
+        scorers = [name for name in args.scorers if not SCORERS[name].needs_samples or model.samples_differ]
         # The model's healthy-percentile threshold per scorer, where it has one: false alarms are counted at it.
-        healthy_threshold = {name: stored_thresholds(metadata, name)[default_threshold_name(metadata, name)]
-                             for name in scorers if default_threshold_name(metadata, name)}
+        healthy_threshold = {name: default_threshold(metadata, name).value
+                             for name in scorers if default_threshold(metadata, name)}
         per_set: dict[tuple[str, str], dict[str, list]] = {}
         for set_name, case_name, volume, truth in prepared:
             image, brain = volume.image, volume.brain_mask
             one = timed(f"{label}: reconstruct x1", lambda: reconstruct_volume(model, image, samples=1, seed=0, t=t,
                                                                      device=args.device))
             many = None
-            if any(SCORERS[name].needs == "samples" for name in scorers):
+            if any(SCORERS[name].needs_samples for name in scorers):
                 many = timed(f"{label}: reconstruct x{args.samples}",
                              lambda: reconstruct_volume(model, image, samples=args.samples, seed=1, t=t,
                                                         device=args.device))
             maps = {"intensity": image, "dark": np.where(brain, 1.0 - image, 0.0).astype(np.float32)}
             for name in scorers:
-                other = many if SCORERS[name].needs == "samples" else one[0]
+                other = many if SCORERS[name].needs_samples else one[0]
                 maps[name] = timed(name, lambda: np.asarray(score(name, image, other, brain), dtype=np.float32))
             for name, score_map in maps.items():
                 filtered = timed("post-process", lambda: prepare(score_map, brain))
-                entry = per_set.setdefault((set_name, name), {"dice": [], "maps": [], "truths": [], "regions": [],
-                                                              "flagged": []})
+                entry = per_set.setdefault((set_name, name), {"cases": [], "flagged": []})
                 if truth.any():
-                    entry["dice"].append(best_dice(filtered.values, truth, filtered.region))
-                    entry["maps"].append(filtered.values)
-                    entry["truths"].append(truth)
-                    entry["regions"].append(filtered.region)
+                    entry["cases"].append(evaluate_filtered(filtered, truth, name=case_name))
                 if name in healthy_threshold:
-                    entry["flagged"].append(float((filtered.values[filtered.region] > healthy_threshold[name]).mean()))
+                    entry["flagged"].append(flagged_fraction(filtered, healthy_threshold[name]))
             print(f"  {label}: {set_name} {case_name} done", flush=True)
         for (set_name, name), entry in per_set.items():
-            lesions = bool(entry["dice"])
+            lesions = entry["cases"]
             if not lesions and not entry["flagged"]:
                 continue  # a healthy set, and no healthy threshold to count false alarms at
             results.append({
                 "model": label, "set": set_name, "scorer": name,
-                "best_dice_mean": float(np.mean(entry["dice"])) if lesions else None,
-                "auprc_pooled": float(auprc_pooled(entry["maps"], entry["truths"], entry["regions"])) if lesions else None,
+                "best_dice_mean": float(np.mean([case.best_dice for case in lesions])) if lesions else None,
+                "auprc_pooled": pooled(lesions)["auprc"] if lesions else None,
                 "flagged_at_healthy_threshold": float(np.mean(entry["flagged"])) if entry["flagged"] else None,
-                "cases": len(entry["dice"]) if lesions else len(entry["flagged"]),
+                "cases": len(lesions) if lesions else len(entry["flagged"]),
             })
 
     def cell(value, form):

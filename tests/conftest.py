@@ -71,3 +71,55 @@ def ixi_training_slices():
     slices = torch.from_numpy(np.concatenate(images)[:, None].astype(np.float32))
     brain = torch.from_numpy(np.concatenate(masks)[:, None].astype(bool))
     return slices, brain
+
+
+# ---------------------------------------------------------------- models trained a few steps
+
+
+def seeded(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def train_and_evaluate(model, slices, brain, steps: int) -> tuple[float, float]:
+    """Loss on a fixed draw (seeded timesteps, patches, masks and noise) before and after a few
+    seeded Adam steps."""
+
+    def evaluation_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model.training_loss(slices, brain, generator=seeded(1234)).item()
+
+    import torch
+
+    from napari_brain_uad.models.base import random_integers
+
+    before = evaluation_loss()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = seeded(0)
+    model.train()
+    for step in range(steps):
+        batch = random_integers(0, slices.shape[0], (8,), generator, "cpu")
+        loss = model.training_loss(slices[batch], brain[batch], generator=generator)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return before, evaluation_loss()
+
+
+def best_constant_loss(slices) -> float:
+    """L1 of the best constant prediction (the median): what a net ignoring its input reaches."""
+    return (slices - slices.median()).abs().mean().item()
+
+
+# A cDDPM small enough to train for a few steps in a test. Tests that pre-train only its encoder
+# still build the whole model first: the encoder's initial weights depend on it.
+def _small_cddpm_config():
+    from napari_brain_uad.models import CDDPMConfig
+
+    return CDDPMConfig(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=16, context_dim=32,
+                       encoder_layers=(1, 1, 1, 1), encoder_channels=(8, 16, 16, 32))
+
+
+SMALL_CDDPM = _small_cddpm_config()

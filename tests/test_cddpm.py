@@ -1,5 +1,5 @@
 """cDDPM: FiLM conditioning on a context vector from the input, training on real slices,
-checkpoints, and masked pre-training of the encoder."""
+checkpoints. (The masked pre-training of its encoder is training's: test_pretrain_encoder.py.)"""
 
 from __future__ import annotations
 
@@ -10,22 +10,9 @@ from torch.nn import functional
 
 from napari_brain_uad.checkpoint import CheckpointError, save_checkpoint
 from napari_brain_uad.models import MODEL_KINDS, CDDPM, CDDPMConfig, build_model, load_model, save_model
-from napari_brain_uad.models.cddpm import (
-    FiLMResnetBlock,
-    MaskedEncoderPretrainer,
-    encoder_stride,
-    pretrain_encoder_masked,
-    random_patch_mask,
-)
+from napari_brain_uad.models.cddpm import FiLMResnetBlock
 
-SMALL = CDDPMConfig(
-    channels=(16, 32, 32),
-    norm_num_groups=8,
-    num_head_channels=16,
-    context_dim=32,
-    encoder_layers=(1, 1, 1, 1),
-    encoder_channels=(8, 16, 16, 32),
-)
+from conftest import SMALL_CDDPM as SMALL
 
 
 def randomise_zero_parameters(model: torch.nn.Module) -> None:
@@ -202,35 +189,3 @@ def test_config_round_trips_and_is_registered():
         CDDPMConfig(encoder_block="dense")
     with pytest.raises(ValueError, match="four"):
         CDDPMConfig(encoder_layers=(1, 1, 1))
-
-
-def test_patch_mask_hides_the_asked_fraction_of_patches():
-    mask = random_patch_mask((5, 1, 96, 96), 32, 0.65, torch.Generator().manual_seed(0), "cpu")
-    assert mask.shape == (5, 1, 96, 96)
-    # 9 patches of 32 px; round(0.65 · 9) = 6 masked in every slice.
-    assert mask.sum(dim=(1, 2, 3)).tolist() == [6 * 32 * 32] * 5
-    assert not torch.equal(mask[0], mask[1])
-
-
-def test_masked_pretraining_lowers_its_loss(ixi_training_slices):
-    slices = every_other(ixi_training_slices)[0]
-    torch.manual_seed(0)
-    model = CDDPM(SMALL).eval()
-    pretrainer = MaskedEncoderPretrainer(model.encoder, patch=encoder_stride(model.encoder))
-    assert pretrainer.patch == 32
-
-    def measured():
-        pretrainer.train()  # batch statistics, as in the steps
-        with torch.no_grad():
-            return float(pretrainer.loss(slices, torch.Generator().manual_seed(9)))
-
-    before = measured()
-    model.eval()
-    losses = pretrain_encoder_masked(
-        model, slices, steps=15, batch_size=8, lr=1e-3,
-        generator=torch.Generator().manual_seed(0), pretrainer=pretrainer,
-    )
-    assert not model.encoder.training  # given back in the mode it came in
-    after = measured()
-    assert len(losses) == 15 and all(torch.isfinite(torch.tensor(losses)))
-    assert after < 0.7 * before, (before, after)

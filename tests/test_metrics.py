@@ -14,7 +14,6 @@ from napari_brain_uad.metrics import (
     auprc_pooled,
     best_dice,
     best_dice_pooled,
-    case_table,
     dice,
     dice_at,
     l1_inside_outside,
@@ -190,28 +189,6 @@ def test_l1_inside_and_outside_lesions_hand_computed():
     assert math.isnan(l1_ratio(image, reconstruction, np.zeros(5)))  # no lesion
 
 
-def test_case_table_rows_and_mean():
-    scores = np.array([0.1, 0.4, 0.6, 0.9])
-    sick, healthy = np.array([0, 1, 1, 1]), np.zeros(4)
-    rows, mean = case_table(
-        [scores, scores],
-        [sick, healthy],
-        names=["ms", "healthy"],
-        threshold=0.5,
-        images=[scores, scores],
-        reconstructions=[np.zeros(4), np.zeros(4)],
-    )
-    assert [row["case"] for row in rows] == ["ms", "healthy"]
-    assert rows[0]["best_dice"] == 1.0 and rows[0]["dice"] == pytest.approx(0.8)
-    assert rows[0]["auprc"] == pytest.approx(auprc(scores, sick))
-    assert rows[0]["l1_ratio"] == pytest.approx((0.4 + 0.6 + 0.9) / 3 / 0.1)
-    assert rows[1]["lesion_voxels"] == 0 and math.isnan(rows[1]["auprc"])
-    assert rows[1]["best_dice"] == 1.0 and rows[1]["dice"] == 0.0
-    # NaN values (the healthy AUPRC) are left out of the mean.
-    assert mean["cases"] == 2 and mean["auprc"] == pytest.approx(rows[0]["auprc"])
-    assert mean["dice"] == pytest.approx(0.4) and mean["lesion_voxels"] == 1.5
-
-
 # ----------------------------------------------------------------------------------------------
 # bad inputs
 
@@ -239,8 +216,6 @@ def test_bad_inputs_raise_clear_errors():
         l1_inside_outside(scores, scores[:2], truth)
     with pytest.raises(ValueError, match="counts differ"):
         auprc_pooled([scores, scores], [truth])
-    with pytest.raises(ValueError, match="2 maps but 1 names"):
-        case_table([scores, scores], [truth, truth], names=["one"])
 
 
 def test_the_precision_recall_curve_is_sklearns_and_its_area_is_auprc():

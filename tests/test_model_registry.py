@@ -10,18 +10,17 @@ import threading
 import pytest
 import torch
 
-from napari_brain_uad import model_registry
+from napari_brain_uad import downloads, model_registry
 from napari_brain_uad.checkpoint import read_metadata
+from napari_brain_uad.model_card import card as model_card
+from napari_brain_uad.downloads import file_sha256
 from napari_brain_uad.model_registry import (
     ModelUnavailable,
     default_model_name,
-    default_threshold_name,
-    model_card,
     resolve_model,
-    stored_thresholds,
 )
 from napari_brain_uad.models import DDPM, DDPMConfig, load_model, save_model
-from napari_brain_uad.sample_data import file_sha256
+from napari_brain_uad.thresholds import default_threshold
 
 
 def test_the_default_model_is_bundled_intact_and_loads():
@@ -34,7 +33,7 @@ def test_the_default_model_is_bundled_intact_and_loads():
     card = model_card(path)
     # The card says how it was made, what it is for and how well it does.
     assert card["training_command"] and card["limits"] and card["results"]
-    assert card["default_scorer"] and default_threshold_name(metadata, card["default_scorer"])
+    assert card["default_scorer"] and default_threshold(metadata, card["default_scorer"])
     assert not any(str(value).startswith("/") for value in metadata["training"]["settings"].values())
 
 
@@ -91,7 +90,7 @@ def test_a_download_with_the_wrong_hash_is_refused_and_not_kept(served_checkpoin
                         {"url": url, "sha256": "1" * 64, "filename": "tampered.safetensors"})
     with pytest.raises(ModelUnavailable, match="download .* failed"):
         resolve_model("tampered")
-    assert not (model_registry.cache_dir() / "models" / "tampered.safetensors").exists()
+    assert not (downloads.cache_dir() / "models" / "tampered.safetensors").exists()
 
 
 def test_offline_without_a_cached_copy_says_so(monkeypatch):
@@ -99,15 +98,3 @@ def test_offline_without_a_cached_copy_says_so(monkeypatch):
                         {"url": "http://127.0.0.1:9/x.safetensors", "sha256": "2" * 64, "filename": "x.safetensors"})
     with pytest.raises(ModelUnavailable, match="downloads are off"):
         resolve_model("remote-only")
-
-
-def test_thresholds_belong_to_the_scorer_they_were_calibrated_for():
-    metadata = {"thresholds": {
-        "healthy-99": {"value": 0.3, "scorer": "ssim-ens"},
-        "mslub-dice": {"value": 0.5, "scorer": "ssim-ens"},
-        "old-style": {"value": 0.1},  # no scorer recorded: applies to any
-    }}
-    assert stored_thresholds(metadata, "ssim-ens") == {"healthy-99": 0.3, "mslub-dice": 0.5, "old-style": 0.1}
-    assert stored_thresholds(metadata, "residual") == {"old-style": 0.1}
-    assert default_threshold_name(metadata, "ssim-ens") == "healthy-99"
-    assert default_threshold_name(metadata, "residual") is None

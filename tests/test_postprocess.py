@@ -1,4 +1,4 @@
-"""Post-processing: median, erosion, thresholds, components, findings and threshold choice."""
+"""Post-processing: median, erosion, thresholds, components and findings."""
 
 from __future__ import annotations
 
@@ -7,21 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from scipy.stats import norm
 
 from conftest import SHARED_DATA
-from napari_brain_uad.metrics import best_dice, best_dice_pooled, dice, dice_at
+from napari_brain_uad.metrics import best_dice, dice
 from napari_brain_uad.postprocess import (
     FilteredMap,
     erode_brain_mask,
     erosion_iterations,
     findings_table,
-    greedy_dice_threshold,
-    healthy_percentile_threshold,
     postprocess,
     prepare,
     remove_small_components,
 )
+from napari_brain_uad.thresholds import greedy_dice_threshold
 
 
 def _box_mask(shape=(32, 32, 8), margin=4) -> np.ndarray:
@@ -160,97 +158,6 @@ def test_labels_and_findings_table():
 
 
 # ----------------------------------------------------------------------------------------------
-# threshold choice
-
-
-def _synthetic_cases(seed, count=2, separation=1.5, shape=(24, 24, 8)):
-    rng = np.random.default_rng(seed)
-    maps, labels = [], []
-    for _ in range(count):
-        label = np.zeros(shape, dtype=bool)
-        centre = rng.integers(6, 18, size=2)
-        label[centre[0] - 4 : centre[0] + 4, centre[1] - 4 : centre[1] + 4, 2:6] = True
-        maps.append(rng.normal(size=shape) + separation * label)
-        labels.append(label)
-    return maps, labels
-
-
-def test_greedy_threshold_separates_separable_maps():
-    maps, labels = _synthetic_cases(0, separation=0.0)
-    maps = [np.where(label, 0.6 + 0.4 * np.abs(np.tanh(m)), 0.4 * np.abs(np.tanh(m))) for m, label in zip(maps, labels)]
-    threshold, record = greedy_dice_threshold(maps, labels)
-    highest_healthy = max(m[~label].max() for m, label in zip(maps, labels))
-    lowest_lesion = min(m[label].min() for m, label in zip(maps, labels))
-    assert highest_healthy <= threshold < lowest_lesion and record["dice"] == 1.0
-    assert all(dice_at(m, label, threshold) == 1.0 for m, label in zip(maps, labels))
-
-
-def _quantile_cases(shifts=(1.5, 2.0), shape=(24, 24, 8)):
-    """Maps whose healthy and lesion scores are evenly spaced quantiles of two overlapping
-    normal distributions (placed at random): Dice against the threshold is a smooth curve with
-    one peak, so the exact optimum is the one to find."""
-    rng = np.random.default_rng(0)
-    maps, labels = [], []
-    for shift in shifts:
-        label = np.zeros(shape, dtype=bool)
-        label[6:14, 8:16, 2:6] = True
-        lesion_count = int(label.sum())
-        healthy_count = label.size - lesion_count
-        score_map = np.empty(shape)
-        score_map[~label] = rng.permutation(norm.ppf((np.arange(healthy_count) + 0.5) / healthy_count))
-        score_map[label] = rng.permutation(shift + norm.ppf((np.arange(lesion_count) + 0.5) / lesion_count))
-        maps.append(score_map)
-        labels.append(label)
-    return maps, labels
-
-
-def test_greedy_threshold_finds_the_optimum_of_overlapping_maps():
-    maps, labels = _quantile_cases()
-    threshold, record = greedy_dice_threshold(maps, labels)
-    # Exact optimum of the mean Dice: every distinct score as a threshold, brute force.
-    candidates = np.unique(np.concatenate([m.ravel() for m in maps]))
-    mean_dice = [np.mean([dice(m >= c, label) for m, label in zip(maps, labels)]) for c in candidates]
-    assert record["dice"] == pytest.approx(max(mean_dice), abs=1e-3)
-    assert record["dice"] == pytest.approx(np.mean([dice_at(m, l, threshold) for m, l in zip(maps, labels)]))
-    # Pooled objective against the exact pooled [Dice].
-    pooled_threshold, pooled = greedy_dice_threshold(maps, labels, objective="pooled")
-    exact, exact_threshold = best_dice_pooled(maps, labels, return_threshold=True)
-    assert pooled["dice"] == pytest.approx(exact, abs=1e-3)
-    assert pooled_threshold == pytest.approx(exact_threshold, abs=0.05)
-    json.dumps(record)
-    assert record["method"] == "greedy-dice" and record["threshold"] == threshold
-
-
-def test_greedy_threshold_on_filtered_maps_uses_their_region():
-    maps, labels = _synthetic_cases(3, shape=(48, 48, 10))
-    brain = _box_mask((48, 48, 10), 2)
-    filtered = [prepare(m, brain, median=False) for m in maps]
-    threshold, record = greedy_dice_threshold(filtered, labels, min_size_voxels=7)
-    assert record["min_size_voxels"] == 7 and record["cases"] == 2
-    dices = [dice(f.mask_at(threshold, 7), label & f.region) for f, label in zip(filtered, labels)]
-    assert record["dice"] == pytest.approx(np.mean(dices))
-
-
-@pytest.mark.parametrize("percentile", [95.0, 99.0, 99.9])
-def test_percentile_threshold_spends_the_false_positive_budget(percentile):
-    rng = np.random.default_rng(5)
-    brain = _box_mask((64, 64, 16), 6)
-    healthy = [rng.gamma(2.0, size=brain.shape) * (1 + 0.2 * i) for i in range(3)]
-    threshold, record = healthy_percentile_threshold(healthy, [brain] * 3, percentile=percentile)
-    scores = np.concatenate([h[brain] for h in healthy])
-    above = np.mean(scores > threshold)
-    assert above == pytest.approx(1 - percentile / 100, abs=1e-4)
-    assert record["false_positive_fraction"] == pytest.approx(above)
-    assert record["voxels"] == scores.size and record["percentile"] == percentile
-    json.dumps(record)
-    # On FilteredMaps only the eroded region counts.
-    filtered = [prepare(h, brain) for h in healthy]
-    threshold, record = healthy_percentile_threshold(filtered, percentile=percentile)
-    region_scores = np.concatenate([f.values[f.region] for f in filtered])
-    assert np.mean(region_scores > threshold) == pytest.approx(1 - percentile / 100, abs=1e-3)
-
-
-# ----------------------------------------------------------------------------------------------
 # real data
 
 
@@ -310,13 +217,3 @@ def test_bad_inputs_raise_clear_errors():
         filtered.mask_at(float("nan"))
     with pytest.raises(ValueError, match="spacing"):
         prepare(score_map, brain, spacing_mm=(2.0, 0.0, 2.0))
-    with pytest.raises(ValueError, match="label masks"):
-        greedy_dice_threshold([score_map, score_map], [brain])
-    with pytest.raises(ValueError, match="shape"):
-        greedy_dice_threshold([score_map], [brain[:, :, :2]])
-    with pytest.raises(ValueError, match="NaN"):
-        greedy_dice_threshold([nan_map], [brain])
-    with pytest.raises(ValueError, match="percentile"):
-        healthy_percentile_threshold([score_map], [brain], percentile=101)
-    with pytest.raises(ValueError, match="empty"):
-        healthy_percentile_threshold([score_map], [np.zeros_like(brain)])

@@ -1,11 +1,17 @@
 """The training module (import name ``brain_uad_training``): models fitted on healthy scans.
 
+The folder ``training/`` sits at the top level beside the plugin, as the product asks, but is
+installed as ``brain_uad_training`` so it never shadows another package called ``training``, and
+so the plugin, which never imports it, runs where it is absent.
+
 The data flow of training, one file per step:
 
 - ``config.py``: the run's settings (config file and flags);
 - ``data.py``: healthy scans to model space (the core's ``preprocess``), subject split, slices
   sampled with replacement;
 - ``augment.py``: MONAI blur, bias field, gamma and our ghosting;
+- ``pretrain_encoder.py``: cDDPM's optional masked pre-training of its context encoder,
+  before the loop;
 - ``fit.py``: the loop, validation, best/last checkpoints, resume;
 - ``distributed.py``: torchrun / DistributedDataParallel, and a clean stop on Ctrl-C;
 - ``cli.py``: the ``brain-uad-train`` command.

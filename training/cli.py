@@ -14,11 +14,10 @@ import argparse
 import json
 import sys
 
-from napari_brain_uad.checkpoint import CheckpointError
+from napari_brain_uad.errors import BrainUADError, OutputExists, internal_error_message
 from napari_brain_uad.models import MODEL_KINDS
 
-from .config import ConfigError, TrainingConfig, read_config_file
-from .data import TrainingDataError
+from .config import TrainingConfig, read_config_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,9 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_arguments(arguments)
         result = fit(config, resume=arguments.resume, overwrite=arguments.overwrite, show_progress=not arguments.quiet)
-    except (ConfigError, TrainingDataError, CheckpointError, TypeError) as error:
+    except OutputExists as error:
+        print(f"brain-uad-train: error: {error} (use --overwrite to replace it, or --resume)", file=sys.stderr)
+        return 2
+    except BrainUADError as error:  # bad settings, data or checkpoints: the message says which
         print(f"brain-uad-train: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a bug: traceback to the log, one plain line to the user
+        print(f"brain-uad-train: {internal_error_message(error, 'brain-uad-train')}", file=sys.stderr)
+        return 1
     if not arguments.quiet:
         best = f"; best validation loss {result.best_validation_loss:.5f}" if result.best_validation_loss is not None else ""
         print(f"{result.steps_done} steps; checkpoints in {result.output}{best}", file=sys.stderr)

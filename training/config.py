@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_brain_uad.errors import BrainUADError
 from napari_brain_uad.models import MODEL_KINDS
 from napari_brain_uad.preprocess import ModelSpaceSpec
 
 from .augment import AugmentationSettings
 
 
-class ConfigError(ValueError):
+class ConfigError(BrainUADError, ValueError):
     """A setting is missing or invalid; the message names it."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_brain_uad.errors import BrainUADError
 from napari_brain_uad.io import ScanError, ScanWarning, read_nifti
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
 
@@ -28,7 +29,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MIN_BRAIN_FRACTION = 0.05
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(BrainUADError, ValueError):
     """The training data cannot be used; the message says which file and why."""
 
 

@@ -37,6 +37,7 @@ from . import distributed
 from .augment import SliceAugmenter
 from .config import ConfigError, TrainingConfig
 from .data import ModelSpaceScan, SliceSampler, find_scans, load_model_space, split_subjects, validation_slices
+from .pretrain_encoder import pretrain_encoder_masked
 
 BEST, LAST, STATE, LOG = "best.safetensors", "last.safetensors", "training_state.safetensors", "log.jsonl"
 STATE_KIND = "training-state"
@@ -201,7 +202,6 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
 def _pretrain_encoder(model, sampler, config, processes, show) -> None:
     """cDDPM's optional masked pre-training of its context encoder, on the same training slices
     (every process does the same steps on the same slices, so the encoders stay identical)."""
-    from napari_brain_uad.models.cddpm import pretrain_encoder_masked
 
     def batches():
         for step in range(config.pretrain_encoder_steps):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from ._reader import layer_data
-from .sample_data import fetch, registry, sample_files
+from .sample_registry import fetch, registry, sample_files
 
 
 def _napari_progress(description: str):

@@ -3,8 +3,9 @@
 napari's own Save dialog asks before replacing a file, so these writers replace an existing
 file (atomically: the old file stays intact until the new one is complete).
 
-Refusals are raised as :class:`LayerExportError`, not ``ValueError``: napari turns a writer's
-``ValueError`` into a vague "not a valid writer" warning, and the user must see why.
+Refusals are raised as :class:`LayerExportError`, a :class:`~napari_brain_uad.errors.BrainUADError`
+but not a ``ValueError``: napari turns a writer's ``ValueError`` into a vague "not a valid
+writer" warning, and the user must see why.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import BrainUADError
 from .io import NiftiGeometry, ScanError, is_nifti_path, save_on_source_grid
 
 
-class LayerExportError(RuntimeError):
+class LayerExportError(BrainUADError):
     """A layer cannot be written as NIfTI; the message says why."""
 
 

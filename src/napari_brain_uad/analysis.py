@@ -17,7 +17,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .io import NiftiVolume
+from .errors import SettingsError
+from .io import NiftiVolume, ScanError
+from .model_card import FALLBACK_SCORER, default_scorer
 from .models import ReconstructionModel
 from .postprocess import MIN_COMPONENT_VOXELS, FilteredMap, prepare
 from .preprocess import ModelSpaceVolume, background_value, to_model_space
@@ -33,7 +35,7 @@ class AnalysisSettings:
     """How to analyse a scan. ``noise_levels`` None means the model's ``t_test``; several levels
     average their reconstructions (the thesis's 250/500/750 ensemble)."""
 
-    scorer: str = "ssim-ens"
+    scorer: str = FALLBACK_SCORER
     samples: int = 1
     noise_levels: tuple[int, ...] | None = None
     scorer_parameters: dict = field(default_factory=dict)
@@ -44,17 +46,27 @@ class AnalysisSettings:
 
     def __post_init__(self):
         if self.scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {self.scorer!r}; known: {', '.join(SCORERS)}")
+            raise SettingsError(f"unknown scorer {self.scorer!r}; known: {', '.join(SCORERS)}")
         if self.samples < 1:
-            raise ValueError(f"samples must be at least 1, not {self.samples}")
-        if SCORERS[self.scorer].needs == "samples" and self.samples < 2:
-            raise ValueError(
+            raise SettingsError(f"samples must be at least 1, not {self.samples}")
+        if SCORERS[self.scorer].needs_samples and self.samples < 2:
+            raise SettingsError(
                 f"the {self.scorer} scorer compares the scan with several reconstructions; "
                 "ask for at least 2 samples (the thesis uses 10)"
             )
         unknown = sorted(set(self.scorer_parameters) - set(SCORERS[self.scorer].params))
         if unknown:
-            raise ValueError(f"the {self.scorer} scorer does not take {', '.join(unknown)}")
+            raise SettingsError(f"the {self.scorer} scorer does not take {', '.join(unknown)}")
+
+    @classmethod
+    def for_model(cls, metadata: dict, *, scorer: str | None = None, samples: int | None = None,
+                  **settings) -> "AnalysisSettings":
+        """Settings for a model: what the user chose, and for the rest the model's defaults —
+        the scorer it was calibrated with, and the number of reconstructions that scorer needs."""
+        scorer = scorer or default_scorer(metadata)
+        if scorer not in SCORERS:
+            raise SettingsError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}")
+        return cls(scorer=scorer, samples=samples or SCORERS[scorer].default_samples, **settings)
 
 
 @dataclass(eq=False)
@@ -117,8 +129,8 @@ def analyse_scan(
     non-background voxels are the brain). ``progress(fraction, stage)`` reports from 0 to 1;
     ``cancelled()`` is polled between batches and stages and raises :class:`Cancelled`.
     """
-    if SCORERS[settings.scorer].needs == "samples" and not model.samples_differ:
-        raise ValueError(
+    if SCORERS[settings.scorer].needs_samples and not model.samples_differ:
+        raise SettingsError(
             f"scorer {settings.scorer} compares N different reconstructions, but a {model.kind} model "
             "reconstructs the same way every time; pick a scorer that needs one reconstruction "
             "(residual, ssim, ssim-ens) or a diffusion model"
@@ -148,7 +160,7 @@ def analyse_scan(
     check_cancel()
 
     report.start("scoring")
-    needs_samples = SCORERS[settings.scorer].needs == "samples"
+    needs_samples = SCORERS[settings.scorer].needs_samples
     mean_reconstruction = ensemble_mean(list(reconstructions)) if len(reconstructions) > 1 else reconstructions[0]
     other = reconstructions if needs_samples else mean_reconstruction
     score_map = np.asarray(score(settings.scorer, volume.image, other, volume.brain_mask, **settings.scorer_parameters),
@@ -203,7 +215,7 @@ def filtered_on_native_grid(
     filtered_model = prepare(score_map, volume.brain_mask, median=median, spacing_mm=(transform.spacing_mm,) * 3)
     region = (transform.to_native(filtered_model.region.astype(np.float32)) >= 0.5) & native_brain
     if not region.any():
-        raise ValueError(f"{scan.path}: the eroded brain region vanishes on the scan's grid; is the brain mask right?")
+        raise ScanError(f"{scan.path}: the eroded brain region vanishes on the scan's grid; is the brain mask right?")
     return FilteredMap(
         np.where(region, transform.to_native(filtered_model.values), np.float32(0)).astype(np.float32),
         region, native_brain, tuple(float(s) for s in scan.geometry.spacing), filtered_model.median,

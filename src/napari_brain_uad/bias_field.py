@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import BrainUADError
+
 # N4's own defaults are 4 fitting levels of 50 iterations; ITK's convergence threshold 1e-3.
 N4_SHRINK = 3
 N4_ITERATIONS = (50, 50, 50, 50)
@@ -27,7 +29,7 @@ N4_CONVERGENCE = 1e-3
 MAX_NON_POSITIVE_FRACTION = 0.05
 
 
-class BiasCorrectionSkipped(ValueError):
+class BiasCorrectionSkipped(BrainUADError, ValueError):
     """N4 cannot apply to this scan; the message says why."""
 
 

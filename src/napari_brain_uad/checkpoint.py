@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .errors import BrainUADError, OutputExists
 from .io import plain_file_mode, write_atomically
 
 FORMAT_VERSION = 1
@@ -27,7 +28,7 @@ METADATA_KEY = "napari_brain_uad"
 SUFFIX = ".safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BrainUADError, ValueError):
     """A file cannot be used as a checkpoint; the message names the file and the problem."""
 
 
@@ -49,7 +50,7 @@ def save_checkpoint(
     if path.suffix != SUFFIX:
         raise CheckpointError(f"{path}: a checkpoint's name must end in {SUFFIX}")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists; not overwriting it")
+        raise OutputExists(f"{path}: already exists; not overwriting it")
     if "kind" not in metadata:
         raise CheckpointError(f"{path}: the metadata must name the model 'kind'")
     document = {**metadata, "format_version": FORMAT_VERSION}

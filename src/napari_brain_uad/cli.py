@@ -10,8 +10,11 @@
 Without ``--model`` the bundled default model is used, with the scorer it was calibrated for.
 
 Every output is written on the input's own grid with its affine, to a temporary name renamed
-when complete, and never over an existing file unless ``--overwrite``. Errors end with one line
-on stderr and exit status 2 (1 for an unexpected failure), and leave no output behind.
+when complete, and never over an existing file unless ``--overwrite``. A problem with the
+input or the settings (a ``BrainUADError``) ends with one line on stderr and exit status 2 and
+leaves no output behind; anything else is a bug: its traceback goes to the log (stderr) and the
+exit status is 1. Thresholds and evaluation follow ``thresholds`` and ``evaluation``, as in the
+widget.
 """
 
 from __future__ import annotations
@@ -22,12 +25,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .model_registry import default_threshold_name
+from .errors import BrainUADError, OutputExists, SettingsError, internal_error_message
 from .scoring import SCORERS
-
-
-class CommandError(Exception):
-    """A problem the user can fix; printed as one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,55 +74,53 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    command = {"score": score_command, "evaluate": evaluate_command, "models": models_command}
     try:
-        command = {"score": score_command, "evaluate": evaluate_command, "models": models_command}
         return command[arguments.command](arguments)
-    except CommandError as error:
-        print(f"brain-uad: error: {error}", file=sys.stderr)
-        return 2
-    except ValueError as error:  # ScanError and CheckpointError: bad input files
-        print(f"brain-uad: error: {error}", file=sys.stderr)
-        return 2
-    except FileExistsError as error:
+    except OutputExists as error:
         print(f"brain-uad: error: {error} (use --overwrite to replace it)", file=sys.stderr)
         return 2
+    except BrainUADError as error:  # bad scans, unavailable models, refused checkpoints, bad settings
+        print(f"brain-uad: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a bug: its traceback goes to the log, one plain line to the user
+        print(f"brain-uad: {internal_error_message(error, f'brain-uad {arguments.command}')}", file=sys.stderr)
+        return 1
 
 
 def score_command(arguments) -> int:
-    from .io import read_nifti, save_source_array
-    from .models import load_model
+    from .io import save_source_array
 
     outputs = {name: getattr(arguments, f"out_{name}") for name in ("map", "recon", "mask")}
     if not any(outputs.values()):
-        raise CommandError("nothing to write: give --out-map, --out-recon and/or --out-mask")
+        raise SettingsError("nothing to write: give --out-map, --out-recon and/or --out-mask")
     for path in filter(None, outputs.values()):
         if Path(path).exists() and not arguments.overwrite:
-            raise FileExistsError(f"{path}: already exists; not overwriting it")
+            raise OutputExists(f"{path}: already exists; not overwriting it")
         if not str(path).endswith((".nii.gz", ".nii")):
-            raise CommandError(f"{path}: output names must end in .nii.gz or .nii")
-
-    model_path, metadata, settings = _model_and_settings(arguments)
-    threshold = None
-    if outputs["mask"]:
-        threshold = _threshold(arguments.threshold, metadata, settings)
-        if threshold is None:
-            raise CommandError(f"--out-mask needs --threshold: the model stores none for scorer {settings.scorer}")
+            raise SettingsError(f"{path}: output names must end in .nii.gz or .nii")
 
     with _warnings_as_lines():
-        scan = read_nifti(arguments.input)
-        brain = read_nifti(arguments.brain_mask, allow_empty=True) if arguments.brain_mask else None
-        analysis = _analyse(scan, brain, load_model(model_path)[0], settings, quiet=arguments.quiet)
+        model_path, metadata, settings = _model_and_settings(arguments)
+        threshold = None
+        if outputs["mask"]:
+            threshold = _threshold(arguments.threshold, metadata, settings)
+            if threshold is None:
+                raise SettingsError(f"--out-mask needs --threshold: the model stores none for scorer {settings.scorer}")
+        scan, analysis = _analyse(arguments.input, arguments.brain_mask, model_path, metadata, settings,
+                                  quiet=arguments.quiet)
     if outputs["map"]:
         save_source_array(analysis.anomaly_map, scan.geometry, outputs["map"], kind="image", overwrite=arguments.overwrite)
     if outputs["recon"]:
         save_source_array(analysis.reconstruction, scan.geometry, outputs["recon"], kind="image",
                           overwrite=arguments.overwrite)
     if outputs["mask"]:
-        mask = analysis.mask_at(threshold, arguments.min_size_ml)
+        mask = analysis.mask_at(threshold.value, arguments.min_size_ml)
         save_source_array(mask, scan.geometry, outputs["mask"], kind="labels", overwrite=arguments.overwrite)
         if not arguments.quiet:
-            findings = analysis.findings(threshold, arguments.min_size_ml)
-            print(f"{len(findings)} finding(s), {sum(f['volume_ml'] for f in findings):.2f} mL in all", file=sys.stderr)
+            findings = analysis.findings(threshold.value, arguments.min_size_ml)
+            print(f"{len(findings)} finding(s), {sum(f['volume_ml'] for f in findings):.2f} mL in all "
+                  f"at threshold {threshold.describe()}", file=sys.stderr)
     return 0
 
 
@@ -135,49 +132,37 @@ def _model_and_settings(arguments):
 
     model_path = resolve_model(arguments.model, progressbar=not arguments.quiet)
     metadata = read_metadata(model_path)
-    scorer = arguments.scorer or metadata.get("default_scorer", "ssim-ens")
-    samples = arguments.samples or (10 if SCORERS[scorer].needs == "samples" else 1)
-    settings = AnalysisSettings(scorer=scorer, samples=samples, device=arguments.device, seed=arguments.seed,
-                                noise_levels=tuple(arguments.noise_levels) if arguments.noise_levels else None)
+    settings = AnalysisSettings.for_model(
+        metadata, scorer=arguments.scorer, samples=arguments.samples, device=arguments.device, seed=arguments.seed,
+        noise_levels=tuple(arguments.noise_levels) if arguments.noise_levels else None)
     return model_path, metadata, settings
 
 
-def _analyse(scan, brain, model, settings, *, quiet: bool):
+def _analyse(image, brain_mask, model_path, metadata, settings, *, quiet: bool):
+    """Read one scan (and its brain mask), warn if it looks like another contrast than the
+    model's, and analyse it."""
     from .analysis import analyse_scan
+    from .io import read_nifti
+    from .model_card import modality_mismatch
+    from .models import load_model
 
-    analysis = analyse_scan(scan, model, brain_mask=brain, settings=settings,
+    scan = read_nifti(image)
+    brain = read_nifti(brain_mask, allow_empty=True) if brain_mask else None
+    mismatch = modality_mismatch(metadata, Path(image).name)
+    if mismatch:
+        warnings.warn(f"{image}: {mismatch}")
+    analysis = analyse_scan(scan, load_model(model_path)[0], brain_mask=brain, settings=settings,
                             progress=None if quiet else _progress_bar())
     if not quiet:
         print(file=sys.stderr)
-    return analysis
+    return scan, analysis
 
 
-def _threshold(text: str | None, metadata: dict, settings) -> float | None:
+def _threshold(choice: str | None, metadata: dict, settings):
     """A number, a stored threshold's name, or (None) the model's default for the scorer."""
-    if text is None:
-        text = default_threshold_name(metadata, settings.scorer)
-        if text is None:
-            return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    every = metadata.get("thresholds", {})
-    if text not in every:
-        known = ", ".join(every) or "none"
-        raise CommandError(f"--threshold {text!r} is neither a number nor a threshold stored with the model ({known})")
-    entry = every[text]
-    if not isinstance(entry, dict):
-        return float(entry)
-    if entry.get("scorer", settings.scorer) != settings.scorer:
-        raise CommandError(f"threshold {text!r} was calibrated for scorer {entry['scorer']}, not {settings.scorer}; "
-                           f"use --scorer {entry['scorer']} or give a number")
-    for key in ("samples", "noise_levels"):
-        stored, used = entry.get(key), getattr(settings, key)
-        if key in entry and (list(stored) if isinstance(stored, (list, tuple)) else stored) != \
-                (list(used) if isinstance(used, (list, tuple)) else used):
-            warnings.warn(f"threshold {text!r} was calibrated with {key} = {stored}, this run uses {used}")
-    return float(entry["value"])
+    from .thresholds import resolve_threshold
+
+    return resolve_threshold(choice, metadata, settings)
 
 
 class _warnings_as_lines(warnings.catch_warnings):
@@ -203,70 +188,51 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def evaluate_command(arguments) -> int:
-    import numpy as np
-
-    from .io import read_nifti
-    from .metrics import auprc_pooled, best_dice_pooled, case_table, dice, mean_row
+    from .evaluation import LabelledCase, evaluate_cases
+    from .model_card import modality_mismatch
     from .models import load_model
 
     images, masks = arguments.images, arguments.masks
     brains = arguments.brain_masks
     if len(masks) != len(images):
-        raise CommandError(f"{len(images)} --images but {len(masks)} --masks: give one lesion mask per image")
+        raise SettingsError(f"{len(images)} --images but {len(masks)} --masks: give one lesion mask per image")
     if brains is not None and len(brains) != len(images):
-        raise CommandError(f"{len(images)} --images but {len(brains)} --brain-masks: give one per image, or none")
-    if arguments.json:
-        if Path(arguments.json).exists() and not arguments.overwrite:
-            raise FileExistsError(f"{arguments.json}: already exists; not overwriting it")
-    model_path, metadata, settings = _model_and_settings(arguments)
-    threshold_name = arguments.threshold or default_threshold_name(metadata, settings.scorer)
-    threshold = _threshold(threshold_name, metadata, settings) if threshold_name else None
+        raise SettingsError(f"{len(images)} --images but {len(brains)} --brain-masks: give one per image, or none")
+    if arguments.json and Path(arguments.json).exists() and not arguments.overwrite:
+        raise OutputExists(f"{arguments.json}: already exists; not overwriting it")
+    cases = [LabelledCase(image, mask, brains[index] if brains else None, name=Path(image).name)
+             for index, (image, mask) in enumerate(zip(images, masks))]
 
-    maps, truths, regions, originals, reconstructions, mask_dice = [], [], [], [], [], []
+    def announce(index, count, case):
+        mismatch = modality_mismatch(metadata, Path(case.image).name)
+        if mismatch:
+            warnings.warn(f"{case.image}: {mismatch}")
+        if not arguments.quiet:
+            if index:
+                print(file=sys.stderr)
+            print(f"case {index + 1}/{count}: {case.image}", file=sys.stderr)
+
     with _warnings_as_lines():
-        model, _ = load_model(model_path)
-        for index, (image, mask) in enumerate(zip(images, masks)):
-            if not arguments.quiet:
-                print(f"case {index + 1}/{len(images)}: {image}", file=sys.stderr)
-            scan = read_nifti(image)
-            truth = read_nifti(mask, allow_empty=True)
-            if truth.data.shape != scan.data.shape or not np.allclose(truth.geometry.affine, scan.geometry.affine,
-                                                                       atol=1e-3):
-                raise CommandError(f"{mask}: the lesion mask is not on the grid of {image} (shape or affine differs)")
-            brain = read_nifti(brains[index], allow_empty=True) if brains else None
-            analysis = _analyse(scan, brain, model, settings, quiet=arguments.quiet)
-            region = analysis.filtered.region
-            maps.append(analysis.filtered.values)
-            truths.append((truth.data > 0) & region)
-            regions.append(region)
-            originals.append(scan.data)
-            reconstructions.append(analysis.reconstruction)
-            if threshold is not None:
-                mask_dice.append(dice(analysis.mask_at(threshold), truths[-1]))
+        model_path, metadata, settings = _model_and_settings(arguments)
+        threshold = _threshold(arguments.threshold, metadata, settings)
+        cohort = evaluate_cases(cases, load_model(model_path)[0], settings, threshold=threshold, announce=announce,
+                                progress=None if arguments.quiet else _progress_bar())
+    if not arguments.quiet:
+        print(file=sys.stderr)
 
-    rows, _ = case_table(maps, truths, regions, names=[Path(image).name for image in images],
-                         images=originals, reconstructions=reconstructions)
-    for row, value in zip(rows, mask_dice):
-        row["dice"] = value
-    mean = mean_row(rows)
-    pooled = {"best_dice": float(best_dice_pooled(maps, truths, regions)),
-              "auprc": float(auprc_pooled(maps, truths, regions))}
-    columns = ["case", "lesion_voxels", "best_dice", "dice", "auprc", "l1_ratio"] if mask_dice else \
-        ["case", "lesion_voxels", "best_dice", "auprc", "l1_ratio"]
+    rows, mean, pooled = cohort.rows, cohort.mean, cohort.pooled
+    columns = ["case", "lesion_voxels", "best_dice", *(["dice"] if threshold else []), "auprc", "l1_ratio"]
     print(f"model {metadata['kind']} ({model_path.name}), scorer {settings.scorer}, N = {settings.samples}"
-          + (f", threshold {threshold_name} = {threshold:.6g}" if threshold is not None else ", no threshold"))
+          + (f", threshold {threshold.describe()}" if threshold is not None else ", no threshold"))
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in [*rows, mean]:
         print("| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |")
-    print(f"| pooled | | {pooled['best_dice']:.4f} |" + (" |" if mask_dice else "") + f" {pooled['auprc']:.4f} | |")
+    print(f"| pooled | | {pooled['best_dice']:.4f} |" + (" |" if threshold else "") + f" {pooled['auprc']:.4f} | |")
     if arguments.json:
         from .io import write_atomically
 
-        document = {"model": str(model_path), "kind": metadata["kind"], "scorer": settings.scorer,
-                    "samples": settings.samples, "threshold": {"name": threshold_name, "value": threshold},
-                    "cases": rows, "mean": mean, "pooled": pooled,
-                    "note": "metrics on each scan's own grid, inside the eroded brain mask, after the 5x5x5 median"}
+        document = cohort.document(model=str(model_path), kind=metadata["kind"])
         text = json.dumps(document, indent=2, default=float)
         write_atomically(arguments.json, lambda temporary: Path(temporary).write_text(text))
     return 0
@@ -279,13 +245,14 @@ def _cell(value) -> str:
 
 
 def models_command(arguments) -> int:
-    from .model_registry import model_card, registry_cards, resolve_model
+    from .model_card import card
+    from .model_registry import registry_cards, resolve_model
 
     if not arguments.paths:
         print(json.dumps(registry_cards(), indent=2))
         return 0
     for name_or_path in arguments.paths:
-        print(json.dumps(model_card(resolve_model(name_or_path)), indent=2))
+        print(json.dumps(card(resolve_model(name_or_path)), indent=2))
     return 0
 
 

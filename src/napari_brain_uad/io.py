@@ -1,9 +1,10 @@
 """Reading and writing NIfTI scans without losing their geometry.
 
-Step 1 and step 6 of the data flow (see DESIGN.md): a scan is read with nibabel, its original
-affine and header are kept untouched, and a *display* copy is made in one fixed orientation so
-every scan looks upright in napari whatever its stored orientation. Whatever is drawn or
-computed on the display grid is written back on the source's own grid with its own affine.
+The two ends of the data flow, the scan coming in and the results going out: a scan is read
+with nibabel, its original affine and header are kept untouched, and a *display* copy is made
+in one fixed orientation so every scan looks upright in napari whatever its stored orientation.
+Whatever is drawn or computed on the display grid is written back on the source's own grid
+with its own affine.
 
 The display orientation is I-P-L (array axis 0 runs towards inferior, axis 1 towards
 posterior, axis 2 towards the patient's left). In napari that gives:
@@ -41,6 +42,8 @@ from nibabel.orientations import (
     ornt_transform,
 )
 
+from .errors import BrainUADError, OutputExists
+
 DISPLAY_AXCODES = ("I", "P", "L")
 """Orientation of the display grid: the direction each array axis runs towards."""
 
@@ -53,7 +56,7 @@ _OBLIQUE_TOLERANCE = 1e-3
 _RAS_TO_DISPLAY = np.array([[0.0, 0.0, -1.0], [0.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])
 
 
-class ScanError(ValueError):
+class ScanError(BrainUADError, ValueError):
     """A file cannot be used as a scan; the message names the file and the problem."""
 
 
@@ -337,7 +340,7 @@ def save_source_array(
             f"{geometry.source} {tuple(geometry.shape)}"
         )
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists; not overwriting it")
+        raise OutputExists(f"{path}: already exists; not overwriting it")
     if kind == "labels":
         values = np.asarray(source_array)
         if values.dtype == np.bool_:

@@ -7,7 +7,9 @@
   ``average_precision_score``: sum over distinct scores, highest first, of (R_n - R_(n-1)) P_n.
   Per volume (then averaged over cases, as the papers report it) or pooled over volumes.
 - l1 inside and outside the lesions (brain only) and their ratio.
-- A per-case table with the mean over cases.
+
+How a scan is evaluated with these (which region, which threshold, which post-processing, per
+case and over cases) is ``evaluation``'s business.
 
 Every function accepts numpy arrays of any shape (2D slices or 3D volumes) and torch tensors
 (copied to the CPU). ``mask`` (e.g. the brain mask) restricts every count to its voxels, the
@@ -224,67 +226,3 @@ def l1_inside_outside(image, reconstruction, truth, mask=None) -> dict:
 def l1_ratio(image, reconstruction, truth, mask=None) -> float:
     """Mean l1 error inside the lesions divided by the mean outside them (brain only)."""
     return l1_inside_outside(image, reconstruction, truth, mask)["l1_ratio"]
-
-
-# ----------------------------------------------------------------------------------------------
-# tables
-
-
-def case_table(
-    maps: Sequence,
-    truths: Sequence,
-    masks: Sequence | None = None,
-    *,
-    names: Sequence[str] | None = None,
-    threshold: float | None = None,
-    images: Sequence | None = None,
-    reconstructions: Sequence | None = None,
-) -> tuple[list[dict], dict]:
-    """One row of metrics per case, and the mean of each over the cases.
-
-    Every row has ``case``, ``lesion_voxels``, ``auprc`` and ``best_dice``; ``dice`` when a
-    ``threshold`` is given; the l1 columns when ``images`` and ``reconstructions`` are given.
-    The mean skips NaN values (e.g. AUPRC of a healthy case) and is NaN when all are.
-    """
-    maps, truths = list(maps), list(truths)
-    count = len(maps)
-    masks = [None] * count if masks is None else list(masks)
-    names = [f"case {i}" for i in range(count)] if names is None else [str(n) for n in names]
-    if (images is None) != (reconstructions is None):
-        raise ValueError("give both images and reconstructions for the l1 columns, or neither")
-    lengths = {"ground truths": len(truths), "masks": len(masks), "names": len(names)}
-    if images is not None:
-        images, reconstructions = list(images), list(reconstructions)
-        lengths.update({"images": len(images), "reconstructions": len(reconstructions)})
-    for what, length in lengths.items():
-        if length != count:
-            raise ValueError(f"{count} maps but {length} {what}")
-    rows = []
-    for index in range(count):
-        scores, lesion = _voxels(maps[index], truths[index], masks[index])
-        row = {
-            "case": names[index],
-            "lesion_voxels": int(np.count_nonzero(lesion)),
-            "auprc": _average_precision(scores, lesion),
-            "best_dice": _best_dice(scores, lesion)[0],
-        }
-        if threshold is not None:
-            row["dice"] = dice(scores > float(threshold), lesion)
-        if images is not None:
-            row.update(l1_inside_outside(images[index], reconstructions[index], truths[index], masks[index]))
-        rows.append(row)
-    return rows, mean_row(rows)
-
-
-def mean_row(rows: Sequence[dict]) -> dict:
-    """The mean of each numeric column over ``rows``, NaN values skipped."""
-    mean: dict = {"case": "mean", "cases": len(rows)}
-    if not rows:
-        return mean
-    for key, value in rows[0].items():
-        if key == "case" or not isinstance(value, (int, float, np.number)):
-            continue
-        values = np.array([row[key] for row in rows], dtype=np.float64)
-        finite = values[~np.isnan(values)]
-        mean[key] = float(finite.mean()) if finite.size else float("nan")
-    return mean

@@ -1,6 +1,6 @@
 """Which models a user can pick by name: the one bundled in the package, and downloadable ones.
 
-The registry (``bundled_models/registry.json``, shipped inside the package) maps a model name
+The registry (``registries/models.json``, shipped inside the package) maps a model name
 to either a file inside the package (``file``) or a public URL (``url``), always with the
 file's SHA256. ``resolve_model`` turns what the user typed (nothing, a name, or a path to a
 checkpoint of their own) into a verified local file:
@@ -14,7 +14,8 @@ checkpoint of their own) into a verified local file:
 - anything else: a path to a checkpoint file.
 
 Checkpoints are read with ``checkpoint.read_metadata``/``models.load_model``, which never run
-code from the file. No Qt, napari or torch import here.
+code from the file; what a card says is ``model_card``'s. Downloads, the cache and the offline
+switch are ``downloads``'s, shared with the sample registry. No Qt, napari or torch import here.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from .sample_data import OFFLINE_VARIABLE, cache_dir, download, downloads_off, file_sha256
+from . import model_card
+from .downloads import OFFLINE_VARIABLE, cache_dir, download, downloads_off, file_sha256
+from .errors import BrainUADError
 
 
-class ModelUnavailable(ValueError):
+class ModelUnavailable(BrainUADError, ValueError):
     """A model name or path that gives no usable checkpoint file; the message says why."""
 
 
 @lru_cache(maxsize=1)
 def registry() -> dict[str, Any]:
-    return json.loads((files("napari_brain_uad.bundled_models") / "registry.json").read_text())
+    return json.loads((files("napari_brain_uad.registries") / "models.json").read_text())
 
 
 def model_names() -> list[str]:
@@ -99,28 +102,6 @@ def local_model_file(name: str) -> Path | None:
     return _fetch(name, entry, progressbar=False)
 
 
-def model_card(path: str | os.PathLike) -> dict[str, Any]:
-    """What a user should know before trusting a checkpoint, from its metadata alone."""
-    from .checkpoint import read_metadata
-
-    metadata = read_metadata(path)
-    return {
-        "file": str(path),
-        "kind": metadata["kind"],
-        "model_space": metadata.get("model_space"),
-        "hyperparameters": metadata.get("hyperparameters"),
-        "training_data": {key: value for key, value in metadata.get("training_data", {}).items()
-                          if key in ("description", "licence", "training_subjects", "validation_subjects",
-                                     "training_slices")},
-        "validation_best_loss": metadata.get("validation", {}).get("best_loss"),
-        "default_scorer": metadata.get("default_scorer"),
-        "thresholds": metadata.get("thresholds", {}),
-        "results": metadata.get("results", {}),
-        "limits": metadata.get("limits", []),
-        "training_command": metadata.get("training_command"),
-    }
-
-
 def registry_cards() -> list[dict[str, Any]]:
     """One entry per registry model: name, where it comes from and, when available locally, its card."""
     cards = []
@@ -129,26 +110,11 @@ def registry_cards() -> list[dict[str, Any]]:
                                 "source": "bundled" if "file" in entry else entry["url"],
                                 "description": entry.get("description", "")}
         if "file" in entry:
-            card.update(model_card(resolve_model(name)))
+            card.update(model_card.card(resolve_model(name)))
         else:
             cached = _cached_path(entry)
             card["cached"] = cached.is_file()
             if card["cached"]:
-                card.update(model_card(cached))
+                card.update(model_card.card(cached))
         cards.append(card)
     return cards
-
-
-def stored_thresholds(metadata: dict, scorer: str) -> dict[str, float]:
-    """The thresholds stored with a model that apply to ``scorer`` (name -> value)."""
-    usable = {}
-    for name, entry in metadata.get("thresholds", {}).items():
-        if isinstance(entry, dict) and entry.get("scorer", scorer) == scorer:
-            usable[name] = float(entry["value"])
-    return usable
-
-
-def default_threshold_name(metadata: dict, scorer: str) -> str | None:
-    """The model's healthy-percentile threshold for ``scorer`` (a false-positive budget), if any."""
-    names = [name for name in stored_thresholds(metadata, scorer) if name.startswith("healthy-")]
-    return names[0] if names else None

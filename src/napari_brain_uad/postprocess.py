@@ -7,10 +7,8 @@
 2. ``FilteredMap.mask_at`` (per threshold, milliseconds): ``map > threshold`` inside the eroded
    mask, then connected components with 26-connectivity, dropping those of at most 7 voxels.
 
-A slider in the widget only repeats step 2. Thresholds are chosen on validation data, either by a
-greedy search maximising Dice on labelled cases (:func:`greedy_dice_threshold`) or, without labels,
-as a percentile of the scores on healthy scans (:func:`healthy_percentile_threshold`). Both return
-the threshold and a JSON-serialisable record of how it was found, to be stored with a model.
+A slider in the widget only repeats step 2. Which threshold to use — chosen on validation data,
+stored with the model, picked by name — is the business of ``thresholds``.
 
 Convention throughout: a voxel is anomalous when its score is strictly greater than the threshold
 (as in the reference code), so a threshold at or above the maximum score gives an empty mask.
@@ -25,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .metrics import _as_numpy, _as_scores, _dice_of_masks
+from .metrics import _as_numpy, _as_scores
 
 MEDIAN_SIZE = 5
 MIN_COMPONENT_VOXELS = 7  # components of this many voxels or fewer are dropped
@@ -311,166 +309,3 @@ def findings_table(labels, scores, spacing_mm=(2.0, 2.0, 2.0)) -> list[dict]:
             }
         )
     return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# choosing a threshold on validation data
-
-
-def _validation_cases(maps, brain_masks, what: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(scores, region) per case: FilteredMaps bring their own region; plain arrays need masks."""
-    if isinstance(maps, FilteredMap) or (hasattr(maps, "ndim") and maps.ndim == 3):
-        maps = [maps]
-    maps = list(maps)
-    if not maps:
-        raise ValueError(f"no {what} maps given")
-    if brain_masks is None:
-        masks = [None] * len(maps)
-    else:
-        if hasattr(brain_masks, "ndim") and brain_masks.ndim == 3:
-            brain_masks = [brain_masks]
-        masks = list(brain_masks)
-        if len(masks) != len(maps):
-            raise ValueError(f"{len(maps)} {what} maps but {len(masks)} brain masks")
-    cases = []
-    for index, (score_map, mask) in enumerate(zip(maps, masks)):
-        name = f"{what} map {index}"
-        if isinstance(score_map, FilteredMap):
-            values = score_map.values
-            region = score_map.region
-            if mask is not None:
-                region = region & _check_mask(mask, values.shape, f"brain mask {index}")
-        else:
-            values = _check_map(score_map, name)
-            region = (
-                np.ones(values.shape, dtype=bool)
-                if mask is None
-                else _check_mask(mask, values.shape, f"brain mask {index}")
-            )
-        cases.append((values, region))
-    return cases
-
-
-def greedy_dice_threshold(
-    maps,
-    labels,
-    brain_masks=None,
-    *,
-    grid_points: int = 21,
-    steps: int = 10,
-    min_size_voxels: float = 0,
-    objective: str = "mean",
-) -> tuple[float, dict]:
-    """The threshold maximising Dice on labelled validation cases, found greedily.
-
-    ``maps`` are the maps as they will be thresholded (:class:`FilteredMap` objects, whose eroded
-    region is used, or arrays, restricted to ``brain_masks`` when given); ``labels`` the
-    ground-truth masks. Dice is computed inside the region; ``objective="mean"`` averages the
-    per-case Dice, ``"pooled"`` computes one Dice over all voxels of all cases (as the
-    reference code does). ``min_size_voxels`` > 0 removes small components before scoring.
-
-    Search: Dice at ``grid_points`` thresholds spread evenly over the score range, then, in the
-    interval around the best of them, ``steps`` rounds of the reference's bisection (compare Dice
-    at the first and third quarter points and keep the half with the better one). The best
-    threshold seen anywhere is returned with a JSON-serialisable record of the search.
-    """
-    if objective not in ("mean", "pooled"):
-        raise ValueError(f"objective must be 'mean' or 'pooled', got {objective!r}")
-    if grid_points < 2 or steps < 0:
-        raise ValueError(f"need grid_points >= 2 and steps >= 0, got {grid_points} and {steps}")
-    cases = _validation_cases(maps, brain_masks, "validation")
-    if hasattr(labels, "ndim") and labels.ndim == 3:
-        labels = [labels]
-    labels = list(labels)
-    if len(labels) != len(cases):
-        raise ValueError(f"{len(cases)} validation maps but {len(labels)} label masks")
-    prepared = []
-    for index, ((values, region), label) in enumerate(zip(cases, labels)):
-        truth = _as_numpy(label)
-        if truth.shape != values.shape:
-            raise ValueError(f"label mask {index} has shape {truth.shape} but its map has shape {values.shape}")
-        truth = (truth != 0) & region
-        # Voxels outside the region can never be predicted: -inf keeps them below any threshold.
-        scores = np.where(region, values, -np.inf)
-        prepared.append((scores, truth))
-
-    def evaluate(threshold: float) -> float:
-        threshold = _check_threshold(threshold)
-        dices, overlap, total = [], 0, 0
-        for scores, truth in prepared:
-            predicted = scores > threshold
-            if min_size_voxels > 0:
-                predicted = remove_small_components(predicted, min_size_voxels)
-            if objective == "mean":
-                dices.append(_dice_of_masks(predicted, truth))
-            else:
-                overlap += np.count_nonzero(predicted & truth)
-                total += np.count_nonzero(predicted) + np.count_nonzero(truth)
-        if objective == "mean":
-            return float(np.mean(dices))
-        return 1.0 if total == 0 else 2.0 * overlap / total
-
-    low = min(float(scores[np.isfinite(scores)].min()) for scores, _ in prepared)
-    high = max(float(scores[np.isfinite(scores)].max()) for scores, _ in prepared)
-    seen: dict[float, float] = {}
-
-    def score(threshold: float) -> float:
-        if threshold not in seen:
-            seen[threshold] = evaluate(threshold)
-        return seen[threshold]
-
-    grid = np.linspace(low, high, grid_points)
-    grid_dice = [score(float(t)) for t in grid]
-    best = int(np.argmax(grid_dice))
-    bottom, top = float(grid[max(best - 1, 0)]), float(grid[min(best + 1, grid_points - 1)])
-    for _ in range(steps):
-        quarter, three_quarters = bottom + 0.25 * (top - bottom), bottom + 0.75 * (top - bottom)
-        centre = 0.5 * (bottom + top)
-        if score(quarter) >= score(three_quarters):
-            top = centre
-        else:
-            bottom = centre
-    # Ties: the lowest threshold among equally good ones (the search's first-found order would
-    # depend on the grid otherwise).
-    best_dice = max(seen.values())
-    threshold = min(t for t, d in seen.items() if d == best_dice)
-    record = {
-        "method": "greedy-dice",
-        "threshold": threshold,
-        "dice": best_dice,
-        "objective": objective,
-        "score_range": [low, high],
-        "grid_points": int(grid_points),
-        "steps": int(steps),
-        "evaluations": len(seen),
-        "min_size_voxels": float(min_size_voxels),
-        "cases": len(prepared),
-        "rule": "score > threshold",
-    }
-    return threshold, record
-
-
-def healthy_percentile_threshold(maps, brain_masks=None, *, percentile: float = 99.0) -> tuple[float, dict]:
-    """A threshold with a false-positive budget: the ``percentile`` of the scores inside the
-    brain over all healthy validation maps, so about (100 - percentile) % of healthy brain voxels
-    score above it.
-
-    ``maps`` are :class:`FilteredMap` objects (their eroded region is used) or arrays restricted
-    to ``brain_masks``. The record gives the fraction of healthy voxels actually above.
-    """
-    percentile = float(percentile)
-    if not 0.0 <= percentile <= 100.0:
-        raise ValueError(f"percentile must be within [0, 100], got {percentile}")
-    cases = _validation_cases(maps, brain_masks, "healthy")
-    scores = np.concatenate([values[region].astype(np.float64, copy=False) for values, region in cases])
-    threshold = float(np.percentile(scores, percentile))
-    record = {
-        "method": "healthy-percentile",
-        "threshold": threshold,
-        "percentile": percentile,
-        "false_positive_fraction": float(np.count_nonzero(scores > threshold) / scores.size),
-        "voxels": int(scores.size),
-        "cases": len(cases),
-        "rule": "score > threshold",
-    }
-    return threshold, record

@@ -1,9 +1,10 @@
 """Anomaly scores: maps of how unlike its reconstruction(s) each voxel of a scan is.
 
-Step 4 of the data flow (see DESIGN.md). Every function takes numpy arrays or torch tensors,
-2D slices ``(X, Y)`` or 3D volumes ``(X, Y, Z)`` whose axial slices are ``volume[:, :, k]``
-(model space), and returns the same kind as ``image``: a numpy array for a numpy image, a
-tensor on the image's device for a tensor (work runs on the GPU when the inputs are there).
+Step 4 of the data flow, after the reconstructions (``analysis.py`` runs the steps in order).
+Every function takes numpy arrays or torch tensors, 2D slices ``(X, Y)`` or 3D volumes
+``(X, Y, Z)`` whose axial slices are ``volume[:, :, k]`` (model space), and returns the same
+kind as ``image``: a numpy array for a numpy image, a tensor on the image's device for a tensor
+(work runs on the GPU when the inputs are there).
 Floating inputs keep their precision (float64 stays float64); anything else gives float32.
 
 Scores are "higher = more anomalous" maps, except :func:`ssim_map`, which returns the
@@ -561,6 +562,16 @@ class Scorer:
     description: str
     params: Mapping[str, object] = field(default_factory=dict)
 
+    @property
+    def needs_samples(self) -> bool:
+        return self.needs == "samples"
+
+    @property
+    def default_samples(self) -> int:
+        """Reconstructions to make when the user does not say: the thesis's N for scorers that
+        compare several, else one."""
+        return SAMPLES_FOR_DISTRIBUTION if self.needs_samples else 1
+
     def __call__(self, image: ArrayLike, other: ArrayLike, mask: ArrayLike | None = None, **params) -> ArrayLike:
         unknown = sorted(set(params) - set(self.params))
         if unknown:
@@ -592,6 +603,9 @@ def _mhd_ssim_scorer(covariance: str) -> Callable[..., ArrayLike]:
     return fn
 
 
+# N reconstructions with fresh noise for the scorers that compare the scan with their spread
+# (the thesis uses 10 for MHD).
+SAMPLES_FOR_DISTRIBUTION = 10
 _MHD_PARAMS = {"reg": 1e-2, "smooth_sigma": 1.0}
 _SSIM_PARAMS = {"sigma": 1.0, "data_range": None}
 

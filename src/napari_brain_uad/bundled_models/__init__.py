@@ -1,2 +1,3 @@
-"""The models shipped inside the package, and the registry of models users can pick by name
-(see ``napari_brain_uad.model_registry``). Data only: the checkpoints are safetensors files."""
+"""The models shipped inside the package; data only: the checkpoints are safetensors files.
+The registry naming them (``registries/models.json``) is read by
+``napari_brain_uad.model_registry``."""

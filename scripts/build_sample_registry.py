@@ -1,9 +1,10 @@
-"""Rebuild ``registry.json`` from a local copy of the sample files.
+"""Rebuild the sample registry (``src/napari_brain_uad/registries/samples.json``) from a local
+copy of the sample files.
 
-Run by maintainers when a sample is added: ``python sample_data/build_registry.py DATA_DIR``.
+Run by maintainers when a sample is added: ``python scripts/build_sample_registry.py DATA_DIR``.
 Hashes are taken from the local files, which are byte-for-byte the raw files at the pinned
 commits named below; the IXI brain mask is derived (DLMUSE label > 0) and so is pinned by the
-hash of its voxels instead (see ``napari_brain_uad.sample_data``).
+hash of its voxels instead (see ``napari_brain_uad.sample_registry``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ MSLUB = "https://raw.githubusercontent.com/muschellij2/open_ms_data/65704901f606
 DEEPMEDIC = "https://raw.githubusercontent.com/deepmedic/deepmedic/e10ba7c3570d06194f5dadca91d99d5e7bba7de5/examples/dataForExamples/brats2015TrainingData/test/brats_2013_pat0001_1"
 MSLUB_SUFFIX = "_N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMNI.nii.gz"
 IXI_SUBJECT = "IXI661-HH-2788"
+
+SOURCE = Path(__file__).resolve().parents[1] / "src"
 
 DATASETS = {
     "ixi": {
@@ -91,8 +94,8 @@ def sha256(path: Path) -> str:
 
 def main(data_dir: str) -> None:
     # Imported here so the script runs from a checkout without installing anything else.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from napari_brain_uad.sample_data import mask_content_hash
+    sys.path.insert(0, str(SOURCE))
+    from napari_brain_uad.sample_registry import mask_content_hash
 
     root = Path(data_dir)
     files = {}
@@ -104,7 +107,7 @@ def main(data_dir: str) -> None:
             entry["mask_sha256"] = mask_content_hash(mask)
         files[local] = entry
     registry = {"format": 1, "datasets": DATASETS, "files": files, "samples": SAMPLES}
-    out = Path(__file__).with_name("registry.json")
+    out = SOURCE / "napari_brain_uad" / "registries" / "samples.json"
     out.write_text(json.dumps(registry, indent=2) + "\n")
     print(f"wrote {out} ({len(files)} files, {len(SAMPLES)} samples)")
 

@@ -1,14 +1,16 @@
 """Real sample scans: a registry of public files, fetched with pooch or taken from a local folder.
 
-The registry (``sample_data/registry.json`` in the repository, shipped inside the package)
-names each file by its path in a local data folder laid out like the project's
-``../shared/data``, with its dataset, licence, a public URL at a fixed commit and its SHA256.
+The registry (``registries/samples.json`` inside the package, beside the model registry's
+``models.json``; ``scripts/build_sample_registry.py`` rebuilds it) names each file by its path
+in a local data folder laid out like the project's ``../shared/data``, with its dataset,
+licence, a public URL at a fixed commit and its SHA256.
 
 Where a file comes from, in order:
 1. the folder named by ``NAPARI_BRAIN_UAD_DATA`` (offline machines, firewalls, tests, CI);
 2. the user's cache (``pooch.os_cache("napari-brain-uad")`` or ``NAPARI_BRAIN_UAD_CACHE``);
 3. a download from the public URL, hash-checked, with a progress bar.
-``NAPARI_BRAIN_UAD_OFFLINE=1`` forbids step 3. When no step yields the file the user gets a
+``NAPARI_BRAIN_UAD_OFFLINE=1`` forbids step 3. The cache, the switch and the download are the
+model registry's too (``downloads.py``). When no step yields the file the user gets a
 :class:`SampleDataUnavailable` saying where it looked.
 
 No Qt or napari import here; the napari sample commands are in ``_samples.py``.
@@ -28,40 +30,24 @@ from typing import Any
 
 import numpy as np
 
+from .downloads import OFFLINE_VARIABLE, cache_dir, download, downloads_off, file_sha256
+from .errors import BrainUADError
+
 DATA_DIR_VARIABLE = "NAPARI_BRAIN_UAD_DATA"
-CACHE_DIR_VARIABLE = "NAPARI_BRAIN_UAD_CACHE"
-OFFLINE_VARIABLE = "NAPARI_BRAIN_UAD_OFFLINE"
 
 
-class SampleDataUnavailable(RuntimeError):
+class SampleDataUnavailable(BrainUADError):
     """A sample file is in none of the local folder, the cache or the network."""
 
 
 @lru_cache(maxsize=1)
 def registry() -> dict[str, Any]:
-    text = (files("napari_brain_uad._sample_registry") / "registry.json").read_text()
+    text = (files("napari_brain_uad.registries") / "samples.json").read_text()
     return json.loads(text)
 
 
 def sample_names() -> list[str]:
     return list(registry()["samples"])
-
-
-def cache_dir() -> Path:
-    configured = os.environ.get(CACHE_DIR_VARIABLE)
-    if configured:
-        return Path(configured)
-    import pooch
-
-    return Path(pooch.os_cache("napari-brain-uad"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def mask_content_hash(mask: np.ndarray) -> str:
@@ -123,29 +109,6 @@ def _unavailable(local_path: str, looked: list[str]) -> str:
         + "\n  - ".join(looked)
         + f"\nSet {DATA_DIR_VARIABLE} to a folder holding it, or connect to the internet."
     )
-
-
-def downloads_off() -> bool:
-    """Whether the user forbade downloads (``NAPARI_BRAIN_UAD_OFFLINE`` set to anything but 0)."""
-    return os.environ.get(OFFLINE_VARIABLE, "").strip() not in ("", "0")
-
-
-def download(url: str, target: Path, sha256: str | None, progressbar: Any) -> Path:
-    """Download ``url`` to ``target`` with pooch, checked against ``sha256`` (None: unchecked);
-    a download whose hash differs raises and is not kept. ``progressbar`` as for :func:`fetch`."""
-    import pooch
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if callable(progressbar):
-        progressbar = progressbar()
-    fetched = pooch.retrieve(
-        url,
-        known_hash=None if sha256 is None else f"sha256:{sha256}",
-        fname=target.name,
-        path=target.parent,
-        downloader=pooch.HTTPDownloader(progressbar=progressbar, timeout=60),
-    )
-    return Path(fetched)
 
 
 def _download(local_path: str, entry: dict[str, Any], target: Path, progressbar: Any) -> Path:

@@ -1,4 +1,6 @@
-"""DDPM on MONAI: one-step reconstruction of real model-space volumes, checkpoints, progress, cancel."""
+"""Reconstructing whole volumes (``reconstruct.reconstruct_volume``) with a small DDPM on MONAI:
+real model-space volumes slice by slice, seeds, progress, cancel, the device, every model kind
+through the same call, and the checkpoint round trip and refusals its models go through."""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from napari.components import ViewerModel
 
-from napari_brain_uad.sample_data import SampleDataUnavailable, fetch, file_sha256, registry
+from napari_brain_uad.downloads import file_sha256
+from napari_brain_uad.sample_registry import SampleDataUnavailable, fetch, registry
 
 
 def test_registry_names_a_pinned_public_source_and_licence_for_every_file():
@@ -159,7 +160,7 @@ def test_napari_open_sample_gives_aligned_layers(shared_data, sample, kinds):
 
 def test_command_line_prints_the_sample_files(shared_data):
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from napari_brain_uad.sample_data import main; sys.exit(main())",
+        [sys.executable, "-c", "import sys; from napari_brain_uad.sample_registry import main; sys.exit(main())",
          "mslub-patient26"],
         capture_output=True, text=True, check=True,
     )

@@ -1,0 +1,81 @@
+"""What a user should know about a model before trusting it, and the defaults it brings.
+
+A model's card is read from its checkpoint's metadata alone (``checkpoint.read_metadata``,
+which runs no code from the file): kind, model space (contrast, spacing, slice size, bias
+correction), training data and licence, validation loss, default scorer, calibrated thresholds,
+measured results, limits and the command that trained it. The widget shows :func:`summary`,
+``brain-uad models`` prints :func:`card`, and every door warns through
+:func:`modality_mismatch` when a scan's name suggests another contrast than the model's.
+
+No Qt, napari or torch import here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+# The scorer for a model whose card names none: the thesis's best single-reconstruction score.
+FALLBACK_SCORER = "ssim-ens"
+
+# Words in file or layer names that name a contrast; T1c before T1, so the longer word wins.
+_MODALITY_WORDS = {"FLAIR": ("flair",), "T1c": ("t1c", "t1ce", "t1post", "t1gd"), "T2": ("t2",), "T1": ("t1",)}
+
+_TRAINING_DATA_SHOWN = ("description", "licence", "training_subjects", "validation_subjects", "training_slices")
+
+
+def default_scorer(metadata: Mapping[str, Any]) -> str:
+    """The scorer the model was calibrated with, else :data:`FALLBACK_SCORER`."""
+    return metadata.get("default_scorer") or FALLBACK_SCORER
+
+
+def card(path: str | os.PathLike) -> dict[str, Any]:
+    """The card of a checkpoint file, as a JSON-ready dictionary."""
+    from .checkpoint import read_metadata
+
+    metadata = read_metadata(path)
+    return {
+        "file": str(path),
+        "kind": metadata["kind"],
+        "model_space": metadata.get("model_space"),
+        "hyperparameters": metadata.get("hyperparameters"),
+        "training_data": {key: value for key, value in metadata.get("training_data", {}).items()
+                          if key in _TRAINING_DATA_SHOWN},
+        "validation_best_loss": metadata.get("validation", {}).get("best_loss"),
+        "default_scorer": metadata.get("default_scorer"),
+        "thresholds": metadata.get("thresholds", {}),
+        "results": metadata.get("results", {}),
+        "limits": metadata.get("limits", []),
+        "training_command": metadata.get("training_command"),
+    }
+
+
+def summary(metadata: Mapping[str, Any]) -> str:
+    """Two lines: what the model is (kind, contrast, spacing, slice size, bias correction) and
+    what it was trained on."""
+    space = metadata.get("model_space") or {}
+    data = metadata.get("training_data") or {}
+    in_plane = " × ".join(str(n) for n in space.get("in_plane", []))
+    n4 = ", N4 bias correction" if space.get("bias_correction") == "n4" else ""
+    return (f"{metadata.get('kind', '?')}, {space.get('modality', '?')}, {space.get('spacing_mm', '?')} mm, "
+            f"{in_plane}{n4}\ntrained on: {data.get('description') or 'not described'}")
+
+
+def guess_modality(*names: str) -> str | None:
+    """The contrast a file or layer name suggests (``T1``, ``T1c``, ``T2``, ``FLAIR``), or None."""
+    text = " ".join(names).lower()
+    for modality, words in _MODALITY_WORDS.items():
+        if any(re.search(rf"(^|[^a-z0-9]){word}([^a-z0-9]|$)", text) for word in words):
+            return modality
+    return None
+
+
+def modality_mismatch(metadata: Mapping[str, Any], *names: str) -> str | None:
+    """A warning when the scan's names suggest another contrast than the model was trained on."""
+    model_modality = (metadata.get("model_space") or {}).get("modality")
+    guess = guess_modality(*names)
+    if model_modality and guess and guess.upper() != str(model_modality).upper():
+        return f"the scan looks like {guess} but the model was trained on {model_modality}; its findings may be meaningless"
+    return None
