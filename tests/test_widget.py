@@ -140,7 +140,9 @@ def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widg
     widget.threshold.value = low + 0.3 * (high - low)
     widget._update_findings()  # what the timer does once the slider rests
     rows = widget.findings.data.to_list()
-    assert len(rows) == widget.analysis.labels_at(widget.threshold.value).max()
+    session = widget.session
+    assert session.threshold == widget.threshold.value and session.preset is None  # the user's own threshold
+    assert len(rows) == session.analysis.labels_at(session.threshold, session.min_size_ml).max()
     assert rows and rows[0][0] == 1  # largest first
     widget.go_to_finding(0)
     centre = widget._finding_rows[0]["centre_voxel"]
@@ -150,7 +152,7 @@ def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widg
     written = widget.export_results(tmp_path)
     assert sorted(p.name for p in written) == ["T1_anomaly_map.nii.gz", "T1_reconstruction.nii.gz"]
     saved_map = nib.load(tmp_path / "T1_anomaly_map.nii.gz")
-    np.testing.assert_allclose(np.asarray(saved_map.dataobj), widget.analysis.anomaly_map, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(saved_map.dataobj), session.analysis.anomaly_map, rtol=1e-6)
     with pytest.raises(FileExistsError):
         widget.export_results(tmp_path)  # never over a user's files
 
@@ -161,6 +163,7 @@ def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widg
     evaluate = EvaluateWidget(viewer)
     evaluate.reset_choices()
     evaluate.anomaly_map.value = viewer.layers["MSLUB T1 anomaly map"]
+    assert viewer.layers["MSLUB T1 anomaly map"].metadata["session"] is session
     assert evaluate.threshold.value == pytest.approx(widget.threshold.value)
     evaluate.truth.value = labels
     assert evaluate.evaluate()["dice"] == pytest.approx(1.0)
@@ -169,6 +172,13 @@ def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widg
     scores = evaluate.scores
     assert 0 <= scores["dice"] <= scores["best_dice"] <= 1 and 0 < scores["auprc"] <= 1
     assert "AUPRC" in evaluate.results.value
+    # The numbers are brain-uad evaluate's: the session's analysis, threshold and minimum size.
+    from napari_brain_uad.evaluation import evaluate_analysis
+
+    lesions = scan.metadata["nifti"].to_source(viewer.layers["MSLUB lesion mask"].data) > 0
+    cli = evaluate_analysis(session.analysis, lesions, threshold=evaluate.threshold.value,
+                            min_size_ml=session.min_size_ml)
+    assert (scores["dice"], scores["best_dice"], scores["auprc"]) == (cli.dice, cli.best_dice, cli.auprc)
     # The precision-recall curve is drawn, with the slider's operating point on it.
     curve = evaluate.pr_curve
     assert curve["recall"].size > 10 and curve["recall"][-1] == pytest.approx(1.0)
@@ -215,6 +225,26 @@ def test_errors_say_what_is_missing(viewer_with_widget, tmp_path, qtbot):
     assert "Not usable" in widget.model_info.value
     run_and_wait(widget, qtbot)
     assert widget.status.value.startswith("Error") and "corrupt.safetensors" in widget.status.value
+
+
+def test_a_bug_in_the_analysis_is_reported_as_a_bug_not_as_a_user_mistake(viewer_with_widget, qtbot, monkeypatch,
+                                                                           caplog):
+    from napari_brain_uad import analysis
+
+    def broken(*args, **kwargs):
+        raise ValueError("index out of step")
+
+    monkeypatch.setattr(analysis, "analyse_scan", broken)
+    viewer, widget = viewer_with_widget
+    viewer.open_sample("napari-brain-uad", "mslub-patient26")
+    widget.scan.value = viewer.layers["MSLUB T1"]
+    before = [layer.name for layer in viewer.layers]
+    with caplog.at_level("ERROR", logger="napari_brain_uad"):
+        run_and_wait(widget, qtbot)
+    assert widget.status.value.startswith("Error: internal error (ValueError: index out of step)")
+    assert "this is a bug" in widget.status.value
+    assert "Traceback" in caplog.text  # the log keeps what a bug report needs
+    assert [layer.name for layer in viewer.layers] == before and widget.run_button.enabled
 
 
 def test_a_model_for_another_contrast_is_flagged(viewer_with_widget, trained_checkpoint):
@@ -265,7 +295,7 @@ def test_the_bundled_model_runs_by_default_with_its_threshold_and_median_switch(
     assert widget.threshold.value == pytest.approx(metadata["thresholds"]["healthy-99"]["value"], abs=1e-6)  # the slider keeps 6 decimals
     # The overlay points at the expert's lesions: ranking the brain by the filtered map finds
     # them several times better than chance (their share of the brain).
-    analysis = widget.analysis
+    analysis = widget.session.analysis
     lesions = viewer.layers["MSLUB T1"].metadata["nifti"].to_source(viewer.layers["MSLUB lesion mask"].data) > 0
     region = analysis.filtered.region
     assert auprc(analysis.filtered.values, lesions, region) > 3 * lesions[region].mean()
@@ -274,7 +304,9 @@ def test_the_bundled_model_runs_by_default_with_its_threshold_and_median_switch(
     before = widget._results_layer.data.copy()
     widget.median.value = False
     qtbot.waitUntil(lambda: widget._median_worker is None, timeout=60_000)
-    assert widget.analysis.reconstructions is analysis.reconstructions and not widget.analysis.filtered.median
+    refiltered = widget.session.analysis
+    assert refiltered.reconstructions is analysis.reconstructions and not refiltered.filtered.median
+    assert widget.session.threshold == pytest.approx(metadata["thresholds"]["healthy-99"]["value"])  # kept
     assert "Median filter off" in widget.status.value
     assert not np.array_equal(widget._results_layer.data, before)
     widget.threshold_preset.value = NO_PRESET  # a preset is a shortcut; the slider stays where it is

@@ -1,10 +1,13 @@
 """The Evaluate widget, for researchers: how well an anomaly map finds a ground-truth mask.
 
-Numbers come from the core's ``metrics`` on the same filtered map the main widget thresholds
-(median-filtered, inside the eroded brain), so they are the papers' protocol: Dice at the
-chosen threshold (after removing small components), the best Dice over all thresholds
-([Dice]) and the area under the precision-recall curve (AUPRC), whose curve is drawn with the
-current threshold's operating point on it.
+The numbers come from the core's ``evaluation``, so they are those ``brain-uad evaluate``
+reports. For a map the main widget made, its layer carries the scan's session and the session
+evaluates itself (``ScanSession.evaluate``) on the filtered map the main widget thresholds
+(median-filtered, inside the eroded brain), with the session's minimum lesion size; for a map
+read from a file, ``evaluation.evaluate_map`` takes its non-zero voxels as the region. Shown:
+the Dice at the chosen threshold (of exactly the mask the main widget would export), the best
+Dice over all thresholds ([Dice]), the area under the precision-recall curve (AUPRC) with its
+chance level, and the curve with the threshold's operating point on it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-from .metrics import auprc, best_dice, dice, precision_recall_curve
+from .errors import BrainUADError, internal_error_message
+from .io import ScanError
 
 CURVE_POINTS = 400  # enough for a smooth line on a dock-sized plot
 
@@ -81,48 +85,41 @@ class EvaluateWidget(Container):
         self._take_threshold()
 
     def _take_threshold(self, *_):
-        """Start from the threshold the main widget's slider is at for this map."""
+        """Start from the threshold the main widget's session is at for this map."""
         layer = self.anomaly_map.value
-        if layer is not None and "threshold" in layer.metadata:
-            self.threshold.value = float(layer.metadata["threshold"])
+        if layer is not None and "session" in layer.metadata:
+            self.threshold.value = layer.metadata["session"].threshold
 
     def evaluate(self) -> dict[str, float]:
         layer, truth_layer = self.anomaly_map.value, self.truth.value
         if layer is None or truth_layer is None:
-            raise ValueError("choose an anomaly map and a ground-truth mask")
+            raise BrainUADError("choose an anomaly map and a ground-truth mask")
         if truth_layer.data.shape != layer.data.shape:
-            raise ValueError(f"the ground truth {truth_layer.data.shape} is not on the map's grid {layer.data.shape}")
-        analysis = layer.metadata.get("analysis")
-        truth_display = np.asarray(truth_layer.data) > 0
-        if analysis is not None:
-            # The analysis lives on the source grid; bring the truth there once.
-            truth = layer.metadata["nifti"].to_source(truth_display)
-            values, region = analysis.filtered.values, analysis.filtered.region
-            predicted = analysis.mask_at(self.threshold.value) > 0
-        else:  # a map from a file: its non-zero voxels are the region it covers
-            values = np.asarray(layer.data, dtype=np.float32)
-            truth, region = truth_display, values != 0
-            predicted = (values > self.threshold.value) & region
-        if not truth[region].any():
-            raise ValueError("the ground truth has no voxel inside the evaluated brain region")
-        truth = truth & region
-        self.scores = {
-            "dice": dice(predicted, truth),
-            "best_dice": best_dice(values, truth, region),
-            "auprc": auprc(values, truth, region),
-            "prevalence": float(truth[region].mean()),
-            # The marked point: the voxels the chosen threshold calls anomalous (small findings removed).
-            "precision": float(np.count_nonzero(predicted & truth) / max(np.count_nonzero(predicted), 1)),
-            "recall": float(np.count_nonzero(predicted & truth) / np.count_nonzero(truth)),
-        }
-        self.pr_curve = precision_recall_curve(values, truth, region)
+            raise ScanError(f"the ground truth {truth_layer.data.shape} is not on the map's grid {layer.data.shape}")
+        truth = np.asarray(truth_layer.data) > 0
+        session = layer.metadata.get("session")
+        if session is not None:
+            # The session lives on the scan's source grid; bring the truth there.
+            result = session.evaluate(layer.metadata["nifti"].to_source(truth), threshold=self.threshold.value)
+        else:
+            from .evaluation import evaluate_map  # brings torch and MONAI: only when asked
+
+            result = evaluate_map(np.asarray(layer.data), truth, threshold=self.threshold.value, name=layer.name)
+        if result.lesion_voxels == 0:
+            raise ScanError("the ground truth has no voxel inside the evaluated brain region")
+        self.scores = {key: getattr(result, key)
+                       for key in ("dice", "best_dice", "auprc", "prevalence", "precision", "recall")}
+        self.pr_curve = result.curve()
         return self.scores
 
     def _evaluate_and_show(self, *_):
         try:
             scores = self.evaluate()
-        except ValueError as error:
+        except BrainUADError as error:
             self.results.value = f"Error: {error}"
+            return
+        except Exception as error:
+            self.results.value = f"Error: {internal_error_message(error, 'the evaluation')}"
             return
         self.results.value = (
             f"Dice at {self.threshold.value:.4g}: {scores['dice']:.3f}\n"

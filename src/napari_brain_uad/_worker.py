@@ -1,0 +1,123 @@
+"""The widget's long work off the GUI thread, and how each way it can end reaches the user.
+
+Two pieces of work run in napari workers (with a progress bar in napari's activity dock): the
+analysis of a scan (loading the model, then ``analysis.analyse_scan``) and the median
+re-filtering of a session. Their outcome is sorted in the worker thread and handed to the GUI
+thread through the callbacks the widget gives:
+
+- the user pressed Cancel (``reconstruct.Cancelled``): ``cancelled()``, and nothing comes back;
+- a failure the user can fix (a ``BrainUADError``: a scan that cannot be read, a model that is
+  not available or refused, settings that do not go together): ``failed(its message)``;
+- any other exception is a bug: its traceback is logged and ``failed`` gets the plain
+  internal-error line (``errors.internal_error_message``), never a guess that the user erred;
+- else ``done(result)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari.qt.threading import FunctionWorker, create_worker
+from qtpy.QtCore import QObject, Signal
+
+from .errors import BrainUADError, internal_error_message
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .analysis import AnalysisSettings, ScanAnalysis
+    from .io import NiftiVolume
+    from .session import ScanSession
+
+
+class ProgressRelay(QObject):
+    """Carries progress (fraction done, stage) from a worker thread to the GUI thread: Qt
+    queues a signal emitted in another thread than its receiver's."""
+
+    changed = Signal(float, str)
+
+
+def start_analysis(
+    scan: NiftiVolume,
+    brain_mask: np.ndarray | None,
+    model_source: str | Path,
+    settings: AnalysisSettings,
+    *,
+    relay: ProgressRelay,
+    cancel: threading.Event,
+    done: Callable[[ScanAnalysis, dict], None],
+    cancelled: Callable[[], None],
+    failed: Callable[[str], None],
+    finished: Callable[[], None],
+) -> FunctionWorker:
+    """Load the model (a registry name or a checkpoint file) and analyse ``scan`` in a worker,
+    reporting progress through ``relay`` and stopping soon after ``cancel`` is set.
+    ``done(analysis, model metadata)``; ``finished()`` comes last, whatever the outcome."""
+
+    def work() -> tuple[ScanAnalysis, dict] | None:
+        # The models bring torch and MONAI (seconds to import): only when a run starts.
+        from .analysis import analyse_scan
+        from .model_registry import resolve_model
+        from .models import load_model
+        from .reconstruct import Cancelled
+
+        relay.changed.emit(0.0, "model")
+        try:
+            model, metadata = load_model(resolve_model(model_source))
+            analysis = analyse_scan(scan, model, brain_mask=brain_mask, settings=settings,
+                                    progress=relay.changed.emit, cancelled=cancel.is_set)
+        except Cancelled:
+            return None  # the user's choice, not a failure
+        return analysis, metadata
+
+    def sorted_result(result: tuple[ScanAnalysis, dict] | None) -> None:
+        if result is None:
+            cancelled()
+        else:
+            done(*result)
+
+    return _start(work, "the analysis", "Brain UAD", done=sorted_result, failed=failed, finished=finished)
+
+
+def start_refilter(
+    session: ScanSession,
+    median: bool,
+    *,
+    done: Callable[[ScanSession], None],
+    failed: Callable[[str], None],
+    finished: Callable[[], None],
+) -> FunctionWorker:
+    """Switch ``session``'s median filter in a worker: ``done(the new session)``; the network
+    does not run again."""
+    return _start(lambda: session.with_median(median), "the median filter", "Median filter",
+                  done=done, failed=failed, finished=finished)
+
+
+def _start(work: Callable[[], Any], where: str, description: str, *, done: Callable[[Any], None],
+           failed: Callable[[str], None], finished: Callable[[], None]) -> FunctionWorker:
+    """Run ``work`` in a started napari worker; ``done`` or ``failed`` then ``finished`` in the
+    GUI thread."""
+
+    def guarded() -> tuple[bool, Any]:
+        try:
+            return True, work()
+        except BrainUADError as error:
+            return False, str(error)
+        except Exception as error:  # a bug: logged with its traceback, one plain line shown
+            return False, internal_error_message(error, where)
+
+    def deliver(outcome: tuple[bool, Any]) -> None:
+        succeeded, value = outcome
+        if succeeded:
+            done(value)
+        else:
+            failed(value)
+
+    worker = create_worker(guarded, _progress={"desc": description})
+    worker.returned.connect(deliver)
+    worker.finished.connect(finished)
+    worker.start()
+    return worker

@@ -1,0 +1,151 @@
+"""One scan's session (session.ScanSession), Qt-free, on a real scan with an inserted lesion.
+
+The "model" reconstructs every slice as empty, so the residual is the scan itself and the
+bright sphere inserted into the brain scores highest; it counts its calls, so a test can show
+that nothing a user does on a session runs the network again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
+from napari_brain_uad.evaluation import evaluate_analysis
+from napari_brain_uad.io import read_nifti
+from napari_brain_uad.models import ReconstructionModel
+from napari_brain_uad.models.base import ModelConfig
+from napari_brain_uad.session import ScanSession
+
+from conftest import SHARED_DATA
+
+SCAN = "ixi_t1/IXI661-HH-2788_T1.nii.gz"
+BRAIN = "ixi_t1/brainmask/IXI661-HH-2788_brainmask.nii.gz"
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoConfig(ModelConfig):
+    pass
+
+
+class EmptyReconstruction(ReconstructionModel):
+    kind = "empty-reconstruction"
+    config_class = _NoConfig
+
+    def __init__(self):
+        super().__init__(_NoConfig())
+        self.calls = 0
+
+    def reconstruct(self, slices, t=None, generator=None):
+        self.calls += 1
+        return torch.zeros_like(slices)
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    """(analysis, model, lesion mask on the scan's grid) for a scan with a 10 mm bright sphere."""
+    if not (SHARED_DATA / SCAN).is_file():
+        pytest.skip(f"real scans not found at {SHARED_DATA}")
+    scan, brain = read_nifti(SHARED_DATA / SCAN), read_nifti(SHARED_DATA / BRAIN)
+    inside = brain.data > 0
+    centre = np.round(np.mean(np.nonzero(inside), axis=1)).astype(int) + (6, 0, 0)  # off the midline
+    offsets = (np.indices(scan.data.shape).reshape(3, -1).T - centre) * np.asarray(scan.geometry.spacing)
+    lesion = (np.linalg.norm(offsets, axis=1).reshape(scan.data.shape) <= 10.0) & inside
+    data = scan.data.astype(np.float32).copy()
+    data[lesion] += np.percentile(scan.data[inside], 99)
+    model = EmptyReconstruction()
+    analysis = analyse_scan(dataclasses.replace(scan, data=data), model, brain_mask=brain,
+                            settings=AnalysisSettings(scorer="residual", device="cpu"))
+    return analysis, model, lesion
+
+
+def card(thresholds: dict[str, float], scorer: str = "residual") -> dict:
+    """A model card with these thresholds, calibrated for ``scorer``."""
+    return {"kind": "empty-reconstruction", "default_scorer": "residual",
+            "thresholds": {name: {"value": value, "scorer": scorer} for name, value in thresholds.items()}}
+
+
+def at(analysis, fraction: float) -> float:
+    low, high = analysis.filtered.score_range()
+    return low + fraction * (high - low)
+
+
+def test_the_threshold_starts_at_the_models_healthy_threshold_when_the_map_reaches_it(analysed):
+    analysis, _, _ = analysed
+    healthy = at(analysis, 0.7)
+    session = ScanSession.start(analysis, card({"lesions-dice": at(analysis, 0.2), "healthy-99": healthy}))
+    assert (session.threshold, session.preset) == (healthy, "healthy-99")
+    assert session.threshold_range == analysis.filtered.score_range()
+    assert session.min_size_ml == analysis.default_min_size_ml  # the papers' 7 model voxels
+    assert ScanSession.start(analysis, card({}), min_size_ml=0.5).min_size_ml == 0.5
+
+
+@pytest.mark.parametrize("thresholds, scorer", [
+    ({"healthy-99": 1e6}, "residual"),  # beyond every score of this map
+    ({}, "residual"),  # the model stores none
+    ({"healthy-99": 0.5}, "ssim"),  # calibrated for another scorer
+])
+def test_otherwise_it_starts_in_the_middle_of_the_maps_scores(analysed, thresholds, scorer):
+    analysis, _, _ = analysed
+    session = ScanSession.start(analysis, card(thresholds, scorer))
+    assert session.threshold == pytest.approx(at(analysis, 0.5)) and session.preset is None
+
+
+def test_a_preset_outside_the_maps_scores_is_clamped_with_a_message(analysed):
+    analysis, _, _ = analysed
+    low, high = analysis.filtered.score_range()
+    session = ScanSession.start(analysis, card({"healthy-99": at(analysis, 0.5), "strict": high + 1.0,
+                                                "lesions-dice": at(analysis, 0.3)}))
+    assert set(session.presets) == {"healthy-99", "strict", "lesions-dice"}
+    message = session.apply_preset("strict")
+    assert "outside this map's scores" in message
+    assert (session.threshold, session.preset) == (high, "strict")
+    assert session.apply_preset("lesions-dice") is None and session.threshold == at(analysis, 0.3)
+    assert "not calibrated" in session.apply_preset("another-model's")
+    assert session.threshold == at(analysis, 0.3)  # unchanged
+    session.set_threshold(at(analysis, 0.4))
+    assert session.preset is None  # the user's own threshold now
+
+
+def test_the_proposed_mask_follows_the_threshold_without_running_the_network(analysed):
+    analysis, model, lesion = analysed
+    calls = model.calls
+    session = ScanSession.start(analysis, card({}))
+    sizes = []
+    for fraction in (0.2, 0.5, 0.8):
+        session.set_threshold(at(analysis, fraction))
+        mask = session.proposed_mask()
+        np.testing.assert_array_equal(mask, analysis.mask_at(session.threshold, session.min_size_ml))
+        sizes.append(int(mask.sum()))
+    assert sizes[0] > sizes[1] > sizes[2] > 0
+    assert session.findings()[0]["volume_ml"] > 0  # the sphere is found
+    session.min_size_ml = 1e6  # no finding is this large
+    assert not session.proposed_mask().any() and session.findings() == []
+    assert session.analysis is analysis and model.calls == calls
+
+
+def test_the_median_switch_keeps_the_threshold_and_minimum_size(analysed):
+    analysis, model, _ = analysed
+    calls = model.calls
+    session = ScanSession.start(analysis, card({"healthy-99": at(analysis, 0.6)}), min_size_ml=0.3)
+    switched = session.with_median(False)
+    assert (switched.threshold, switched.min_size_ml, switched.preset) == (at(analysis, 0.6), 0.3, "healthy-99")
+    assert not switched.analysis.filtered.median and switched.analysis.reconstructions is analysis.reconstructions
+    assert session.analysis is analysis and model.calls == calls  # the original is untouched, nothing re-ran
+    np.testing.assert_array_equal(switched.proposed_mask(),
+                                  switched.analysis.mask_at(switched.threshold, switched.min_size_ml))
+
+
+def test_evaluation_gives_brain_uad_evaluates_numbers(analysed):
+    analysis, _, lesion = analysed
+    session = ScanSession.start(analysis, card({}), min_size_ml=0.1)
+    session.set_threshold(at(analysis, 0.6))
+    ours = session.evaluate(lesion)
+    cli = evaluate_analysis(analysis, lesion, threshold=session.threshold, min_size_ml=0.1)
+    assert ours.row() == cli.row()
+    assert ours.best_dice > 0.5  # the inserted sphere is what the map ranks highest
+    other = session.evaluate(lesion, threshold=at(analysis, 0.3))
+    assert other.row() == evaluate_analysis(analysis, lesion, threshold=at(analysis, 0.3), min_size_ml=0.1).row()
