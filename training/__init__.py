@@ -14,7 +14,9 @@ The data flow of training, one file per step:
   before the loop;
 - ``fit.py``: the loop, validation, best/last checkpoints, resume;
 - ``distributed.py``: torchrun / DistributedDataParallel, and a clean stop on Ctrl-C;
-- ``cli.py``: the ``brain-uad-train`` command.
+- ``cli.py``: the ``brain-uad-train`` command;
+- ``calibrate.py``: the ``brain-uad-calibrate`` command: a trained checkpoint's thresholds and
+  card, through the same analysis and evaluation users run.
 
 The plugin never imports this package; it reads what training writes through
 ``napari_brain_uad.models.load_model``.
