@@ -1,17 +1,23 @@
-"""napari reader: a NIfTI scan opens upright, with its voxel spacing and its geometry attached."""
+"""napari reader: a NIfTI scan or a folder holding a DICOM series opens upright, with its voxel
+spacing and its geometry attached."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .io import as_label_array, is_nifti_path, nifti_stem, read_nifti
+from .dicom import holds_dicom, series_description
+from .io import NiftiVolume, as_label_array, is_nifti_path, nifti_stem, read_scan
 
 
 def get_reader(path: str | list[str]) -> Callable | None:
     paths = [path] if isinstance(path, str) else list(path)
     if paths and all(is_nifti_path(p) for p in paths):
+        return read_layers
+    if len(paths) == 1 and os.path.isdir(paths[0]) and holds_dicom(paths[0]):
         return read_layers
     return None
 
@@ -22,14 +28,14 @@ def read_layers(path: str | list[str]) -> list[tuple]:
 
 
 def layer_data(path: str, *, name: str | None = None, labels: bool | None = None) -> tuple:
-    """One napari LayerData tuple for a NIfTI file.
+    """One napari LayerData tuple for a NIfTI file or a DICOM series folder.
 
-    ``labels=None`` guesses: a file holding only small non-negative integers (a lesion, tumour
+    ``labels=None`` guesses: a scan holding only small non-negative integers (a lesion, tumour
     or brain mask) opens as Labels, anything else as an Image.
     """
-    volume = read_nifti(path)
+    volume = read_scan(path)
     display = volume.display_data()
-    kwargs = {"name": name or nifti_stem(path), **volume.geometry.layer_kwargs()}
+    kwargs = {"name": name or _layer_name(path, volume), **volume.geometry.layer_kwargs()}
     if labels is None:
         labels = volume.looks_like_labels()
     if labels:
@@ -37,6 +43,13 @@ def layer_data(path: str, *, name: str | None = None, labels: bool | None = None
     kwargs["colormap"] = "gray"
     kwargs["contrast_limits"] = _contrast_limits(display)
     return display, kwargs, "image"
+
+
+def _layer_name(path: str, volume: NiftiVolume) -> str:
+    """A NIfTI file's stem; a DICOM series' description, or its folder's name when it has none."""
+    if Path(path).is_dir():
+        return series_description(volume) or Path(path).name
+    return nifti_stem(path)
 
 
 def _contrast_limits(display: np.ndarray) -> tuple[float, float]:

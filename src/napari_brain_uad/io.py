@@ -6,6 +6,11 @@ in one fixed orientation so every scan looks upright in napari whatever its stor
 Whatever is drawn or computed on the display grid is written back on the source's own grid
 with its own affine.
 
+Users bring a scan as a NIfTI file or as a folder holding a DICOM series; ``read_scan`` takes
+either. ``dicom.py`` reads a series into the same :class:`NiftiVolume`, with a fresh NIfTI
+header carrying the series' exact affine, so from there on a DICOM scan is a NIfTI scan and
+its masks are written as NIfTI on the series' own grid.
+
 The display orientation is I-P-L (array axis 0 runs towards inferior, axis 1 towards
 posterior, axis 2 towards the patient's left). In napari that gives:
 - axial slices with anterior at the top and the patient's right on the viewer's left
@@ -294,14 +299,43 @@ def read_nifti(path: str | os.PathLike, *, allow_empty: bool = False) -> NiftiVo
         header=image.header.copy(),
         image_class=type(image),
     )
+    warn_if_oblique(geometry)
+    return NiftiVolume(data=data, geometry=geometry)
+
+
+def warn_if_oblique(geometry: NiftiGeometry) -> None:
+    """Warn that napari shows an oblique or sheared grid axis-aligned (it cannot slice it)."""
     if geometry.is_oblique:
         warnings.warn(
-            f"{name}: the affine is oblique or sheared; napari shows it axis-aligned "
+            f"{geometry.source}: the affine is oblique or sheared; napari shows it axis-aligned "
             "(orientation approximate), exported masks still use the exact original affine",
             ScanWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return NiftiVolume(data=data, geometry=geometry)
+
+
+def read_scan(
+    path: str | os.PathLike, *, allow_empty: bool = False, series_uid: str | None = None
+) -> NiftiVolume:
+    """Read a scan as users have it: a NIfTI file, or a folder holding a DICOM series.
+
+    A folder goes to :func:`napari_brain_uad.dicom.read_dicom_series` (``series_uid`` picks a
+    series when it holds several), anything else to :func:`read_nifti`; both raise
+    :class:`ScanError` naming the path and the problem.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from .dicom import read_dicom_series  # SimpleITK is loaded only for DICOM
+
+        return read_dicom_series(path, series_uid, allow_empty=allow_empty)
+    if series_uid is not None:
+        raise ScanError(f"{path}: a DICOM series UID was given, but this is not a folder holding a DICOM series")
+    if path.is_file() and not is_nifti_path(path):
+        from .dicom import is_dicom_file
+
+        if is_dicom_file(path):
+            raise ScanError(f"{path}: is a single DICOM file; give the folder that holds its whole series")
+    return read_nifti(path, allow_empty=allow_empty)
 
 
 def save_on_source_grid(
