@@ -120,3 +120,44 @@ def test_skull_stripped_scan_needs_no_mask_even_when_z_scored(shared_data):
         model = to_model_space(scan)
     back = model.transform.to_native(model.brain_mask.astype(np.float32)) >= 0.5
     assert dice(back, given) >= 0.95
+
+
+# ---------------------------------------------------------------- thick clinical slices
+
+
+def _thick_clinical_scan(shared_data, every: int = 1):
+    """The raw clinical FLAIR (0.72 x 0.72 x 4 mm, LPS) — or, keeping every ``every``-th slice, a
+    thicker one — with an ellipsoid "brain" of 130 x 160 x 110 mm in the middle of the head."""
+    from napari_brain_uad.io import NiftiGeometry, NiftiVolume
+
+    scan = read_nifti(shared_data / "mslub_longitudinal_raw/patient01/FLAIR.nii.gz")
+    geometry = scan.geometry
+    affine = geometry.affine.copy()
+    affine[:3, 2] *= every
+    data = scan.data[:, :, ::every]
+    geometry = NiftiGeometry(source=geometry.source, affine=affine, shape=data.shape, header=geometry.header)
+    centre = (np.asarray(data.shape) - 1) / 2
+    grid = np.indices(data.shape).reshape(3, -1).T - centre
+    millimetres = grid * np.linalg.norm(affine[:3, :3], axis=0)
+    inside = (((millimetres / [65.0, 80.0, 55.0]) ** 2).sum(axis=1) <= 1.0).reshape(data.shape)
+    return NiftiVolume(data, geometry), inside
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_thick_slices_go_to_model_space_and_back(shared_data, every):
+    scan, brain = _thick_clinical_scan(shared_data, every)
+    thickness = 4.0 * every
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = to_model_space(scan, brain_mask=brain)
+    thick_warnings = [w for w in caught if "thick" in str(w.message)]
+    # 4 mm slices are within what the models were measured to handle; 8 mm ones are not.
+    assert bool(thick_warnings) == (thickness > 6.0)
+    if thick_warnings:
+        assert f"{thickness:.3g} mm" in str(thick_warnings[0].message)
+    back = model.transform.to_native(model.transform.to_model(brain, antialias=False)) >= 0.5
+    assert dice(back, brain) >= 0.95
+    # The brain's centre lands where it was, in the scanner's world (mm).
+    world = scan.geometry.affine @ np.append(np.argwhere(brain).mean(axis=0), 1.0)
+    model_centre = np.append(np.argwhere(model.brain_mask).mean(axis=0), 1.0)
+    assert np.allclose(scan.geometry.affine @ model.transform.model_to_native() @ model_centre, world, atol=2.0)
