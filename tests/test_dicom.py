@@ -375,3 +375,23 @@ def test_read_scan_reads_nifti_files_as_before(shared_data):
     np.testing.assert_array_equal(read_scan(path).data, read_nifti(path).data)
     with pytest.raises(ScanError, match="series UID was given"):
         read_scan(path, series_uid=SERIES_UIDS["ixi"])
+
+
+def test_brain_uad_score_reads_a_dicom_folder_and_writes_on_its_grid(shared_data, series_folders, tmp_path):
+    """The command line on a DICOM series (the IXI T1, with its brain mask as NIfTI): the map
+    and mask come out on the series' grid, with the affine of the scan the series was made from."""
+    from napari_brain_uad.cli import main
+
+    outputs = {name: tmp_path / f"{name}.nii.gz" for name in ("map", "mask")}
+    code = main(["score", str(series_folders["ixi"]),
+                 "--brain-mask", str(shared_data / "ixi_t1/brainmask/IXI661-HH-2788_brainmask.nii.gz"),
+                 "--out-map", str(outputs["map"]), "--out-mask", str(outputs["mask"]), "--quiet"])
+    assert code == 0
+    original = nib.load(shared_data / IXI_T1)
+    for path in outputs.values():
+        written = nib.load(path)
+        assert written.shape == original.shape
+        np.testing.assert_allclose(written.affine, original.affine, atol=1e-3)
+    score_map = np.asarray(nib.load(outputs["map"]).dataobj)
+    brain = np.asarray(nib.load(shared_data / "ixi_t1/brainmask/IXI661-HH-2788_brainmask.nii.gz").dataobj) > 0
+    assert score_map[brain].any() and not score_map[~brain].any()  # scored inside the brain only

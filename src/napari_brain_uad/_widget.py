@@ -41,7 +41,7 @@ from . import model_card
 from ._worker import ProgressRelay, start_analysis, start_refilter
 from ._writer import write_layer
 from .errors import BrainUADError, internal_error_message
-from .io import NiftiVolume, ScanError, nifti_stem
+from .io import NiftiVolume, ScanError, nifti_stem, scan_stem
 from .model_registry import default_model_name, local_model_file, model_names
 from .scoring import SCORERS
 from .thresholds import stored_thresholds
@@ -444,7 +444,7 @@ class BrainUADWidget(Container):
             raise BrainUADError("run the analysis first")
         analysis = self.session.analysis
         folder = Path(folder)
-        stem = nifti_stem(Path(analysis.scan.path).name)
+        stem = scan_stem(analysis.scan.path)
         written = []
         for suffix, array in (("anomaly_map", analysis.anomaly_map),
                               ("reconstruction", analysis.reconstruction),

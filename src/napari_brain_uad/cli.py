@@ -1,6 +1,6 @@
 """``brain-uad``: score scans from the command line with the same core as the widget.
 
-    brain-uad score SCAN.nii.gz --out-map MAP.nii.gz [--model NAME|PATH] \\
+    brain-uad score SCAN.nii.gz|DICOM_FOLDER [--series UID] --out-map MAP.nii.gz [--model NAME|PATH] \\
         [--brain-mask MASK.nii.gz] [--scorer NAME] [--samples N] [--noise-levels 250 500 750] \\
         [--out-recon RECON.nii.gz] [--out-mask MASK.nii.gz [--threshold VALUE|NAME]]
     brain-uad evaluate --images A.nii.gz B.nii.gz --masks A_lesions.nii.gz B_lesions.nii.gz \\
@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     score = commands.add_parser("score", help="anomaly map (and reconstruction, mask) of one scan")
-    score.add_argument("input", help="the scan (.nii or .nii.gz)")
+    score.add_argument("input", help="the scan: a .nii/.nii.gz file, or a folder holding a DICOM series")
+    score.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several "
+                       "(default: the one with the most slices)")
     _model_arguments(score)
     score.add_argument("--brain-mask", help="brain mask on the scan's grid (omit for a skull-stripped scan)")
     score.add_argument("--out-map", help="write the anomaly map here")
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     evaluate = commands.add_parser("evaluate", help="[Dice], Dice at a threshold, AUPRC and l1-ratio on scans with lesion masks")
-    evaluate.add_argument("--images", nargs="+", required=True, help="scans with lesions")
+    evaluate.add_argument("--images", nargs="+", required=True,
+                          help="scans with lesions (NIfTI files or folders each holding one DICOM series)")
     evaluate.add_argument("--masks", nargs="+", required=True, help="their lesion masks, in the same order")
     evaluate.add_argument("--brain-masks", nargs="+", help="their brain masks (omit for skull-stripped scans)")
     _model_arguments(evaluate)
@@ -108,7 +111,7 @@ def score_command(arguments) -> int:
             if threshold is None:
                 raise SettingsError(f"--out-mask needs --threshold: the model stores none for scorer {settings.scorer}")
         scan, analysis = _analyse(arguments.input, arguments.brain_mask, model_path, metadata, settings,
-                                  quiet=arguments.quiet)
+                                  quiet=arguments.quiet, series_uid=arguments.series)
     if outputs["map"]:
         save_source_array(analysis.anomaly_map, scan.geometry, outputs["map"], kind="image", overwrite=arguments.overwrite)
     if outputs["recon"]:
@@ -138,17 +141,22 @@ def _model_and_settings(arguments):
     return model_path, metadata, settings
 
 
-def _analyse(image, brain_mask, model_path, metadata, settings, *, quiet: bool):
-    """Read one scan (and its brain mask), warn if it looks like another contrast than the
-    model's, and analyse it."""
+def _analyse(image, brain_mask, model_path, metadata, settings, *, quiet: bool, series_uid: str | None = None):
+    """Read one scan (a NIfTI file or a DICOM series) and its brain mask, warn if it looks like
+    another contrast than the model's, and analyse it."""
     from .analysis import analyse_scan
-    from .io import read_nifti
+    from .io import read_scan
     from .model_card import modality_mismatch
     from .models import load_model
 
-    scan = read_nifti(image)
-    brain = read_nifti(brain_mask, allow_empty=True) if brain_mask else None
-    mismatch = modality_mismatch(metadata, Path(image).name)
+    scan = read_scan(image, series_uid=series_uid)
+    brain = read_scan(brain_mask, allow_empty=True) if brain_mask else None
+    names = [Path(image).name]
+    if Path(image).is_dir():
+        from .dicom import series_description
+
+        names.append(series_description(scan))
+    mismatch = modality_mismatch(metadata, *names)
     if mismatch:
         warnings.warn(f"{image}: {mismatch}")
     analysis = analyse_scan(scan, load_model(model_path)[0], brain_mask=brain, settings=settings,

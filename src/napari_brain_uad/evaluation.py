@@ -24,12 +24,11 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .analysis import AnalysisSettings, ScanAnalysis, analyse_scan
-from .io import NiftiVolume, ScanError, nifti_stem, read_nifti
+from .io import NiftiVolume, ScanError, read_scan, scan_stem
 from .metrics import auprc, auprc_pooled, best_dice, best_dice_pooled, dice, l1_inside_outside, precision_recall_curve
 from .models import ReconstructionModel
 from .postprocess import FilteredMap
@@ -53,18 +52,18 @@ class LabelledCase:
 
     @property
     def label(self) -> str:
-        return self.name or nifti_stem(Path(self.image).name)
+        return self.name or scan_stem(self.image)
 
 
 def read_case(case: LabelledCase) -> tuple[NiftiVolume, np.ndarray | None, NiftiVolume | None]:
     """The scan, its lesion mask as booleans on the scan's grid (or None), and its brain mask."""
-    scan = read_nifti(case.image)
+    scan = read_scan(case.image)
     truth = None
     if case.truth is not None:
-        mask = read_nifti(case.truth, allow_empty=True)
+        mask = read_scan(case.truth, allow_empty=True)
         check_same_grid(mask, scan, "lesion mask")
         truth = mask.data > 0
-    brain = read_nifti(case.brain_mask, allow_empty=True) if case.brain_mask is not None else None
+    brain = read_scan(case.brain_mask, allow_empty=True) if case.brain_mask is not None else None
     return scan, truth, brain
 
 
@@ -179,7 +178,7 @@ def evaluate_analysis(
     return evaluate_filtered(
         analysis.filtered, truth, threshold=threshold,
         min_size_ml=analysis.default_min_size_ml if min_size_ml is None else min_size_ml,
-        name=name if name is not None else nifti_stem(Path(str(analysis.scan.path)).name),
+        name=name if name is not None else scan_stem(analysis.scan.path),
         image=analysis.scan.data, reconstruction=analysis.reconstruction,
     )
 

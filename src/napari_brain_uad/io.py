@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import tempfile
 import warnings
 import zlib
@@ -80,6 +81,16 @@ def nifti_stem(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def scan_stem(source: str | os.PathLike) -> str:
+    """What files written from a scan are named after: a NIfTI file's stem, or for a DICOM
+    series its folder's name (with the series UID when the folder holds several), in
+    characters every file system takes."""
+    name = Path(source).name
+    if is_nifti_path(name):
+        return nifti_stem(name)
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "scan"
 
 
 @dataclass
