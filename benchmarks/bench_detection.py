@@ -51,6 +51,21 @@ DATA = Path(os.environ.get("NAPARI_BRAIN_UAD_DATA", REPOSITORY.parent / "shared"
 SCORERS_COMPARED = ("residual", "ssim", "ssim-ens", "mhd-diag", "mhd-full")
 
 
+def model_as_users_run_it(name_or_path: str | None):
+    """A model (default: the bundled one) with the settings every door gives it on the CPU and
+    its healthy-percentile threshold: (path, model, metadata, settings, threshold)."""
+    from napari_brain_uad.analysis import AnalysisSettings
+    from napari_brain_uad.model_registry import resolve_model
+
+    model_path = resolve_model(name_or_path)
+    model, metadata = load_model(model_path)
+    settings = AnalysisSettings.for_model(metadata, device="cpu")
+    threshold = default_threshold(metadata, settings.scorer)
+    if threshold is None:
+        raise SystemExit(f"{model_path}: no healthy-percentile threshold for {settings.scorer}; calibrate it first")
+    return model_path, model, metadata, settings, threshold
+
+
 def synthetic_lesions(scan, brain: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The scan with three dark ellipsoids inside the brain, and their mask (native grid)."""
     rng = np.random.default_rng(seed)

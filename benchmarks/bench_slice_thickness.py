@@ -32,13 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_detection import DATA, ixi_subjects, synthetic_lesions
-from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
+from bench_detection import DATA, ixi_subjects, model_as_users_run_it, synthetic_lesions
+from napari_brain_uad.analysis import analyse_scan
 from napari_brain_uad.evaluation import evaluate_analysis, flagged_fraction, pooled
 from napari_brain_uad.io import NiftiGeometry, NiftiVolume, read_nifti
-from napari_brain_uad.model_registry import resolve_model
-from napari_brain_uad.models import load_model
-from napari_brain_uad.thresholds import default_threshold
 
 
 def axial_axis(geometry: NiftiGeometry) -> int:
@@ -80,12 +77,7 @@ def main() -> None:
                         help="slice thicknesses in mm (multiples of the scans' 2 mm)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    model_path = resolve_model(args.model)
-    model, metadata = load_model(model_path)
-    settings = AnalysisSettings.for_model(metadata, device="cpu")
-    threshold = default_threshold(metadata, settings.scorer)
-    if threshold is None:
-        raise SystemExit(f"{model_path}: no healthy-percentile threshold for {settings.scorer}; calibrate it first")
+    model_path, model, metadata, settings, threshold = model_as_users_run_it(args.model)
     print(f"machine: {platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; model {model_path.name}, scorer {settings.scorer}, "
           f"threshold {threshold.name} = {threshold.value:.4g}")

@@ -223,3 +223,45 @@ def test_evaluate_refuses_mismatched_inputs(checkpoint, tmp_path, capsys):
 def test_the_installed_command_runs():
     result = subprocess.run([sys.executable, "-m", "napari_brain_uad.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "score" in result.stdout
+
+
+# ---------------------------------------------------------------- raw scans, skull on
+
+
+def _score(scan, folder, *extra) -> dict:
+    outputs = {name: folder / f"{name}.nii.gz" for name in ("map", "mask", "brain")}
+    assert main(["score", str(scan), "--out-map", str(outputs["map"]), "--out-mask", str(outputs["mask"]),
+                 "--out-brain-mask", str(outputs["brain"]), "--quiet", *extra]) == 0
+    return {name: np.asarray(nib.load(path).dataobj) for name, path in outputs.items()}
+
+
+def test_a_raw_scan_needs_nothing_but_itself(shared_data, tmp_path):
+    """A held-out healthy IXI T1 with its skull on, and nothing else: the brain is extracted
+    (written with --out-brain-mask), and the flagged volume is what the expert brain mask gives,
+    not hundreds of mL of skull and scalp."""
+    subject = "IXI105-HH-1471"
+    scan = shared_data / f"ixi_t1/{subject}_T1.nii.gz"
+    reference = shared_data / f"ixi_t1/brainmask/{subject}_brainmask.nii.gz"
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "masked").mkdir()
+    raw = _score(scan, tmp_path / "raw")
+    masked = _score(scan, tmp_path / "masked", "--brain-mask", str(reference))
+    truth = np.asarray(nib.load(reference).dataobj) > 0
+    brain = raw["brain"] > 0
+    assert 2 * np.count_nonzero(brain & truth) / (brain.sum() + truth.sum()) >= 0.93
+    np.testing.assert_array_equal(masked["brain"] > 0, truth)
+    voxel_ml = float(np.prod(nib.load(scan).header.get_zooms()[:3])) / 1000
+    flagged_raw, flagged_masked = (np.count_nonzero(out["mask"]) * voxel_ml for out in (raw, masked))
+    assert abs(flagged_raw - flagged_masked) <= 0.02 * truth.sum() * voxel_ml
+    assert not raw["map"][~brain].any()  # nothing scored outside the brain: no skull, no scalp
+
+
+def test_a_raw_clinical_scan_with_thick_slices(shared_data, tmp_path):
+    """An MS patient's clinical T1 as acquired (skull on, 3 mm slices, scanner intensities)."""
+    scan = shared_data / "mslub_longitudinal_raw/patient01/T1W.nii.gz"
+    out = _score(scan, tmp_path)
+    brain = out["brain"] > 0
+    voxel_ml = float(np.prod(nib.load(scan).header.get_zooms()[:3])) / 1000
+    assert 1100 < brain.sum() * voxel_ml < 1700
+    assert out["map"].shape == brain.shape and not out["map"][~brain].any()
+    assert np.count_nonzero(out["mask"]) < 0.1 * brain.sum()  # a few findings, not the whole brain

@@ -312,3 +312,31 @@ def test_the_bundled_model_runs_by_default_with_its_threshold_and_median_switch(
     widget.threshold_preset.value = NO_PRESET  # a preset is a shortcut; the slider stays where it is
     widget.threshold_preset.value = "healthy-99"
     assert widget.threshold.value == pytest.approx(metadata["thresholds"]["healthy-99"]["value"], abs=1e-6)  # the slider keeps 6 decimals
+
+
+def test_a_raw_scan_gets_a_brain_layer_the_user_can_correct(viewer_with_widget, qtbot, shared_data):
+    """A raw T1 (skull on) and the bundled model, nothing else: the run extracts the brain and
+    shows it as a Labels layer chosen as the brain mask; the user erases part of it, and the
+    next run scores inside the corrected brain, leaving the user's layer as they left it."""
+    viewer, widget = viewer_with_widget
+    subject = "IXI105-HH-1471"
+    (scan,) = viewer.open(str(shared_data / f"ixi_t1/{subject}_T1.nii.gz"), plugin="napari-brain-uad")
+    widget.scan.value = scan
+    assert widget.brain_mask.value is None
+    run_and_wait(widget, qtbot)
+    assert widget.status.value.startswith("Done") and "extracted by deepbet" in widget.status.value
+    brain = viewer.layers[f"{scan.name} brain"]
+    assert widget.brain_mask.value is brain
+    geometry = scan.metadata["nifti"]
+    reference = nib.load(shared_data / f"ixi_t1/brainmask/{subject}_brainmask.nii.gz").get_fdata() > 0
+    found = geometry.to_source(np.asarray(brain.data)) > 0
+    assert 2 * (found & reference).sum() / (found.sum() + reference.sum()) > 0.93
+
+    corrected = np.asarray(brain.data).copy()
+    corrected[: corrected.shape[0] // 3] = 0  # the user erases the top third of the brain
+    brain.data = corrected
+    run_and_wait(widget, qtbot)
+    assert widget.status.value.startswith("Done") and "brain given" in widget.status.value
+    np.testing.assert_array_equal(viewer.layers[f"{scan.name} brain"].data, corrected)
+    scored = geometry.to_display(widget.session.analysis.anomaly_map) != 0
+    assert not scored[: corrected.shape[0] // 3].any()  # nothing scored where the user erased the brain

@@ -40,6 +40,7 @@ from qtpy.QtCore import QTimer
 from . import model_card
 from ._worker import ProgressRelay, start_analysis, start_refilter
 from ._writer import write_layer
+from .brain_mask import GIVEN
 from .errors import BrainUADError, internal_error_message
 from .io import NiftiVolume, ScanError, nifti_stem, scan_stem
 from .model_registry import default_model_name, local_model_file, model_names
@@ -316,13 +317,27 @@ class BrainUADWidget(Container):
         if analysis.spread is not None:
             self._replace(f"{name} spread", "image", geometry.to_display(analysis.spread), colormap="viridis",
                           blending="additive", visible=False, **placement)
+        self._show_brain(scan_layer, analysis, placement)
         self._show_threshold()
         self._results_layer = self._replace(f"{name} anomalies", "labels",
                                             geometry.to_display(session.proposed_mask()), **placement)
         self.mask.reset_choices()
         self.mask.value = self._results_layer
         self._update_findings()
-        self.status.value = f"Done: {len(self._finding_rows)} finding(s)."
+        self.status.value = f"Done: {len(self._finding_rows)} finding(s); {analysis.brain.describe()}."
+
+    def _show_brain(self, scan_layer, analysis: ScanAnalysis, placement: dict) -> None:
+        """A brain the run found itself (skull-stripped scan, or extracted) becomes a Labels layer
+        drawn as an outline, chosen as the brain mask: the user can check and correct it, and
+        the next run uses it as corrected."""
+        if analysis.brain.source == GIVEN:
+            return
+        geometry = scan_layer.metadata["nifti"]
+        layer = self._replace(f"{scan_layer.name} brain", "labels",
+                              geometry.to_display(analysis.brain.mask.astype(np.uint8)), **placement)
+        layer.contour = 1
+        self.brain_mask.reset_choices()
+        self.brain_mask.value = layer
 
     def _replace(self, name, kind, data, **kwargs):
         """Add a result layer, or refresh the one of the same name from an earlier run."""

@@ -22,12 +22,13 @@ from .io import NiftiVolume, ScanError
 from .model_card import FALLBACK_SCORER, default_scorer
 from .models import ReconstructionModel
 from .postprocess import MIN_COMPONENT_VOXELS, FilteredMap, prepare
-from .preprocess import ModelSpaceVolume, background_value, to_model_space
-from .reconstruct import Cancelled, reconstruct_volume
+from .brain_mask import GIVEN, BrainMask, find_brain
+from .preprocess import ModelSpaceVolume, to_model_space
+from .reconstruct import Cancelled, pick_device, reconstruct_volume
 from .scoring import SCORERS, ensemble_mean, score
 
 # Share of the progress bar each stage takes (reconstruction dominates).
-_STAGES = {"model space": 0.05, "reconstruction": 0.80, "scoring": 0.08, "post-processing": 0.04, "native grid": 0.03}
+_STAGES = {"brain": 0.10, "model space": 0.05, "reconstruction": 0.70, "scoring": 0.08, "post-processing": 0.04, "native grid": 0.03}
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,13 @@ class ScanAnalysis:
     model_space: ModelSpaceVolume = field(repr=False)
     reconstructions: np.ndarray = field(repr=False)  # (N, X, Y, Z) model space, [0, 1]
     score_model_space: np.ndarray = field(repr=False)  # (X, Y, Z)
-    brain_mask: np.ndarray = field(repr=False)  # bool, native grid
+    brain_mask: np.ndarray = field(repr=False)  # bool, native grid: where scores are computed
     reconstruction: np.ndarray = field(repr=False)  # native grid, scan intensities
     anomaly_map: np.ndarray = field(repr=False)  # native grid, 0 outside the brain
     spread: np.ndarray | None = field(repr=False)  # native grid, std over samples (N > 1)
     filtered: FilteredMap = field(repr=False)  # native grid, median-filtered and eroded
     model_voxel_ml: float = 0.008
+    brain: BrainMask | None = field(default=None, repr=False)  # the mask found for the scan, and its source
 
     @property
     def default_min_size_ml(self) -> float:
@@ -125,9 +127,10 @@ def analyse_scan(
 ) -> ScanAnalysis:
     """Analyse one scan with one model (steps 2-6 of the data flow).
 
-    ``brain_mask`` on the scan's grid; without it the scan must be skull-stripped (its
-    non-background voxels are the brain). ``progress(fraction, stage)`` reports from 0 to 1;
-    ``cancelled()`` is polled between batches and stages and raises :class:`Cancelled`.
+    ``brain_mask`` on the scan's grid; without it the brain is the scan's non-background voxels
+    when it is skull-stripped, else it is extracted (``brain_mask.find_brain``; the result is
+    ``ScanAnalysis.brain``). ``progress(fraction, stage)`` reports from 0 to 1; ``cancelled()``
+    is polled between batches and stages and raises :class:`Cancelled`.
     """
     if SCORERS[settings.scorer].needs_samples and not model.samples_differ:
         raise SettingsError(
@@ -141,8 +144,13 @@ def analyse_scan(
         if cancelled is not None and cancelled():
             raise Cancelled("analysis cancelled")
 
+    report.start("brain")
+    extraction_device = "cuda" if pick_device(settings.device).type == "cuda" else "cpu"
+    brain = find_brain(scan, brain_mask, device=extraction_device, progress=report.within)
+    check_cancel()
+
     report.start("model space")
-    volume = to_model_space(scan, brain_mask=brain_mask, spec=model.spec)
+    volume = to_model_space(scan, brain_mask=brain.mask, spec=model.spec)
     check_cancel()
 
     report.start("reconstruction")
@@ -170,14 +178,12 @@ def analyse_scan(
 
     report.start("post-processing")
     transform = volume.transform
-    if brain_mask is not None:
-        mask_data = brain_mask.data if isinstance(brain_mask, NiftiVolume) else np.asarray(brain_mask)
-        native_brain = mask_data > 0
+    if brain.source == GIVEN:
+        native_brain = brain.mask
     else:
-        # A skull-stripped scan: its brain is what differs from the background, voxel for voxel
-        # (the model-space mask, 2 mm, would spill over the edge on a finer grid).
-        native_brain = (transform.to_native(volume.brain_mask.astype(np.float32)) >= 0.5) & (
-            scan.data != background_value(scan.data))
+        # The model-space mask brought back, cut to the found mask voxel for voxel (the 2 mm
+        # mask alone would spill over the brain's edge on a finer grid).
+        native_brain = (transform.to_native(volume.brain_mask.astype(np.float32)) >= 0.5) & brain.mask
     filtered = filtered_on_native_grid(scan, volume, score_map, native_brain, median=settings.median)
     check_cancel()
 
@@ -203,6 +209,7 @@ def analyse_scan(
         spread=spread,
         filtered=filtered,
         model_voxel_ml=float(model.spec.spacing_mm) ** 3 / 1000.0,
+        brain=brain,
     )
 
 

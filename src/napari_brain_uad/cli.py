@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several "
                        "(default: the one with the most slices)")
     _model_arguments(score)
-    score.add_argument("--brain-mask", help="brain mask on the scan's grid (omit for a skull-stripped scan)")
+    score.add_argument("--brain-mask", help="brain mask on the scan's grid (default: a skull-stripped scan's "
+                       "non-background voxels, else the brain extracted from the scan)")
     score.add_argument("--out-map", help="write the anomaly map here")
     score.add_argument("--out-recon", help="write the pseudo-healthy reconstruction here")
     score.add_argument("--out-mask", help="write the binary anomaly mask here")
+    score.add_argument("--out-brain-mask", help="write the brain mask here (the one given, the skull-stripped scan's, or the extracted one), to check or correct it")
     score.add_argument("--threshold", help="a number, or the name of a threshold stored with the model "
                        "(default: the model's healthy-percentile threshold for the scorer)")
     score.add_argument("--min-size-ml", type=float, help="drop findings up to this volume (default: 7 model voxels)")
@@ -94,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 def score_command(arguments) -> int:
     from .io import save_source_array
 
-    outputs = {name: getattr(arguments, f"out_{name}") for name in ("map", "recon", "mask")}
+    outputs = {name: getattr(arguments, f"out_{name}") for name in ("map", "recon", "mask", "brain_mask")}
     if not any(outputs.values()):
-        raise SettingsError("nothing to write: give --out-map, --out-recon and/or --out-mask")
+        raise SettingsError("nothing to write: give --out-map, --out-recon, --out-mask and/or --out-brain-mask")
     for path in filter(None, outputs.values()):
         if Path(path).exists() and not arguments.overwrite:
             raise OutputExists(f"{path}: already exists; not overwriting it")
@@ -117,6 +119,11 @@ def score_command(arguments) -> int:
     if outputs["recon"]:
         save_source_array(analysis.reconstruction, scan.geometry, outputs["recon"], kind="image",
                           overwrite=arguments.overwrite)
+    if outputs["brain_mask"]:
+        save_source_array(analysis.brain.mask.astype("uint8"), scan.geometry, outputs["brain_mask"], kind="labels",
+                          overwrite=arguments.overwrite)
+    if not arguments.quiet:
+        print(analysis.brain.describe(), file=sys.stderr)
     if outputs["mask"]:
         mask = analysis.mask_at(threshold.value, arguments.min_size_ml)
         save_source_array(mask, scan.geometry, outputs["mask"], kind="labels", overwrite=arguments.overwrite)

@@ -25,10 +25,9 @@ from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, orn
 from scipy import ndimage
 
 from .bias_field import BiasCorrectionSkipped, n4_bias_field
+from .brain_mask import LARGEST_BRAIN_ML, non_background
 from .io import NiftiVolume, ScanError, ScanWarning
 
-# An adult brain (with its CSF) is 1.0-2.0 litres; a larger "brain" still has its skull.
-_LARGEST_BRAIN_ML = 2500.0
 # Slices up to this many times the model's spacing (6 mm at 2 mm) still give usable maps: on
 # healthy IXI scans thickened by averaging, the share flagged at the healthy threshold went from
 # 0.3 % (2 mm) to 0.9 % (4 and 6 mm) and 1.8 % (8 mm), and [Dice] on synthetic lesions from
@@ -188,16 +187,6 @@ def _antialias(native: np.ndarray, transform: ModelSpaceTransform) -> np.ndarray
     return ndimage.gaussian_filter(native, sigma=sigma, mode="nearest")
 
 
-def background_value(data: np.ndarray) -> float:
-    """The constant value around the brain of a skull-stripped scan: 0 for most, a negative
-    number for scans z-scored after stripping (BraTS). Taken from the volume's outer faces."""
-    faces = np.concatenate([np.ravel(face) for axis in range(3) for face in (
-        np.take(data, 0, axis=axis), np.take(data, -1, axis=axis))])
-    values, counts = np.unique(faces, return_counts=True)
-    most = int(np.argmax(counts))
-    return float(values[most]) if counts[most] > 0.5 * faces.size else 0.0
-
-
 def to_model_space(
     scan: NiftiVolume | np.ndarray,
     affine: np.ndarray | None = None,
@@ -209,7 +198,7 @@ def to_model_space(
     ``scan`` is a :class:`NiftiVolume` (its affine is used) or an array with ``affine``.
     ``brain_mask`` is on the scan's grid; without it the voxels that differ from the constant
     background are the brain, which is right for skull-stripped scans only (a warning says so
-    otherwise).
+    otherwise; ``brain_mask.find_brain`` chooses the mask for users' scans).
     """
     if isinstance(scan, NiftiVolume):
         name, data, affine = scan.path, scan.data, scan.geometry.affine
@@ -222,9 +211,9 @@ def to_model_space(
         raise ScanError(f"{name}: a 3D volume is needed, got shape {data.shape}")
 
     if brain_mask is None:
-        mask = data != background_value(data)
+        mask = non_background(data)
         volume_ml = mask.sum() * float(np.prod(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))) / 1000.0
-        if volume_ml > _LARGEST_BRAIN_ML:
+        if volume_ml > LARGEST_BRAIN_ML:
             warnings.warn(
                 f"{name}: the voxels that differ from the background make {volume_ml / 1000:.1f} L, "
                 "more than any brain, so the scan does not look skull-stripped; without a brain "

@@ -1,0 +1,147 @@
+"""Where the brain is: the mask step 2 of the data flow crops, normalises and scores inside.
+
+One of three, in this order:
+
+1. **given** — the user's mask (a file, or a Labels layer they drew or corrected), always first;
+2. **skull-stripped** — a scan whose skull was already removed is the brain and a constant
+   background (0, or a negative number for scans z-scored after stripping, as BraTS ships
+   them); it is recognised by its non-background voxels making no more than a brain's volume;
+3. **extracted** — anything else has its skull on, and ``brain_extraction`` finds the brain.
+
+Whatever its source, the mask must be brain-sized: an adult brain with its CSF is 1.0–2.0 L
+and 120–180 mm along each axis. A mask below :data:`SMALLEST_BRAIN_ML` or spanning less than
+:data:`SHORTEST_BRAIN_MM` along an axis (an empty or partial extraction: not a head, a scan
+cropped to a few slices, a contrast the extractor cannot read — the extractor does find a
+"brain" in a slab of neck) or above :data:`LARGEST_BRAIN_ML` (the skull is still in) is refused
+with what was found — never a whole-head "brain" whose skull and scalp become findings.
+
+No Qt or napari import here; torch only loads when a brain is extracted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .io import NiftiVolume, ScanError, ScanWarning
+
+# An adult brain (with its CSF) is 1.0-2.0 litres; bounds with room for small and large heads.
+SMALLEST_BRAIN_ML = 600.0
+LARGEST_BRAIN_ML = 2500.0
+# The shortest extent of a brain along any axis; the raw clinical scans' extracted brains span
+# 117 mm and more even where their slices stop short of the cerebellum, a neck slab's "brain" 60.
+SHORTEST_BRAIN_MM = 90.0
+
+GIVEN, SKULL_STRIPPED, EXTRACTED = "given", "skull-stripped", "extracted"
+
+
+@dataclass(frozen=True)
+class BrainMask:
+    """A brain mask on the scan's grid, where it came from, and its volume."""
+
+    mask: np.ndarray  # bool, the scan's source grid
+    source: str = GIVEN  # GIVEN, SKULL_STRIPPED or EXTRACTED
+    volume_ml: float = 0.0
+    method: str = ""  # how it was found, for people: "deepbet 1.0.2", "non-background voxels", …
+
+    def describe(self) -> str:
+        how = f" by {self.method}" if self.source == EXTRACTED else ""
+        return f"brain {self.source}{how}: {self.volume_ml:.0f} mL"
+
+
+def voxel_ml(scan: NiftiVolume) -> float:
+    return float(np.prod(scan.geometry.spacing)) / 1000.0
+
+
+def background_value(data: np.ndarray) -> float:
+    """The constant value around the brain of a skull-stripped scan: 0 for most, a negative
+    number for scans z-scored after stripping (BraTS). Taken from the volume's outer faces."""
+    faces = np.concatenate([np.ravel(face) for axis in range(3) for face in (
+        np.take(data, 0, axis=axis), np.take(data, -1, axis=axis))])
+    values, counts = np.unique(faces, return_counts=True)
+    most = int(np.argmax(counts))
+    return float(values[most]) if counts[most] > 0.5 * faces.size else 0.0
+
+
+def non_background(data: np.ndarray) -> np.ndarray:
+    """The voxels that differ from the constant background: the brain, if skull-stripped."""
+    return np.asarray(data) != background_value(np.asarray(data))
+
+
+def find_brain(
+    scan: NiftiVolume,
+    given: NiftiVolume | np.ndarray | None = None,
+    *,
+    device: str = "cpu",
+    progress: Callable[[float], None] | None = None,
+) -> BrainMask:
+    """The scan's brain mask: ``given`` (on the scan's grid), else the scan's own
+    non-background voxels if it is skull-stripped, else an extraction. Refuses a mask that is
+    not brain-sized."""
+    per_voxel = voxel_ml(scan)
+    if given is not None:
+        mask_data = given.data if isinstance(given, NiftiVolume) else np.asarray(given)
+        name = given.path if isinstance(given, NiftiVolume) else "the brain mask"
+        if mask_data.shape != scan.data.shape:
+            raise ScanError(f"{name}: the brain mask's grid {mask_data.shape} differs from the scan's "
+                            f"{scan.data.shape} ({scan.path})")
+        if isinstance(given, NiftiVolume) and not np.allclose(given.geometry.affine, scan.geometry.affine,
+                                                              atol=1e-3):
+            raise ScanError(f"{name}: the brain mask's affine differs from the scan's ({scan.path})")
+        found = BrainMask(mask_data > 0, GIVEN, float(np.count_nonzero(mask_data)) * per_voxel, "the user")
+    else:
+        stripped = non_background(scan.data)
+        volume = float(np.count_nonzero(stripped)) * per_voxel
+        if volume <= LARGEST_BRAIN_ML:
+            found = BrainMask(stripped, SKULL_STRIPPED, volume, "non-background voxels")
+        else:
+            from .brain_extraction import EXTRACTOR, extract_brain
+
+            mask = extract_brain(scan.data, scan.geometry.affine, device=device, progress=progress)
+            found = BrainMask(mask, EXTRACTED, float(np.count_nonzero(mask)) * per_voxel, EXTRACTOR)
+    check_brain_size(found, scan)
+    return found
+
+
+def extent_mm(mask: np.ndarray, spacing) -> list[float]:
+    """How far the mask reaches along each of its axes, in mm."""
+    reach = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(other for other in range(3) if other != axis)))
+        reach.append(float((present.max() - present.min() + 1) * spacing[axis]) if present.size else 0.0)
+    return reach
+
+
+def check_brain_size(found: BrainMask, scan: NiftiVolume) -> None:
+    """Refuse a brain mask the scan gave (skull-stripped or extracted) that is far too small, too
+    short or too large for an adult brain, saying what it holds. A mask the user gave is theirs
+    to choose (a part of the brain, a child's brain): it gets a warning instead, unless empty."""
+    what = {GIVEN: "the brain mask given", SKULL_STRIPPED: "the skull-stripped brain",
+            EXTRACTED: f"brain extraction ({found.method})"}[found.source]
+    if found.volume_ml == 0:
+        raise ScanError(f"{scan.path}: {what} holds no brain at all; is this a head MRI scan?")
+    if found.volume_ml > LARGEST_BRAIN_ML and found.source != GIVEN:
+        raise ScanError(f"{scan.path}: {what} holds {found.volume_ml:.0f} mL, more than any brain: the skull "
+                        "or the scalp is still in it; give a brain mask")
+    shortest = min(extent_mm(found.mask, scan.geometry.spacing))
+    problem = None
+    if found.volume_ml < SMALLEST_BRAIN_ML:
+        problem = f"holds {found.volume_ml:.0f} mL, far less than an adult brain (1000–2000 mL)"
+    elif shortest < SHORTEST_BRAIN_MM:
+        problem = (f"spans only {shortest:.0f} mm along one axis ({found.volume_ml:.0f} mL), where a brain "
+                   "spans 120–180 mm")
+    elif found.volume_ml > LARGEST_BRAIN_ML:
+        problem = f"holds {found.volume_ml:.0f} mL, more than any brain"
+    if problem is None:
+        return
+    if found.source == GIVEN:
+        warnings.warn(f"{scan.path}: {what} {problem}; only the voxels inside it are scored", ScanWarning,
+                      stacklevel=3)
+        return
+    hint = ("is the whole head in the scan? A few slices, another body part or a contrast the extractor "
+            "cannot read give a partial brain; give a brain mask" if found.source == EXTRACTED
+            else "does the scan cover the whole brain? Give a brain mask if it does")
+    raise ScanError(f"{scan.path}: {what} {problem}; {hint}")
