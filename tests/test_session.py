@@ -149,3 +149,92 @@ def test_evaluation_gives_brain_uad_evaluates_numbers(analysed):
     assert ours.best_dice > 0.5  # the inserted sphere is what the map ranks highest
     other = session.evaluate(lesion, threshold=at(analysis, 0.3))
     assert other.row() == evaluate_analysis(analysis, lesion, threshold=at(analysis, 0.3), min_size_ml=0.1).row()
+
+
+# ---------------------------------------------------------------- reviewing the findings
+
+
+@pytest.fixture(scope="module")
+def two_spheres():
+    """A synthetic head at 2 mm (RAS): an ellipsoid brain of about 1 L with a 12 mm bright
+    sphere 35 mm to the patient's right of its centre and an 8 mm one 35 mm to the left."""
+    import nibabel as nib
+
+    from napari_brain_uad.io import NiftiGeometry, NiftiVolume
+
+    shape = (80, 96, 72)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -np.asarray(shape) + 1.0  # the grid's centre at the scanner's origin
+    world = np.moveaxis(np.indices(shape).astype(float), 0, -1) * 2.0 + affine[:3, 3]
+    brain = (((world / [60.0, 75.0, 55.0]) ** 2).sum(axis=-1) <= 1.0)
+    # Tissue brightening smoothly from the feet to the top of the head: after the percentile
+    # normalisation only the top of the brain competes with the spheres, as one midline finding.
+    data = np.where(brain, 75.0 + world[..., 2] / 2.2, 0.0).astype(np.float32)
+    spheres = {}
+    for side, shift, radius in (("right", 35.0, 12.0), ("left", -35.0, 8.0)):  # RAS: +x is the right
+        spheres[side] = np.linalg.norm(world - [shift, 0.0, 0.0], axis=-1) <= radius
+        data[spheres[side]] = 300.0
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    scan = NiftiVolume(data, NiftiGeometry(source="synthetic head", affine=affine, shape=shape, header=header))
+    analysis = analyse_scan(scan, EmptyReconstruction(), brain_mask=brain,
+                            settings=AnalysisSettings(scorer="residual", median=False, device="cpu"))
+    return analysis, spheres
+
+
+def reviewing(two_spheres) -> ScanSession:
+    analysis, _ = two_spheres
+    session = ScanSession.start(analysis, card({}))
+    session.set_threshold(at(analysis, 0.9))
+    return session
+
+
+def by_side(findings, side: str):
+    """The finding on one side (the spheres are the only findings off the midline)."""
+    (finding,) = [f for f in findings if f.side == side]
+    return finding
+
+
+def test_findings_say_where_they_are_and_start_open(two_spheres):
+    analysis, spheres = two_spheres
+    findings = reviewing(two_spheres).review()
+    assert sorted(f.side for f in findings) == ["left", "midline", "right"]
+    assert all(f.status == "open" for f in findings)
+    assert [f.number for f in findings] == [1, 2, 3] and findings[0].volume_ml >= findings[1].volume_ml
+    geometry = analysis.scan.geometry
+    for side in ("right", "left"):
+        finding = by_side(findings, side)
+        assert finding.volume_ml == pytest.approx(spheres[side].sum() * 0.008, rel=0.2)
+        expected = geometry.source_index_to_display_index(np.argwhere(spheres[side]).mean(axis=0))[0]
+        assert abs(finding.axial_slice - expected) <= 1  # napari's axial slider lands on it
+
+
+def test_accepting_and_rejecting_survive_the_slider(two_spheres):
+    analysis, spheres = two_spheres
+    session = reviewing(two_spheres)
+    annotation = np.zeros(analysis.scan.data.shape, bool)
+    findings = session.review(annotation)
+    annotation |= session.accept(by_side(findings, "right").number)  # the widget adds these voxels
+    annotation &= ~session.reject(by_side(findings, "left").number)
+    statuses = {f.side: f.status for f in session.review(annotation)}
+    assert statuses == {"right": "accepted", "left": "rejected", "midline": "open"}
+    assert np.array_equal(annotation, spheres["right"])
+    open_proposal = session.open_proposal(annotation) > 0
+    assert not (open_proposal & (spheres["right"] | spheres["left"])).any() and open_proposal.any()
+    # The slider moves: the findings are recomputed and renumbered, the decisions stay.
+    session.set_threshold(at(analysis, 0.8))
+    statuses = {f.side: f.status for f in session.review(annotation)}
+    assert statuses["right"] == "accepted" and statuses["left"] == "rejected"
+    # A change of mind: the rejected one accepted after all.
+    annotation |= session.accept(by_side(session.review(annotation), "left").number)
+    assert by_side(session.review(annotation), "left").status == "accepted" and not session.rejected.any()
+
+
+def test_the_open_proposal_leaves_out_what_the_user_drew(two_spheres):
+    analysis, spheres = two_spheres
+    session = reviewing(two_spheres)
+    drawn = spheres["left"].copy()  # the user painted the left sphere themselves
+    proposal = session.open_proposal(drawn) > 0
+    assert not (proposal & drawn).any() and proposal[spheres["right"]].all()
+    statuses = {f.side: f.status for f in session.review(drawn)}
+    assert statuses == {"right": "open", "left": "accepted", "midline": "open"}

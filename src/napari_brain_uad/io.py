@@ -179,10 +179,15 @@ class NiftiGeometry:
                 f"scan's {grid} grid of shape {tuple(expected)}"
             )
 
+    def source_index_to_display_index(self, index) -> np.ndarray:
+        """The display grid's (fractional) index of a source voxel index: axis 0 of the display
+        grid is napari's axial slider."""
+        source = np.append(np.asarray(index, dtype=float), 1.0)
+        return np.linalg.solve(self.display_affine, self.affine @ source)[:3]
+
     def source_index_to_world(self, index) -> np.ndarray:
         """napari world coordinates (display axes, mm) of a (fractional) source voxel index."""
-        source = np.append(np.asarray(index, dtype=float), 1.0)
-        display_index = np.linalg.solve(self.display_affine, self.affine @ source)[:3]
+        display_index = self.source_index_to_display_index(index)
         return display_index * np.asarray(self.display_scale) + np.asarray(self.display_translate)
 
     def layer_kwargs(self) -> dict:

@@ -11,7 +11,13 @@ widget reads it, so both apply the same rules, owned here rather than in Qt code
 - the proposed mask and the findings at the current threshold and minimum size, from the
   cached filtered map: the network never runs again;
 - the median switch, which redoes the post-processing only and keeps the user's choices;
-- evaluation against a lesion mask with exactly the numbers ``brain-uad evaluate`` gives.
+- evaluation against a lesion mask with exactly the numbers ``brain-uad evaluate`` gives;
+- the review of the findings: each is open, accepted or rejected. The user's mask — their own
+  strokes plus the findings they accepted — lives in its own layer, which the slider never
+  writes; the session only says which voxels a decision adds to it or takes from it, keeps the
+  rejected voxels, and proposes what is still open. A finding's status is read off those masks
+  at the current threshold (the slider reshapes findings; a decision stays with the voxels it
+  was made on), so no decision is lost when the slider moves.
 
 Everything here is on the scan's own (source) grid; turning it into layers is the widget's job.
 No Qt or napari import here.
@@ -20,7 +26,7 @@ No Qt or napari import here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +37,27 @@ from .thresholds import StoredThreshold, default_threshold, stored_thresholds
 
 # The width given to a map whose scores are all equal, so a slider over it still has a range.
 _FLAT_MAP_WIDTH = 1e-6
+
+OPEN, ACCEPTED, REJECTED = "open", "accepted", "rejected"
+# A finding takes the decision that covers at least this share of its voxels.
+DECIDED_SHARE = 0.5
+# A finding whose centre lies within this distance of the brain's midline is on neither side.
+MIDLINE_MM = 5.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One component of the proposed mask, for the review table."""
+
+    number: int  # 1 = the largest, as in ``labels_at``
+    voxels: int
+    volume_ml: float
+    mean_score: float
+    max_score: float
+    centre_voxel: tuple[float, float, float]  # the scan's source grid
+    axial_slice: int  # napari's axial slider position at its centre
+    side: str  # the patient's "right", "left", or "midline"
+    status: str  # OPEN, ACCEPTED or REJECTED
 
 
 @dataclass(eq=False)
@@ -45,6 +72,7 @@ class ScanSession:
     threshold: float
     min_size_ml: float
     preset: str | None = None
+    rejected: np.ndarray | None = field(default=None, repr=False)  # bool, the scan's grid
 
     @classmethod
     def start(cls, analysis: ScanAnalysis, model_metadata: Mapping[str, Any], *,
@@ -98,6 +126,72 @@ class ScanSession:
     def findings(self) -> list[dict]:
         """The proposed mask's components, largest first (see ``ScanAnalysis.findings``)."""
         return self.analysis.findings(self.threshold, self.min_size_ml)
+
+    # ------------------------------------------------------------------ reviewing the findings
+
+    def review(self, annotation: np.ndarray | None = None) -> list[Finding]:
+        """The findings at the current threshold and minimum size, largest first, each with
+        where it is and its status given the user's mask ``annotation`` (the scan's grid)."""
+        labels = self.analysis.labels_at(self.threshold, self.min_size_ml)
+        accepted = np.zeros(labels.shape, bool) if annotation is None else np.asarray(annotation) > 0
+        rejected = self.rejected if self.rejected is not None else np.zeros(labels.shape, bool)
+        geometry = self.analysis.scan.geometry
+        midline_x = self._brain_centre_x()
+        findings = []
+        for row in self.analysis.findings(self.threshold, self.min_size_ml):
+            inside = labels == row["label"]
+            if np.count_nonzero(accepted[inside]) >= DECIDED_SHARE * row["voxels"]:
+                status = ACCEPTED
+            elif np.count_nonzero(rejected[inside]) >= DECIDED_SHARE * row["voxels"]:
+                status = REJECTED
+            else:
+                status = OPEN
+            centre = tuple(row["centre_voxel"])
+            x = float((geometry.affine @ np.append(centre, 1.0))[0])  # RAS: +x is the patient's right
+            side = "midline" if abs(x - midline_x) <= MIDLINE_MM else ("right" if x > midline_x else "left")
+            findings.append(Finding(
+                number=row["label"], voxels=row["voxels"], volume_ml=row["volume_ml"],
+                mean_score=row["mean_score"], max_score=row["max_score"], centre_voxel=centre,
+                axial_slice=int(round(geometry.source_index_to_display_index(centre)[0])), side=side,
+                status=status))
+        return findings
+
+    def finding_mask(self, number: int) -> np.ndarray:
+        """The voxels of finding ``number`` at the current threshold (bool, the scan's grid)."""
+        return self.analysis.labels_at(self.threshold, self.min_size_ml) == number
+
+    def accept(self, number: int) -> np.ndarray:
+        """Accept finding ``number``: it is no longer rejected; returns the voxels to add to the
+        user's mask."""
+        voxels = self.finding_mask(number)
+        if self.rejected is not None:
+            self.rejected &= ~voxels
+        return voxels
+
+    def reject(self, number: int) -> np.ndarray:
+        """Reject finding ``number``: its voxels are remembered as rejected; returns them, to be
+        taken out of the user's mask if they were in it."""
+        voxels = self.finding_mask(number)
+        self.rejected = voxels.copy() if self.rejected is None else self.rejected | voxels
+        return voxels
+
+    def open_proposal(self, annotation: np.ndarray | None = None) -> np.ndarray:
+        """What the model still proposes (uint8, the scan's grid): the proposed mask without the
+        voxels the user has in their mask or rejected."""
+        open_voxels = self.proposed_mask() > 0
+        if annotation is not None:
+            open_voxels &= ~(np.asarray(annotation) > 0)
+        if self.rejected is not None:
+            open_voxels &= ~self.rejected
+        return open_voxels.astype(np.uint8)
+
+    def _brain_centre_x(self) -> float:
+        """The brain's centre along the scanner's right-left axis (mm): the midline for "side"."""
+        if not hasattr(self, "_midline_x"):
+            indices = np.argwhere(self.analysis.brain_mask)
+            centre = indices.mean(axis=0) if indices.size else (np.asarray(self.analysis.brain_mask.shape) - 1) / 2
+            self._midline_x = float((self.analysis.scan.geometry.affine @ np.append(centre, 1.0))[0])
+        return self._midline_x
 
     def with_median(self, median: bool) -> "ScanSession":
         """The session with the median filter on or off: the post-processing is redone from the
