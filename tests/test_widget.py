@@ -340,3 +340,80 @@ def test_a_raw_scan_gets_a_brain_layer_the_user_can_correct(viewer_with_widget, 
     np.testing.assert_array_equal(viewer.layers[f"{scan.name} brain"].data, corrected)
     scored = geometry.to_display(widget.session.analysis.anomaly_map) != 0
     assert not scored[: corrected.shape[0] // 3].any()  # nothing scored where the user erased the brain
+
+
+# ---------------------------------------------------------------- readable at a glance, in a normal window
+
+
+def _rendered_label_colour(viewer) -> np.ndarray:
+    """The mean colour of the canvas pixels a Labels layer lights up (the canvas is black elsewhere)."""
+    shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(float)
+    lit = shot.max(axis=-1) > 40
+    assert lit.sum() > 20, "the labels did not show on the canvas"
+    return shot[lit].mean(axis=0)
+
+
+def test_proposal_and_a_reference_mask_from_disk_render_in_their_own_colours(make_napari_viewer, shared_data):
+    """A mask opened from disk is named and drawn as a reference; the same voxels drawn as the
+    model's proposal come out in another colour, each the nearest to its own role's colour."""
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    from napari_brain_uad._styles import LABEL_LOOKS, PROPOSAL, REFERENCE, label_style
+
+    viewer = make_napari_viewer(show=True)  # the canvas renders only in a shown window
+    (reference,) = viewer.open(str(shared_data / "mslub/patient26/lesionmask.nii.gz"), plugin="napari-brain-uad")
+    assert reference.name == "lesionmask (reference)"
+    proposal = viewer.add_labels(reference.data, name="proposal", scale=reference.scale,
+                                 translate=reference.translate, **label_style(PROPOSAL))
+    fullest = int(np.argmax((reference.data > 0).sum(axis=(1, 2))))  # the slice with the most lesion
+    viewer.dims.set_point(0, reference.translate[0] + fullest * reference.scale[0])
+
+    rendered = {}
+    for kind, shown, hidden in ((REFERENCE, reference, proposal), (PROPOSAL, proposal, reference)):
+        shown.visible, hidden.visible = True, False
+        rendered[kind] = _rendered_label_colour(viewer)
+    # Over the black canvas a label's pixel is its colour scaled by the layer's opacity.
+    expected = {kind: 255 * transform_color(look.colour)[0][:3] * look.opacity for kind, look in LABEL_LOOKS.items()}
+    for kind, colour in rendered.items():
+        nearest = min(expected, key=lambda role: np.linalg.norm(expected[role] - colour))
+        assert nearest == kind, (kind, colour, expected)
+    assert np.linalg.norm(rendered[REFERENCE] - rendered[PROPOSAL]) > 100
+
+
+def test_a_multi_contrast_sample_opens_with_one_contrast_shown(make_napari_viewer, shared_data):
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    from napari_brain_uad._styles import LABEL_LOOKS, REFERENCE
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-brain-uad", "mslub-patient26")
+    shown_images = [layer.name for layer in viewer.layers if layer._type_string == "image" and layer.visible]
+    assert shown_images == ["MSLUB T1"]
+    lesions = viewer.layers["MSLUB lesion mask"]  # the registry's name, which already says what it is
+    assert lesions.visible
+    reference_colour = transform_color(LABEL_LOOKS[REFERENCE].colour)[0]
+    np.testing.assert_allclose(lesions.colormap.map(np.array([1]))[0], reference_colour)
+    assert lesions.colormap.map(np.array([0]))[0][3] == 0  # background transparent
+
+
+def test_the_dock_leaves_the_scan_most_of_a_1280_by_800_window(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-brain-uad")
+    window = dock.window()  # the main window, through Qt's own parent chain
+    window.resize(1280, 800)
+    widget.model_details.value = True  # the whole model card shown: the tallest, widest text
+    qtbot.wait(200)
+    assert "trained on" in widget.model_info.value and widget.model_info.native.isVisible()
+    assert window.width() == 1280
+    assert dock.width() <= 0.35 * window.width(), dock.width()
+    assert widget.run_button.native.isVisible() and widget.run_button.enabled
+    assert not widget.threshold.native.visibleRegion().isEmpty()  # on screen without scrolling
+    # The lowest rows stay reachable: the form scrolls rather than being cut off.
+    widget.native.ensureWidgetVisible(widget.export_results_button.native)
+    qtbot.wait(50)
+    assert not widget.export_results_button.native.visibleRegion().isEmpty()
+    # The model card's first line always shows; its details only behind the switch.
+    widget.model_details.value = False
+    qtbot.wait(50)
+    assert widget.model_headline.native.isVisible() and not widget.model_info.native.isVisible()
+    assert widget.model_headline.value == widget.model_info.value.splitlines()[0]

@@ -1,5 +1,9 @@
 """napari reader: a NIfTI scan or a folder holding a DICOM series opens upright, with its voxel
-spacing and its geometry attached."""
+spacing and its geometry attached.
+
+A mask opened from disk is someone else's answer (an expert's lesion mask, a tumour
+segmentation), not the model's nor the user's work in progress: it opens in the reference look
+of ``_styles`` and, when napari names it after its file, with "(reference)" in its name."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from ._styles import REFERENCE, label_style, layer_name
 from .dicom import holds_dicom, series_description
 from .io import NiftiVolume, as_label_array, is_nifti_path, nifti_stem, read_scan
 
@@ -31,15 +36,20 @@ def layer_data(path: str, *, name: str | None = None, labels: bool | None = None
     """One napari LayerData tuple for a NIfTI file or a DICOM series folder.
 
     ``labels=None`` guesses: a scan holding only small non-negative integers (a lesion, tumour
-    or brain mask) opens as Labels, anything else as an Image.
+    or brain mask) opens as Labels, anything else as an Image. A ``name`` given is kept as it is
+    (the sample registry's names already say what a mask is).
     """
     volume = read_scan(path)
     display = volume.display_data()
-    kwargs = {"name": name or _layer_name(path, volume), **volume.geometry.layer_kwargs()}
     if labels is None:
         labels = volume.looks_like_labels()
+    if not name:
+        name = _layer_name(path, volume)
+        if labels:
+            name = layer_name(REFERENCE, name)
+    kwargs = {"name": name, **volume.geometry.layer_kwargs()}
     if labels:
-        return as_label_array(display), kwargs, "labels"
+        return as_label_array(display), {**kwargs, **label_style(REFERENCE)}, "labels"
     kwargs["colormap"] = "gray"
     kwargs["contrast_limits"] = _contrast_limits(display)
     return display, kwargs, "image"

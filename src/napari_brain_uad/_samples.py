@@ -1,4 +1,7 @@
-"""napari's File > Open Sample entries: real scans from the sample registry."""
+"""napari's File > Open Sample entries: real scans from the sample registry.
+
+A multi-contrast sample opens with its first contrast shown and the others hidden (stacked, they
+would hide each other; the layer list shows them with one click), and its masks shown."""
 
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ def load_sample(sample: str) -> list[tuple]:
     source = registry()["datasets"][dataset]
     for _, kwargs, _ in layers:
         kwargs["metadata"]["sample"] = {"licence": source["licence"], "attribution": source["attribution"]}
+    images = [kwargs for _, kwargs, kind in layers if kind == "image"]
+    for kwargs in images[1:]:
+        kwargs["visible"] = False
     return layers
 
 

@@ -9,6 +9,12 @@ proposed mask and the findings from ``session.ScanSession``; the analysis runs t
 (reconstruction, anomaly map, spread, anomalies), the findings table and the navigation to a
 finding, and the export dialogs.
 
+The dock is laid out to stay narrow (the scan keeps most of the window, down to 1280 × 800):
+long texts wrap, the model card's training details sit behind a "Model details" switch, and
+combo boxes and the findings table do not widen to fit their longest entry.
+
+How the result layers look (colours, opacities, names) comes from ``_styles``.
+
 The anomaly map layer carries the session (``metadata["session"]``), which the Evaluate widget
 reads.
 """
@@ -36,8 +42,10 @@ from magicgui.widgets import (
     create_widget,
 )
 from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QComboBox, QHeaderView, QLabel, QSizePolicy
 
 from . import model_card
+from ._styles import BRAIN, anomaly_map_style, finish_labels, label_style, layer_name
 from ._worker import ProgressRelay, start_analysis, start_refilter
 from ._writer import write_layer
 from .brain_mask import GIVEN
@@ -53,13 +61,18 @@ if TYPE_CHECKING:
 
 FILE_CHOICE = "checkpoint file…"
 NO_PRESET = "—"
+WARNING_MARK = "⚠"  # starts a line of the model card that must stay in view
+
+# Combo boxes show this many characters and elide the rest (long layer and model names would
+# otherwise set the dock's width); the full name is in the open list.
+_COMBO_CHARACTERS = 14
 
 _FINDING_COLUMNS = ("#", "volume (mL)", "mean score", "max score")
 
 
 class BrainUADWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
         self._viewer = viewer
         self.scan = create_widget(annotation=napari.layers.Image, label="Scan")
         self.scan_info = Label(value="")
@@ -67,7 +80,10 @@ class BrainUADWidget(Container):
                                         options={"nullable": True})
         self.model_choice = ComboBox(label="Model", choices=[*model_names(), FILE_CHOICE], value=default_model_name())
         self.model_file = FileEdit(label="Checkpoint", filter="*.safetensors", value="", visible=False)
-        self.model_info = Label(value="")
+        self.model_headline = Label(value="")  # the card's first line and any warning: always shown
+        self.model_details = CheckBox(text="Model details", value=False,
+                                      tooltip="the whole model card: what the model is and what it was trained on")
+        self.model_info = Label(value="", visible=False)  # the whole card, behind "Model details"
         self.scorer = ComboBox(label="Scorer", choices=list(SCORERS), value=model_card.FALLBACK_SCORER)
         self.samples = SpinBox(label="Samples (N)", min=1, max=50, value=1)
         self.noise_levels = ComboBox(label="Noise level", choices=["model's t_test", "250, 500, 750"],
@@ -82,15 +98,18 @@ class BrainUADWidget(Container):
         self.min_size_ml = FloatSpinBox(label="Min lesion (mL)", min=0.0, max=100.0, step=0.01, value=0.056)
         self.median = CheckBox(label="Median filter", value=True,
                                tooltip="5×5×5 median of the map (post-processing only: the model does not run again)")
-        self.findings = Table(label="Findings", value={"data": [], "index": [], "columns": list(_FINDING_COLUMNS)})
+        self.findings_title = Label(value="Findings (click a row to go to it)")
+        self.findings = Table(label="", value={"data": [], "index": [], "columns": list(_FINDING_COLUMNS)})
         self.mask = create_widget(annotation=napari.layers.Labels, label="Mask")
         self.export_button = PushButton(text="Export mask…")
         self.export_results_button = PushButton(text="Export map and reconstruction…")
         self.status = Label(value="")
         self.extend([
-            self.scan, self.scan_info, self.brain_mask, self.model_choice, self.model_file, self.model_info,
+            self.scan, self.scan_info, self.brain_mask, self.model_choice, self.model_file, self.model_headline,
+            self.model_details, self.model_info,
             self.scorer, self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button,
-            self.progress, self.threshold, self.threshold_preset, self.min_size_ml, self.median, self.findings,
+            self.progress, self.threshold, self.threshold_preset, self.min_size_ml, self.median,
+            self.findings_title, self.findings,
             self.mask, self.export_button, self.export_results_button, self.status,
         ])
         self.session: ScanSession | None = None  # the latest run's results and the user's choices on them
@@ -106,6 +125,7 @@ class BrainUADWidget(Container):
         self.scan.changed.connect(self._scan_changed)
         self.model_choice.changed.connect(self._model_changed)
         self.model_file.changed.connect(self._file_chosen)
+        self.model_details.changed.connect(self._show_model_headline)
         self.scorer.changed.connect(self._show_presets)
         self.threshold_preset.changed.connect(self._preset_chosen)
         self.median.changed.connect(self._median_changed)
@@ -123,8 +143,43 @@ class BrainUADWidget(Container):
         self._findings_timer.setInterval(250)
         self._findings_timer.timeout.connect(self._update_findings)
         self._finding_rows: list[dict] = []
+        self._fit_narrow()
         self._show_scan_info()
         self._model_changed()
+
+    @property
+    def native(self):
+        """The scroll area around the form. napari docks a widget's ``native``; docking the scroll
+        area (not the form inside it, magicgui's ``native`` for a scrollable container) makes a form
+        taller than the window scroll instead of being cut off at the bottom."""
+        return self.root_native_widget
+
+    def _fit_narrow(self):
+        """Let nothing set a wide minimum: texts wrap, combo boxes elide, and what has no row label
+        (texts, the findings table) spans the dock's width instead of sitting beside an empty one."""
+        for widget in self:
+            row = widget.native.parentWidget()
+            layout = row.layout() if row is not None else None
+            # magicgui puts each labelled widget in a row of two: its label, then the widget.
+            if not widget.label and layout is not None and layout.count() == 2 \
+                    and layout.itemAt(1).widget() is widget.native:
+                empty_label = layout.itemAt(0).widget()
+                if isinstance(empty_label, QLabel):
+                    empty_label.hide()
+        for label in (self.scan_info, self.model_headline, self.model_info, self.findings_title, self.status):
+            text = label.native
+            text.setWordWrap(True)
+            policy = QSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+            policy.setHeightForWidth(True)  # a wrapped text grows down as the dock narrows
+            text.setSizePolicy(policy)
+        for combo in self.native.findChildren(QComboBox):
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(_COMBO_CHARACTERS)
+        header = self.findings.native.horizontalHeader()
+        # Columns as wide as their header and numbers; a narrower dock scrolls the table sideways
+        # rather than cutting its headers in half.
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.findings.native.verticalHeader().setVisible(False)  # the "#" column already numbers the rows
 
     def reset_choices(self, *_):  # napari calls this when layers are added or removed
         preset = self.threshold_preset.value
@@ -201,6 +256,23 @@ class BrainUADWidget(Container):
             self._show_presets()
 
     def _show_model_info(self):
+        """The chosen model's card, as the "Model details" switch has it."""
+        self._describe_model()
+        self._show_model_headline()
+
+    def _show_model_headline(self, *_):
+        """The card's first line and its warnings always; the whole card when "Model details" is on.
+        The switch shows only when the card says more than its headline."""
+        lines = self.model_info.value.splitlines()
+        headline = [line for index, line in enumerate(lines) if index == 0 or line.startswith(WARNING_MARK)]
+        more = len(headline) < len(lines)
+        self.model_details.visible = more
+        self.model_info.visible = more and self.model_details.value
+        self.model_headline.visible = not self.model_info.visible
+        self.model_headline.value = "\n".join(headline)
+
+    def _describe_model(self):
+        """The chosen model's card (``model_info``, whole) and metadata, or why there is none."""
         from .checkpoint import read_metadata
 
         self._model_metadata = {}
@@ -221,7 +293,7 @@ class BrainUADWidget(Container):
         layer = self.scan.value
         names = (layer.name, getattr(layer.metadata.get("nifti"), "source", "")) if layer is not None else ()
         mismatch = model_card.modality_mismatch(metadata, *names)
-        self.model_info.value = model_card.summary(metadata) + (f"\n⚠ {mismatch}" if mismatch else "")
+        self.model_info.value = model_card.summary(metadata) + (f"\n{WARNING_MARK} {mismatch}" if mismatch else "")
 
     def _show_presets(self, *_):
         """The model's thresholds that were calibrated for the chosen scorer."""
@@ -310,8 +382,8 @@ class BrainUADWidget(Container):
         self._replace(f"{name} reconstruction", "image", geometry.to_display(analysis.reconstruction),
                       colormap="gray", contrast_limits=scan_layer.contrast_limits, visible=False, **placement)
         self._map_layer = self._replace(
-            f"{name} anomaly map", "image", geometry.to_display(analysis.anomaly_map), colormap="inferno",
-            blending="additive", opacity=0.6, contrast_limits=session.threshold_range,
+            f"{name} anomaly map", "image", geometry.to_display(analysis.anomaly_map), **anomaly_map_style(),
+            contrast_limits=session.threshold_range,
             **{**placement, "metadata": {**placement["metadata"], "session": session}},
         )
         if analysis.spread is not None:
@@ -333,9 +405,10 @@ class BrainUADWidget(Container):
         if analysis.brain.source == GIVEN:
             return
         geometry = scan_layer.metadata["nifti"]
-        layer = self._replace(f"{scan_layer.name} brain", "labels",
-                              geometry.to_display(analysis.brain.mask.astype(np.uint8)), **placement)
-        layer.contour = 1
+        layer = self._replace(layer_name(BRAIN, scan_layer.name), "labels",
+                              geometry.to_display(analysis.brain.mask.astype(np.uint8)), **label_style(BRAIN),
+                              **placement)
+        finish_labels(layer, BRAIN)
         self.brain_mask.reset_choices()
         self.brain_mask.value = layer
 
