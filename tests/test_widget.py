@@ -123,29 +123,29 @@ def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widg
     run_and_wait(widget, qtbot)
     assert widget.status.value.startswith("Done"), widget.status.value
     scan = viewer.layers["MSLUB T1"]
-    for name in ("reconstruction", "anomaly map", "anomalies"):
+    for name in ("reconstruction", "anomaly map", "proposal", "annotation"):
         layer = viewer.layers[f"MSLUB T1 {name}"]
         assert layer.data.shape == scan.data.shape
         np.testing.assert_array_equal(layer.scale, scan.scale)
         np.testing.assert_array_equal(layer.translate, scan.translate)
-    labels = viewer.layers["MSLUB T1 anomalies"]
+    labels = viewer.layers["MSLUB T1 proposal"]
     low, high = widget.threshold.min, widget.threshold.max
     widget.threshold.value = low + 0.05 * (high - low)
     many = int((labels.data > 0).sum())
     widget.threshold.value = low + 0.6 * (high - low)
     few = int((labels.data > 0).sum())
-    assert many > few  # the mask follows the slider, with no new run
+    assert many > few  # the proposal follows the slider, with no new run
 
     # Findings: one row per component; clicking a row takes the viewer to it.
     widget.threshold.value = low + 0.3 * (high - low)
-    widget._update_findings()  # what the timer does once the slider rests
-    rows = widget.findings.data.to_list()
+    widget.review.refresh_table()  # what the timer does once the slider rests
+    rows = widget.review.table.data.to_list()
     session = widget.session
     assert session.threshold == widget.threshold.value and session.preset is None  # the user's own threshold
     assert len(rows) == session.analysis.labels_at(session.threshold, session.min_size_ml).max()
-    assert rows and rows[0][0] == 1  # largest first
-    widget.go_to_finding(0)
-    centre = widget._finding_rows[0]["centre_voxel"]
+    assert rows and rows[0][0] == 1 and rows[0][1] == "open"  # largest first, not yet decided
+    widget.review.table.native.cellClicked.emit(0, 0)
+    centre = widget.review.findings[0].centre_voxel
     world = scan.metadata["nifti"].source_index_to_world(centre)
     np.testing.assert_allclose(viewer.dims.point[:3], world, atol=max(scan.scale))
 
@@ -156,7 +156,7 @@ def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widg
     with pytest.raises(FileExistsError):
         widget.export_results(tmp_path)  # never over a user's files
 
-    # Evaluate: the anomalies mask against itself scores Dice 1 at the slider's threshold (same
+    # Evaluate: the proposal against itself scores Dice 1 at the slider's threshold (same
     # grid, same threshold); against the expert lesion mask the numbers are valid fractions.
     from napari_brain_uad._evaluate_widget import EvaluateWidget
 
@@ -188,7 +188,8 @@ def test_run_shows_aligned_results_and_the_slider_changes_the_mask(mslub_in_widg
                  for x in range(0, image.width(), 2) for y in range(0, image.height(), 2))
     assert orange > 20
 
-    out = widget.export_mask(tmp_path / "anomalies.nii.gz")
+    widget.mask.value = labels  # any Labels layer can be exported; the default is the user's own
+    out = widget.export_mask(tmp_path / "proposal.nii.gz")
     saved = nib.load(out)
     np.testing.assert_array_equal(saved.affine, nib.load(shared_data / "mslub/patient26/T1.nii.gz").affine)
     np.testing.assert_array_equal(np.asarray(saved.dataobj) > 0,
@@ -271,7 +272,7 @@ def test_the_anomaly_overlay_shows_on_screen(make_napari_viewer, trained_checkpo
     viewer.dims.set_point(0, viewer.layers["MSLUB T1"].translate[0] + 90)
     with_overlay = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
     viewer.layers["MSLUB T1 anomaly map"].visible = False
-    viewer.layers["MSLUB T1 anomalies"].visible = False
+    viewer.layers["MSLUB T1 proposal"].visible = False
     without = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
     assert without.std() > 10  # the scan itself is drawn
     changed = np.abs(with_overlay - without).max(axis=-1) > 30
@@ -301,14 +302,14 @@ def test_the_bundled_model_runs_by_default_with_its_threshold_and_median_switch(
     assert auprc(analysis.filtered.values, lesions, region) > 3 * lesions[region].mean()
 
     # Median off: only the post-processing runs again; the mask and findings follow.
-    before = widget._results_layer.data.copy()
+    before = widget.review.proposal_layer.data.copy()
     widget.median.value = False
     qtbot.waitUntil(lambda: widget._median_worker is None, timeout=60_000)
     refiltered = widget.session.analysis
     assert refiltered.reconstructions is analysis.reconstructions and not refiltered.filtered.median
     assert widget.session.threshold == pytest.approx(metadata["thresholds"]["healthy-99"]["value"])  # kept
     assert "Median filter off" in widget.status.value
-    assert not np.array_equal(widget._results_layer.data, before)
+    assert not np.array_equal(widget.review.proposal_layer.data, before)
     widget.threshold_preset.value = NO_PRESET  # a preset is a shortcut; the slider stays where it is
     widget.threshold_preset.value = "healthy-99"
     assert widget.threshold.value == pytest.approx(metadata["thresholds"]["healthy-99"]["value"], abs=1e-6)  # the slider keeps 6 decimals
@@ -417,3 +418,120 @@ def test_the_dock_leaves_the_scan_most_of_a_1280_by_800_window(make_napari_viewe
     qtbot.wait(50)
     assert widget.model_headline.native.isVisible() and not widget.model_info.native.isVisible()
     assert widget.model_headline.value == widget.model_info.value.splitlines()[0]
+
+
+
+# ---------------------------------------------------------------- the user's work is never lost
+
+
+@pytest.fixture
+def reviewed(mslub_in_widget, qtbot):
+    """The MSLUB T1 run with the small trained model, at a threshold with several findings."""
+    viewer, widget = mslub_in_widget
+    widget.scorer.value = "residual"
+    run_and_wait(widget, qtbot)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    low, high = widget.threshold.min, widget.threshold.max
+    for fraction in np.linspace(0.4, 0.95, 12):  # this small model's map: find a threshold with a few findings
+        widget.threshold.value = low + fraction * (high - low)
+        widget.review.refresh_table()
+        if len(widget.review.findings) >= 3:
+            break
+    assert len(widget.review.findings) >= 3
+    yield viewer, widget
+    widget.review.unsaved = False  # the test is over: closing its window must not ask
+
+
+def test_painted_voxels_survive_the_slider_and_undo_still_works(reviewed):
+    """Paint in the user's layer, then move the slider and the minimum size: the painted voxels
+    stay; napari's undo still takes the stroke back."""
+    viewer, widget = reviewed
+    annotation = viewer.layers["MSLUB T1 annotation"]
+    assert widget.mask.value.unique_id == annotation.unique_id and widget.review.unsaved is False
+    viewer.layers.selection.active = annotation
+    annotation.selected_label = 1
+    annotation.brush_size = 5
+    centre = tuple(int(n) // 2 for n in annotation.data.shape)
+    annotation.paint(centre, 1)  # a brush stroke, as the mouse makes it
+    painted = annotation.data.copy()
+    assert painted[centre] == 1 and widget.review.unsaved
+    for fraction in (0.05, 0.9, 0.5):
+        widget.threshold.value = widget.threshold.min + fraction * (widget.threshold.max - widget.threshold.min)
+    widget.min_size_ml.value = 0.5
+    np.testing.assert_array_equal(annotation.data, painted)
+    annotation.undo()
+    assert annotation.data[centre] == 0 and not annotation.data.any()
+
+
+def test_accept_and_reject_give_an_export_of_exactly_the_accepted_findings_and_strokes(reviewed, tmp_path):
+    viewer, widget = reviewed
+    review, geometry = widget.review, viewer.layers["MSLUB T1"].metadata["nifti"]
+    review.step(+1)
+    first = review.session.finding_mask(review.findings[0].number)
+    review.accept_current()  # moves on to the next open finding
+    assert review.current == 1
+    second = review.session.finding_mask(review.findings[1].number)
+    review.reject_current()
+    assert [f.status for f in review.findings[:2]] == ["accepted", "rejected"]
+    stroke = np.zeros(geometry.shape, bool)
+    stroke[20:24, 20:24, 20:24] = True  # the user's own stroke, away from the findings
+    annotation = viewer.layers["MSLUB T1 annotation"]
+    annotation.data_setitem(tuple(np.nonzero(geometry.to_display(stroke))), 1)
+    # The slider moves after the decisions: none of them is lost.
+    widget.threshold.value = widget.threshold.min + 0.5 * (widget.threshold.max - widget.threshold.min)
+    widget.review.refresh_table()
+    out = widget.export_mask(tmp_path / "reviewed.nii.gz")
+    saved = np.asarray(nib.load(out).dataobj) > 0
+    np.testing.assert_array_equal(saved, first | stroke)
+    assert not (saved & second).any() and not review.unsaved
+    proposal = geometry.to_source(viewer.layers["MSLUB T1 proposal"].data) > 0
+    assert not (proposal & (first | second)).any()  # decided findings are no longer proposed
+    # The keyboard does the same: Shift+N, Shift+P, Shift+A and Shift+R are bound on the viewer.
+    bound = {str(key): handler for key, handler in viewer.keymap.items()}
+    assert {"Shift+N", "Shift+P", "Shift+A", "Shift+R"} <= set(bound)
+    open_row = next(row for row, finding in enumerate(review.findings) if finding.status == "open")
+    review.current = open_row - 1 if open_row else None
+    bound["Shift+N"](viewer)  # that open finding in view, as the key would do
+    assert review.current == open_row
+    number = review.findings[open_row].number
+    bound["Shift+A"](viewer)
+    assert next(f for f in review.findings if f.number == number).status == "accepted" and review.unsaved
+
+
+def test_a_rerun_keeps_the_users_layer_and_their_decisions(reviewed, qtbot):
+    viewer, widget = reviewed
+    review = widget.review
+    review.step(+1)
+    review.reject_current()
+    annotation = viewer.layers["MSLUB T1 annotation"]
+    annotation.data_setitem((np.array([30]), np.array([40]), np.array([50])), 1)
+    edited = annotation.data.copy()
+    run_and_wait(widget, qtbot)
+    assert viewer.layers["MSLUB T1 annotation"].unique_id == annotation.unique_id  # the same layer, not a new one
+    np.testing.assert_array_equal(annotation.data, edited)
+    assert review.session.rejected is not None and review.session.rejected.any()
+
+
+def test_closing_with_unexported_edits_asks_first(reviewed, monkeypatch, tmp_path):
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer, widget = reviewed
+    window = widget.native.window()
+    widget.review.step(+1)
+    widget.review.accept_current()
+    assert widget.review.unsaved
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *args, **kwargs: asked.append(args) or
+                        QMessageBox.StandardButton.Cancel)
+    from qtpy.QtGui import QCloseEvent
+    from qtpy.QtWidgets import QApplication
+
+    closing = QCloseEvent()
+    QApplication.sendEvent(window, closing)  # what closing the window sends
+    assert asked and "not exported" in asked[0][2]
+    assert not closing.isAccepted()  # the window stays: the user said Cancel
+    widget.export_mask(tmp_path / "annotation.nii.gz")
+    asked.clear()
+    assert not widget.review.unsaved
+    QApplication.sendEvent(window, QCloseEvent())
+    assert not asked  # exported: nothing to ask

@@ -5,9 +5,10 @@ Cancel, the results (threshold and preset, minimum lesion size, median switch, f
 the exports, and connects them. The rules it shows come from the core: the model's card and
 defaults from ``model_card`` and ``scoring``, the threshold's start, range and presets, the
 proposed mask and the findings from ``session.ScanSession``; the analysis runs through
-``_worker``. What is left here is turning a session into layers on the scan's own display grid
-(reconstruction, anomaly map, spread, anomalies), the findings table and the navigation to a
-finding, and the export dialogs.
+``_worker``; the findings' review, the model's proposal layer and the user's own annotation
+layer (which no slider or re-run overwrites) through ``_review``. What is left here is turning a
+session into layers on the scan's own display grid (reconstruction, anomaly map, spread, brain)
+and the export dialogs.
 
 The dock is laid out to stay narrow (the scan keeps most of the window, down to 1280 × 800):
 long texts wrap, the model card's training details sit behind a "Model details" switch, and
@@ -38,7 +39,6 @@ from magicgui.widgets import (
     ProgressBar,
     PushButton,
     SpinBox,
-    Table,
     create_widget,
 )
 from qtpy.QtCore import QTimer
@@ -46,6 +46,7 @@ from qtpy.QtWidgets import QComboBox, QHeaderView, QLabel, QSizePolicy
 
 from . import model_card
 from ._styles import BRAIN, anomaly_map_style, finish_labels, label_style, layer_name
+from ._review import FindingsReview
 from ._worker import ProgressRelay, start_analysis, start_refilter
 from ._writer import write_layer
 from .brain_mask import GIVEN
@@ -67,7 +68,6 @@ WARNING_MARK = "⚠"  # starts a line of the model card that must stay in view
 # otherwise set the dock's width); the full name is in the open list.
 _COMBO_CHARACTERS = 14
 
-_FINDING_COLUMNS = ("#", "volume (mL)", "mean score", "max score")
 
 
 class BrainUADWidget(Container):
@@ -98,8 +98,7 @@ class BrainUADWidget(Container):
         self.min_size_ml = FloatSpinBox(label="Min lesion (mL)", min=0.0, max=100.0, step=0.01, value=0.056)
         self.median = CheckBox(label="Median filter", value=True,
                                tooltip="5×5×5 median of the map (post-processing only: the model does not run again)")
-        self.findings_title = Label(value="Findings (click a row to go to it)")
-        self.findings = Table(label="", value={"data": [], "index": [], "columns": list(_FINDING_COLUMNS)})
+        self.review = FindingsReview(viewer)
         self.mask = create_widget(annotation=napari.layers.Labels, label="Mask")
         self.export_button = PushButton(text="Export mask…")
         self.export_results_button = PushButton(text="Export map and reconstruction…")
@@ -109,11 +108,10 @@ class BrainUADWidget(Container):
             self.model_details, self.model_info,
             self.scorer, self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button,
             self.progress, self.threshold, self.threshold_preset, self.min_size_ml, self.median,
-            self.findings_title, self.findings,
+            self.review,
             self.mask, self.export_button, self.export_results_button, self.status,
         ])
         self.session: ScanSession | None = None  # the latest run's results and the user's choices on them
-        self._results_layer = None
         self._map_layer = None
         self._worker = None
         self._median_worker = None
@@ -135,14 +133,12 @@ class BrainUADWidget(Container):
         self.min_size_ml.changed.connect(self._min_size_changed)
         self.export_button.changed.connect(self._ask_and_export)
         self.export_results_button.changed.connect(self._ask_and_export_results)
-        self.findings.native.cellClicked.connect(lambda row, column: self.go_to_finding(row))
-        # The findings table (components, volumes, scores) costs more than the mask itself, so it
-        # follows the slider once it rests for a moment rather than at every step.
+        # The findings table (components, volumes, scores, decisions) costs more than the
+        # proposal itself, so it follows the slider once it rests for a moment.
         self._findings_timer = QTimer(self.native)  # dies with the widget, never fires after it
         self._findings_timer.setSingleShot(True)
         self._findings_timer.setInterval(250)
-        self._findings_timer.timeout.connect(self._update_findings)
-        self._finding_rows: list[dict] = []
+        self._findings_timer.timeout.connect(self.review.refresh_table)
         self._fit_narrow()
         self._show_scan_info()
         self._model_changed()
@@ -166,7 +162,7 @@ class BrainUADWidget(Container):
                 empty_label = layout.itemAt(0).widget()
                 if isinstance(empty_label, QLabel):
                     empty_label.hide()
-        for label in (self.scan_info, self.model_headline, self.model_info, self.findings_title, self.status):
+        for label in (self.scan_info, self.model_headline, self.model_info, self.review.title, self.status):
             text = label.native
             text.setWordWrap(True)
             policy = QSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
@@ -175,11 +171,11 @@ class BrainUADWidget(Container):
         for combo in self.native.findChildren(QComboBox):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(_COMBO_CHARACTERS)
-        header = self.findings.native.horizontalHeader()
+        table = self.review.table.native
         # Columns as wide as their header and numbers; a narrower dock scrolls the table sideways
         # rather than cutting its headers in half.
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.findings.native.verticalHeader().setVisible(False)  # the "#" column already numbers the rows
+        table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        table.verticalHeader().setVisible(False)  # the "#" column already numbers the rows
 
     def reset_choices(self, *_):  # napari calls this when layers are added or removed
         preset = self.threshold_preset.value
@@ -391,12 +387,10 @@ class BrainUADWidget(Container):
                           blending="additive", visible=False, **placement)
         self._show_brain(scan_layer, analysis, placement)
         self._show_threshold()
-        self._results_layer = self._replace(f"{name} anomalies", "labels",
-                                            geometry.to_display(session.proposed_mask()), **placement)
+        self.review.show(session, scan_layer, placement)
         self.mask.reset_choices()
-        self.mask.value = self._results_layer
-        self._update_findings()
-        self.status.value = f"Done: {len(self._finding_rows)} finding(s); {analysis.brain.describe()}."
+        self.mask.value = self.review.annotation_layer  # what an export writes: the user's mask
+        self.status.value = f"Done: {len(self.review.findings)} finding(s); {analysis.brain.describe()}."
 
     def _show_brain(self, scan_layer, analysis: ScanAnalysis, placement: dict) -> None:
         """A brain the run found itself (skull-stripped scan, or extracted) becomes a Labels layer
@@ -462,11 +456,9 @@ class BrainUADWidget(Container):
         self._findings_timer.start()
 
     def _show_mask(self):
-        """The session's proposed mask in the anomalies layer (from the cached filtered map)."""
-        if self._results_layer is None or self._results_layer not in self._viewer.layers:
-            return
-        geometry = self._results_layer.metadata["nifti"]
-        self._results_layer.data = geometry.to_display(self.session.proposed_mask())
+        """The session's open proposal in the proposal layer (from the cached filtered map); the
+        user's own layer is never written here."""
+        self.review.refresh_proposal()
 
     def _median_changed(self, *_):
         """Median on/off after a run: redo the post-processing in a worker; the model does not run."""
@@ -484,33 +476,16 @@ class BrainUADWidget(Container):
         self.session = session
         if self._map_layer is not None:
             self._map_layer.metadata["session"] = session
+        self.review.session = session
         self._show_threshold()
-        self._show_mask()
-        self._update_findings()
+        self.review.refresh()
         median = session.analysis.filtered.median
-        self.status.value = f"Median filter {'on' if median else 'off'}: {len(self._finding_rows)} finding(s)."
+        self.status.value = f"Median filter {'on' if median else 'off'}: {len(self.review.findings)} finding(s)."
 
     def _median_finished(self):
         self._median_worker = None
         if self.session is not None and self.session.analysis.filtered.median != self.median.value:
             self._median_changed()  # toggled again while the worker ran
-
-    def _update_findings(self):
-        if self.session is None:
-            return
-        self._finding_rows = self.session.findings()
-        rows = [[row["label"], round(row["volume_ml"], 3), round(row["mean_score"], 4), round(row["max_score"], 4)]
-                for row in self._finding_rows]
-        self.findings.value = {"data": rows, "index": [str(row[0]) for row in rows], "columns": list(_FINDING_COLUMNS)}
-
-    def go_to_finding(self, row: int):
-        """Centre the viewer on a finding: its slice in every dimension, and the camera."""
-        if not 0 <= row < len(self._finding_rows) or self.session is None:
-            return
-        geometry = self.session.analysis.scan.geometry
-        world = geometry.source_index_to_world(self._finding_rows[row]["centre_voxel"])
-        self._viewer.dims.point = tuple(world)
-        self._viewer.camera.center = tuple(world)
 
     # ------------------------------------------------------------------ export
 
@@ -521,6 +496,7 @@ class BrainUADWidget(Container):
             raise BrainUADError("choose a Labels layer to export")
         meta = {"name": layer.name, "metadata": layer.metadata}
         written = write_layer(str(path), layer.data, meta, kind="labels", overwrite=overwrite)
+        self.review.mark_saved(layer)
         self.status.value = f"Saved {written}"
         return written
 

@@ -1,0 +1,259 @@
+"""Reviewing the findings of a run, and the user's mask that no slider or re-run overwrites.
+
+Two Labels layers per scan, kept apart on purpose:
+
+- **proposal** (orange): what the model still proposes at the current threshold and minimum
+  size — its findings, without what the user has accepted, drawn or rejected. The slider, the
+  minimum size and the median switch rewrite this layer, and only this one.
+- **annotation** (green): the user's mask — the findings they accepted plus their own strokes
+  (paint, erase, fill). Nothing but the user writes it: accepting or rejecting a finding is an
+  edit of it made through napari's own ``data_setitem``, so Ctrl+Z undoes it like a stroke; a
+  threshold change never touches it, so its undo history stays whole; a re-run keeps it as it
+  is. It is the mask the export writes.
+
+Why two layers rather than a slider that only changes the voxels the user never touched: the
+user can see at any time what is theirs and what is the model's, the export holds exactly what
+they accepted or drew, and no hidden bookkeeping of "touched" voxels can go wrong.
+
+Each finding is open, accepted or rejected (``session.ScanSession.review``); the table shows its
+status, volume, mean and max score, axial slice and side. Buttons and keys (Shift+N next,
+Shift+P previous, Shift+A accept, Shift+R reject) step through them and take the viewer to
+each. Edits not yet exported are tracked, and closing the window with them asks first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import napari
+import numpy as np
+from magicgui.widgets import Container, Label, PushButton, Table
+from qtpy.QtCore import QEvent, QObject
+from qtpy.QtWidgets import QMessageBox
+
+from ._styles import ANNOTATION, PROPOSAL, label_style, layer_name
+
+if TYPE_CHECKING:
+    from .session import Finding, ScanSession
+
+COLUMNS = ("#", "status", "mL", "mean", "max", "slice", "side")
+KEYS = {"next": "Shift-N", "previous": "Shift-P", "accept": "Shift-A", "reject": "Shift-R"}
+
+
+class FindingsReview(Container):
+    """The findings table with its review buttons, and the proposal and annotation layers."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=False)
+        self._viewer = viewer
+        self.title = Label(value="Findings: run the analysis first")
+        self.table = Table(value={"data": [], "index": [], "columns": list(COLUMNS)})
+        self.previous_button = PushButton(text="◀", tooltip=f"previous finding ({KEYS['previous']})")
+        self.next_button = PushButton(text="▶", tooltip=f"next finding ({KEYS['next']})")
+        self.accept_button = PushButton(text="Accept", tooltip=f"add this finding to your mask ({KEYS['accept']})")
+        self.reject_button = PushButton(text="Reject", tooltip=f"not a lesion ({KEYS['reject']})")
+        buttons = Container(widgets=[self.previous_button, self.next_button, self.accept_button,
+                                     self.reject_button], layout="horizontal", labels=False)
+        buttons.margins = (0, 0, 0, 0)
+        self.extend([self.title, self.table, buttons])
+        self.session: ScanSession | None = None
+        self.proposal_layer = None
+        self.annotation_layer = None
+        self.findings: list[Finding] = []
+        self.current: int | None = None  # row of the finding in view
+        self.unsaved = False  # the annotation has edits that were not exported
+        self._close_guard: _AskBeforeClosing | None = None
+        self.previous_button.changed.connect(lambda: self.step(-1))
+        self.next_button.changed.connect(lambda: self.step(+1))
+        self.accept_button.changed.connect(self.accept_current)
+        self.reject_button.changed.connect(self.reject_current)
+        self.table.native.cellClicked.connect(lambda row, column: self.go_to(row))
+        for action, key in KEYS.items():
+            viewer.bind_key(key, self._key_handler(action), overwrite=True)
+
+    def _key_handler(self, action: str):
+        handlers = {"next": lambda: self.step(+1), "previous": lambda: self.step(-1),
+                    "accept": self.accept_current, "reject": self.reject_current}
+
+        def handle(viewer):
+            handlers[action]()
+
+        return handle
+
+    # ------------------------------------------------------------------ a run's results
+
+    def show(self, session: ScanSession, scan_layer, placement: dict) -> None:
+        """A new run's session: the proposal layer is (re)made; the annotation layer of this
+        scan is kept as the user left it, or made empty; decisions already made stay."""
+        previous = self.session
+        if previous is not None and previous.rejected is not None \
+                and previous.analysis.scan.geometry.source == session.analysis.scan.geometry.source \
+                and previous.rejected.shape == session.analysis.scan.data.shape:
+            session.rejected = previous.rejected.copy()  # the same scan: its rejections stand
+        self.session = session
+        geometry = scan_layer.metadata["nifti"]
+        layers = self._viewer.layers
+        name = layer_name(ANNOTATION, scan_layer.name)
+        if name in layers:
+            self.annotation_layer = layers[name]  # the user's: never removed, never rewritten
+        else:
+            self.annotation_layer = self._viewer.add_labels(
+                np.zeros(geometry.display_shape, dtype=np.uint8), name=name, **label_style(ANNOTATION), **placement)
+            self.unsaved = False
+        self.annotation_layer.events.paint.connect(self._annotation_edited)
+        proposal_name = layer_name(PROPOSAL, scan_layer.name)
+        if proposal_name in layers:
+            layers.remove(proposal_name)
+        self.proposal_layer = self._viewer.add_labels(self._open_proposal_display(), name=proposal_name,
+                                                      **label_style(PROPOSAL), **placement)
+        self.proposal_layer.editable = False  # the model's: the user paints in the annotation
+        layers.selection.active = self.annotation_layer
+        self._guard_closing()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """The threshold, minimum size or median changed, or a decision was made: the proposal
+        layer and the table follow; the annotation is left as it is."""
+        self.refresh_proposal()
+        self.refresh_table()
+
+    def refresh_proposal(self) -> None:
+        """Only the proposal layer (milliseconds: what a slider step redraws)."""
+        if self.session is not None and self.proposal_layer is not None \
+                and any(_same_layer(layer, self.proposal_layer) for layer in self._viewer.layers):
+            self.proposal_layer.data = self._open_proposal_display()
+
+    def refresh_table(self) -> None:
+        if self.session is None:
+            return
+        self.findings = self.session.review(self.annotation_source())
+        self.table.value = {"data": [_row(finding) for finding in self.findings],
+                            "index": [str(finding.number) for finding in self.findings], "columns": list(COLUMNS)}
+        counts = {status: sum(f.status == status for f in self.findings) for status in ("open", "accepted", "rejected")}
+        self.title.value = (f"Findings: {len(self.findings)} — {counts['open']} open, {counts['accepted']} accepted, "
+                            f"{counts['rejected']} rejected (click a row to go to it)")
+        if self.current is not None and self.current >= len(self.findings):
+            self.current = len(self.findings) - 1 if self.findings else None
+        if self.current is not None:
+            self.table.native.selectRow(self.current)
+
+    def annotation_source(self) -> np.ndarray | None:
+        """The user's mask on the scan's own grid (bool), or None before a run."""
+        if self.annotation_layer is None or self.session is None:
+            return None
+        geometry = self.session.analysis.scan.geometry
+        return geometry.to_source(np.asarray(self.annotation_layer.data)) > 0
+
+    def _open_proposal_display(self) -> np.ndarray:
+        geometry = self.session.analysis.scan.geometry
+        return geometry.to_display(self.session.open_proposal(self.annotation_source()))
+
+    # ------------------------------------------------------------------ reviewing
+
+    def go_to(self, row: int) -> None:
+        """Make ``row`` the finding in view: its slice in every dimension, and the camera."""
+        if self.session is None or not 0 <= row < len(self.findings):
+            return
+        self.current = row
+        self.table.native.selectRow(row)
+        world = self.session.analysis.scan.geometry.source_index_to_world(self.findings[row].centre_voxel)
+        self._viewer.dims.point = tuple(world)
+        self._viewer.camera.center = tuple(world)
+
+    def step(self, direction: int) -> None:
+        """The next (+1) or previous (-1) finding, wrapping around."""
+        if not self.findings:
+            return
+        row = -1 if self.current is None and direction > 0 else (0 if self.current is None else self.current)
+        self.go_to((row + direction) % len(self.findings))
+
+    def accept_current(self) -> None:
+        """Add the finding in view to the user's mask (undoable) and move on to the next open one."""
+        finding = self._current_finding()
+        if finding is None:
+            return
+        self._write_annotation(self.session.accept(finding.number), 1)
+        self._after_decision()
+
+    def reject_current(self) -> None:
+        """Mark the finding in view as not a lesion (its voxels leave the user's mask if they were
+        in it) and move on to the next open one."""
+        finding = self._current_finding()
+        if finding is None:
+            return
+        self._write_annotation(self.session.reject(finding.number), 0)
+        self._after_decision()
+
+    def _current_finding(self) -> Finding | None:
+        if self.session is None or self.current is None or not 0 <= self.current < len(self.findings):
+            return None
+        return self.findings[self.current]
+
+    def _write_annotation(self, voxels: np.ndarray, value: int) -> None:
+        """Set the finding's voxels in the user's layer through napari's editing path, so the
+        decision is one step of the layer's undo history."""
+        display = self.session.analysis.scan.geometry.to_display(voxels)
+        layer = self.annotation_layer
+        changed = display & (np.asarray(layer.data) != value)
+        if changed.any():
+            layer.data_setitem(tuple(np.nonzero(changed)), value)
+            self.unsaved = True
+
+    def _after_decision(self) -> None:
+        decided = self.current
+        self.refresh()
+        for offset in range(1, len(self.findings) + 1):
+            row = (decided + offset) % len(self.findings)
+            if self.findings[row].status == "open":
+                self.go_to(row)
+                return
+
+    def _annotation_edited(self, *_):
+        self.unsaved = True
+
+    def mark_saved(self, layer) -> None:
+        """An export wrote ``layer``; when it is the annotation, its edits are safe."""
+        if self.annotation_layer is not None and _same_layer(layer, self.annotation_layer):
+            self.unsaved = False
+
+    # ------------------------------------------------------------------ closing with edits
+
+    def _guard_closing(self) -> None:
+        window = self.native.window()
+        if self._close_guard is None and window is not None and window is not self.native:
+            self._close_guard = _AskBeforeClosing(self)
+            window.installEventFilter(self._close_guard)
+
+
+class _AskBeforeClosing(QObject):
+    """Asks before the window closes while the user's mask has edits that were not exported."""
+
+    def __init__(self, review: FindingsReview):
+        super().__init__(review.native)
+        self.review = review
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() != QEvent.Type.Close or not self.review.unsaved:
+            return False
+        name = self.review.annotation_layer.name if self.review.annotation_layer is not None else "your mask"
+        answer = QMessageBox.question(
+            watched, "Unsaved edits",
+            f"“{name}” has edits that were not exported. Close anyway and lose them?",
+            QMessageBox.StandardButton.Close | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel,
+        )
+        if answer == QMessageBox.StandardButton.Close:
+            return False
+        event.ignore()
+        return True
+
+
+def _same_layer(one, other) -> bool:
+    """Whether two references are the same layer. napari hands plugins proxies of its objects,
+    a new one on each access, so identity says nothing; a layer's unique id does."""
+    return one.unique_id == other.unique_id
+
+
+def _row(finding: Finding) -> list:
+    return [finding.number, finding.status, round(finding.volume_ml, 3), round(finding.mean_score, 4),
+            round(finding.max_score, 4), finding.axial_slice, finding.side]
