@@ -520,18 +520,37 @@ def test_closing_with_unexported_edits_asks_first(reviewed, monkeypatch, tmp_pat
     widget.review.step(+1)
     widget.review.accept_current()
     assert widget.review.unsaved
-    asked = []
-    monkeypatch.setattr(QMessageBox, "question", lambda *args, **kwargs: asked.append(args) or
+    asked = []  # the questions' texts (not the window: a test must not keep it alive)
+    monkeypatch.setattr(QMessageBox, "question", lambda parent, title, text, *rest: asked.append(text) or
                         QMessageBox.StandardButton.Cancel)
     from qtpy.QtGui import QCloseEvent
     from qtpy.QtWidgets import QApplication
 
     closing = QCloseEvent()
     QApplication.sendEvent(window, closing)  # what closing the window sends
-    assert asked and "not exported" in asked[0][2]
+    assert asked and "not exported" in asked[0]
     assert not closing.isAccepted()  # the window stays: the user said Cancel
     widget.export_mask(tmp_path / "annotation.nii.gz")
     asked.clear()
     assert not widget.review.unsaved
     QApplication.sendEvent(window, QCloseEvent())
     assert not asked  # exported: nothing to ask
+
+
+def test_edits_of_an_earlier_scan_are_still_guarded_after_running_another(reviewed, monkeypatch, qtbot):
+    """Accept a finding on the T1, then run the T2: closing still asks, naming the T1's mask."""
+    from qtpy.QtGui import QCloseEvent
+    from qtpy.QtWidgets import QApplication, QMessageBox
+
+    viewer, widget = reviewed
+    widget.review.step(+1)
+    widget.review.accept_current()
+    widget.scan.value = viewer.layers["MSLUB T2"]
+    run_and_wait(widget, qtbot)
+    assert "MSLUB T2 annotation" in viewer.layers and "MSLUB T1 annotation" in viewer.layers
+    asked = []  # the questions' texts (not the window: a test must not keep it alive)
+    monkeypatch.setattr(QMessageBox, "question", lambda parent, title, text, *rest: asked.append(text) or
+                        QMessageBox.StandardButton.Cancel)
+    closing = QCloseEvent()
+    QApplication.sendEvent(widget.native.window(), closing)
+    assert asked and "MSLUB T1 annotation" in asked[0] and not closing.isAccepted()

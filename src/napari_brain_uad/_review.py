@@ -61,7 +61,10 @@ class FindingsReview(Container):
         self.annotation_layer = None
         self.findings: list[Finding] = []
         self.current: int | None = None  # row of the finding in view
-        self.unsaved = False  # the annotation has edits that were not exported
+        # Every annotation layer (one per scan reviewed) with edits not yet exported: unique id
+        # -> name. Kept per layer, so moving on to another scan never forgets the last one's.
+        self._unexported: dict = {}
+        self._watched: set = set()  # annotation layers whose edits are followed
         self._close_guard: _AskBeforeClosing | None = None
         self.previous_button.changed.connect(lambda: self.step(-1))
         self.next_button.changed.connect(lambda: self.step(+1))
@@ -99,8 +102,9 @@ class FindingsReview(Container):
         else:
             self.annotation_layer = self._viewer.add_labels(
                 np.zeros(geometry.display_shape, dtype=np.uint8), name=name, **label_style(ANNOTATION), **placement)
-            self.unsaved = False
-        self.annotation_layer.events.paint.connect(self._annotation_edited)
+        if self.annotation_layer.unique_id not in self._watched:
+            self._watched.add(self.annotation_layer.unique_id)
+            self.annotation_layer.events.paint.connect(self._annotation_edited)
         proposal_name = layer_name(PROPOSAL, scan_layer.name)
         if proposal_name in layers:
             layers.remove(proposal_name)
@@ -197,7 +201,7 @@ class FindingsReview(Container):
         changed = display & (np.asarray(layer.data) != value)
         if changed.any():
             layer.data_setitem(tuple(np.nonzero(changed)), value)
-            self.unsaved = True
+            self._unexported[layer.unique_id] = layer.name
 
     def _after_decision(self) -> None:
         decided = self.current
@@ -208,13 +212,26 @@ class FindingsReview(Container):
                 self.go_to(row)
                 return
 
-    def _annotation_edited(self, *_):
-        self.unsaved = True
+    def _annotation_edited(self, event):
+        self._unexported[event.source.unique_id] = event.source.name
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether any annotation layer has edits that were not exported."""
+        return bool(self._unexported)
+
+    @unsaved.setter
+    def unsaved(self, value: bool) -> None:
+        if value:
+            raise ValueError("edits are recorded as they are made; only forgetting them can be asked")
+        self._unexported.clear()
+
+    def unexported_layers(self) -> list[str]:
+        return list(self._unexported.values())
 
     def mark_saved(self, layer) -> None:
-        """An export wrote ``layer``; when it is the annotation, its edits are safe."""
-        if self.annotation_layer is not None and _same_layer(layer, self.annotation_layer):
-            self.unsaved = False
+        """An export wrote ``layer``: its edits are safe."""
+        self._unexported.pop(layer.unique_id, None)
 
     # ------------------------------------------------------------------ closing with edits
 
@@ -235,10 +252,11 @@ class _AskBeforeClosing(QObject):
     def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
         if event.type() != QEvent.Type.Close or not self.review.unsaved:
             return False
-        name = self.review.annotation_layer.name if self.review.annotation_layer is not None else "your mask"
+        names = ", ".join(f"“{name}”" for name in self.review.unexported_layers())
         answer = QMessageBox.question(
             watched, "Unsaved edits",
-            f"“{name}” has edits that were not exported. Close anyway and lose them?",
+            f"{names} {'has' if len(self.review.unexported_layers()) == 1 else 'have'} edits that were not "
+            "exported. Close anyway and lose them?",
             QMessageBox.StandardButton.Close | QMessageBox.StandardButton.Cancel,
             QMessageBox.StandardButton.Cancel,
         )
