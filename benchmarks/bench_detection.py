@@ -48,7 +48,7 @@ from napari_brain_uad.thresholds import default_threshold
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NAPARI_BRAIN_UAD_DATA", REPOSITORY.parent / "shared" / "data"))
-SCORERS_COMPARED = ("residual", "ssim", "ssim-ens", "mhd-diag", "mhd-full")
+SCORERS_COMPARED = ("residual", "residual-dark", "ssim", "ssim-ens", "mhd-diag", "mhd-full")
 
 
 def model_as_users_run_it(name_or_path: str | None):

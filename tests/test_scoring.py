@@ -17,7 +17,8 @@ from napari_brain_uad import scoring
 from napari_brain_uad.io import read_nifti
 from napari_brain_uad.preprocess import to_model_space
 
-SCORER_NAMES = ("residual", "ssim", "ssim-ens", "mhd-diag", "mhd-full", "mhd-full-ssim", "mhd-diag-ssim", "s-mean")
+SCORER_NAMES = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens", "mhd-diag", "mhd-full",
+                "mhd-full-ssim", "mhd-diag-ssim", "s-mean")
 
 
 # --------------------------------------------------------------------------- data
@@ -345,8 +346,9 @@ def test_registry_lists_every_scorer_with_what_it_needs():
     assert tuple(scoring.SCORERS) == SCORER_NAMES
     for name, scorer in scoring.SCORERS.items():
         assert scorer.name == name and callable(scorer.fn) and scorer.description
-        assert scorer.needs == ("reconstruction" if name in ("residual", "ssim", "ssim-ens") else "samples")
-    assert scoring.scorer_names("reconstruction") == ["residual", "ssim", "ssim-ens"]
+        one = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens")
+        assert scorer.needs == ("reconstruction" if name in one else "samples")
+    assert scoring.scorer_names("reconstruction") == ["residual", "residual-dark", "residual-bright", "ssim", "ssim-ens"]
     with pytest.raises(TypeError):
         scoring.SCORERS["new"] = scoring.SCORERS["ssim"]  # read-only
 
@@ -456,3 +458,18 @@ def test_bad_inputs_raise_clear_errors(case):
     _, call, message = _bad_cases()[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_directed_residuals_count_one_way_each_and_add_up_to_the_residual():
+    from napari_brain_uad.scoring import SCORERS, residual, score
+
+    rng = np.random.default_rng(4)
+    image, reconstruction = rng.random((8, 8, 4)), rng.random((8, 8, 4))
+    mask = rng.random((8, 8, 4)) > 0.3
+    darker = score("residual-dark", image, reconstruction, mask)
+    brighter = score("residual-bright", image, reconstruction, mask)
+    np.testing.assert_allclose(darker, np.where(mask & (image < reconstruction), reconstruction - image, 0.0))
+    np.testing.assert_allclose(darker + brighter, residual(image, reconstruction, mask))
+    assert SCORERS["residual-dark"].needs == "reconstruction" and SCORERS["residual-dark"].default_samples == 1
+    with pytest.raises(ValueError, match="direction"):
+        residual(image, reconstruction, direction="sideways")

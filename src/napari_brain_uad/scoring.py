@@ -43,6 +43,11 @@ SMOOTH_TRUNCATE = 4.0
 
 SSIM_ENS_SIGMAS = (0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5, 1.7)
 
+LESION_DIRECTIONS = ("both", "darker", "brighter")
+"""Which deviations a residual counts: both ways, or only the scan darker / brighter than its
+reconstruction (lesions go one way in a given contrast: most MS lesions dark on T1, bright on
+T2 and FLAIR)."""
+
 __all__ = [
     "SCORERS",
     "SSIM_ENS_SIGMAS",
@@ -243,15 +248,27 @@ def _gaussian_filter(stack: torch.Tensor, sigma: float, axes: Sequence[int], tru
 # --------------------------------------------------------------------------- residual and SSIM
 
 
-def residual(image: ArrayLike, reconstruction: ArrayLike, mask: ArrayLike | None = None) -> ArrayLike:
-    """|x − x̂| per voxel; 0 outside ``mask`` when one is given."""
+def residual(
+    image: ArrayLike, reconstruction: ArrayLike, mask: ArrayLike | None = None, direction: str = "both"
+) -> ArrayLike:
+    """|x − x̂| per voxel; 0 outside ``mask`` when one is given.
+
+    ``direction`` counts only deviations one way: ``"darker"`` keeps x̂ − x where the scan is
+    darker than its reconstruction (most MS lesions on T1), ``"brighter"`` x − x̂ where it is
+    brighter (lesions on T2 and FLAIR); the other voxels score 0."""
+    if direction not in LESION_DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(LESION_DIRECTIONS)}, not {direction!r}")
     device = _device_of(image, reconstruction)
     x = _as_tensor(image, "image", device, _work_dtype(image))
     _check_image(x)
     y = _as_tensor(reconstruction, "reconstruction", device, x.dtype)
     _check_same_shape(x, y, "reconstruction")
     inside = _as_mask(mask, x.shape, device)
-    result = (x - y).abs()
+    difference = x - y
+    if direction == "both":
+        result = difference.abs()
+    else:
+        result = (difference if direction == "brighter" else -difference).clamp(min=0)
     if inside is not None:
         result = torch.where(inside, result, torch.zeros_like(result))
     return _output(result, image)
@@ -603,6 +620,13 @@ def _mhd_ssim_scorer(covariance: str) -> Callable[..., ArrayLike]:
     return fn
 
 
+def _directed_residual(direction: str) -> Callable[..., ArrayLike]:
+    def fn(image, reconstruction, mask=None):
+        return residual(image, reconstruction, mask=mask, direction=direction)
+
+    return fn
+
+
 # N reconstructions with fresh noise for the scorers that compare the scan with their spread
 # (the thesis uses 10 for MHD).
 SAMPLES_FOR_DISTRIBUTION = 10
@@ -614,6 +638,10 @@ SCORERS: Mapping[str, Scorer] = MappingProxyType(
         scorer.name: scorer
         for scorer in (
             Scorer("residual", residual, "reconstruction", "|x − x̂|: absolute reconstruction error"),
+            Scorer("residual-dark", _directed_residual("darker"), "reconstruction",
+                   "x̂ − x where the scan is darker than its reconstruction, else 0 (lesions dark on T1)"),
+            Scorer("residual-bright", _directed_residual("brighter"), "reconstruction",
+                   "x − x̂ where the scan is brighter than its reconstruction, else 0 (lesions bright on T2/FLAIR)"),
             Scorer("ssim", _ssim_score, "reconstruction", "1 − SSIM(x, x̂), Gaussian window σ", _SSIM_PARAMS),
             Scorer(
                 "ssim-ens", ssim_ens, "reconstruction",
