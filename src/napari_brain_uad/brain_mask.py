@@ -71,6 +71,20 @@ def non_background(data: np.ndarray) -> np.ndarray:
     return np.asarray(data) != background_value(np.asarray(data))
 
 
+def mask_on_scan_grid(given: NiftiVolume | np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
+                      scan_name: str) -> np.ndarray:
+    """A brain mask given for a scan, as booleans, refused unless it lies on the scan's grid
+    (its shape, and its affine when it carries one)."""
+    name = given.path if isinstance(given, NiftiVolume) else "the brain mask"
+    mask_data = given.data if isinstance(given, NiftiVolume) else np.asarray(given)
+    if mask_data.shape != tuple(shape):
+        raise ScanError(f"{name}: the brain mask's grid {mask_data.shape} differs from the scan's "
+                        f"{tuple(shape)} ({scan_name})")
+    if isinstance(given, NiftiVolume) and not np.allclose(given.geometry.affine, affine, atol=1e-3):
+        raise ScanError(f"{name}: the brain mask's affine differs from the scan's ({scan_name})")
+    return mask_data > 0
+
+
 def find_brain(
     scan: NiftiVolume,
     given: NiftiVolume | np.ndarray | None = None,
@@ -83,15 +97,8 @@ def find_brain(
     not brain-sized."""
     per_voxel = voxel_ml(scan)
     if given is not None:
-        mask_data = given.data if isinstance(given, NiftiVolume) else np.asarray(given)
-        name = given.path if isinstance(given, NiftiVolume) else "the brain mask"
-        if mask_data.shape != scan.data.shape:
-            raise ScanError(f"{name}: the brain mask's grid {mask_data.shape} differs from the scan's "
-                            f"{scan.data.shape} ({scan.path})")
-        if isinstance(given, NiftiVolume) and not np.allclose(given.geometry.affine, scan.geometry.affine,
-                                                              atol=1e-3):
-            raise ScanError(f"{name}: the brain mask's affine differs from the scan's ({scan.path})")
-        found = BrainMask(mask_data > 0, GIVEN, float(np.count_nonzero(mask_data)) * per_voxel, "the user")
+        mask = mask_on_scan_grid(given, scan.data.shape, scan.geometry.affine, scan.path)
+        found = BrainMask(mask, GIVEN, float(np.count_nonzero(mask)) * per_voxel, "the user")
     else:
         stripped = non_background(scan.data)
         volume = float(np.count_nonzero(stripped)) * per_voxel

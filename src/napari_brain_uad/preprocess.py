@@ -25,7 +25,7 @@ from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, orn
 from scipy import ndimage
 
 from .bias_field import BiasCorrectionSkipped, n4_bias_field
-from .brain_mask import LARGEST_BRAIN_ML, non_background
+from .brain_mask import LARGEST_BRAIN_ML, mask_on_scan_grid, non_background
 from .io import NiftiVolume, ScanError, ScanWarning
 
 # Slices up to this many times the model's spacing (6 mm at 2 mm) still give usable maps: on
@@ -222,17 +222,7 @@ def to_model_space(
                 stacklevel=2,
             )
     else:
-        mask_name = brain_mask.path if isinstance(brain_mask, NiftiVolume) else "brain mask"
-        mask_data = brain_mask.data if isinstance(brain_mask, NiftiVolume) else np.asarray(brain_mask)
-        if mask_data.shape != data.shape:
-            raise ScanError(
-                f"{mask_name}: the brain mask's grid {mask_data.shape} differs from the scan's {data.shape}"
-            )
-        if isinstance(brain_mask, NiftiVolume) and not np.allclose(
-            brain_mask.geometry.affine, affine, atol=1e-3
-        ):
-            raise ScanError(f"{mask_name}: the brain mask's affine differs from the scan's ({name})")
-        mask = mask_data > 0
+        mask = mask_on_scan_grid(brain_mask, data.shape, affine, name)
     if not mask.any():
         raise ScanError(f"{name}: the brain mask is empty")
 
