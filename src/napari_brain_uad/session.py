@@ -33,6 +33,7 @@ import numpy as np
 
 from .analysis import ScanAnalysis
 from .evaluation import CaseEvaluation, evaluate_analysis
+from .postprocess import findings_table
 from .thresholds import StoredThreshold, default_threshold, stored_thresholds
 
 # The width given to a map whose scores are all equal, so a slider over it still has a range.
@@ -132,17 +133,22 @@ class ScanSession:
     def review(self, annotation: np.ndarray | None = None) -> list[Finding]:
         """The findings at the current threshold and minimum size, largest first, each with
         where it is and its status given the user's mask ``annotation`` (the scan's grid)."""
+        filtered = self.analysis.filtered
         labels = self.analysis.labels_at(self.threshold, self.min_size_ml)
-        accepted = np.zeros(labels.shape, bool) if annotation is None else np.asarray(annotation) > 0
-        rejected = self.rejected if self.rejected is not None else np.zeros(labels.shape, bool)
+        rows = findings_table(labels, filtered.values, filtered.spacing_mm)  # labelled once, for both
+        count = int(labels.max()) + 1
+        # Voxels of each finding in the user's mask and among the rejected ones, in one pass each.
+        accepted = np.zeros(count, np.int64) if annotation is None else \
+            np.bincount(labels[np.asarray(annotation) > 0], minlength=count)
+        rejected = np.zeros(count, np.int64) if self.rejected is None else \
+            np.bincount(labels[self.rejected], minlength=count)
         geometry = self.analysis.scan.geometry
         midline_x = self._brain_centre_x()
         findings = []
-        for row in self.analysis.findings(self.threshold, self.min_size_ml):
-            inside = labels == row["label"]
-            if np.count_nonzero(accepted[inside]) >= DECIDED_SHARE * row["voxels"]:
+        for row in rows:
+            if accepted[row["label"]] >= DECIDED_SHARE * row["voxels"]:
                 status = ACCEPTED
-            elif np.count_nonzero(rejected[inside]) >= DECIDED_SHARE * row["voxels"]:
+            elif rejected[row["label"]] >= DECIDED_SHARE * row["voxels"]:
                 status = REJECTED
             else:
                 status = OPEN
