@@ -143,19 +143,8 @@ def evaluate_filtered(
 
     At ``threshold`` the prediction is ``filtered.mask_at(threshold, min_size_ml)``, the mask
     the user gets. ``image`` and ``reconstruction`` (same grid) add the l1 columns."""
-    region = filtered.region
-    truth = np.asarray(truth, dtype=bool)
-    if truth.shape != region.shape:
-        raise ScanError(f"the lesion mask's shape {truth.shape} is not the map's {region.shape}")
-    lesion = truth & region
-    result = CaseEvaluation(
-        name=name,
-        lesion_voxels=int(np.count_nonzero(lesion)),
-        best_dice=best_dice(filtered.values, lesion, region),
-        auprc=auprc(filtered.values, lesion, region),
-        prevalence=float(np.count_nonzero(lesion) / np.count_nonzero(region)),
-        values=filtered.values, truth=lesion, region=region,
-    )
+    result = _ranking(filtered.values, truth, filtered.region, name)
+    lesion, region = result.truth, result.region
     if threshold is not None:
         predicted = filtered.mask_at(float(threshold), min_size_ml=min_size_ml)
         _add_operating_point(result, predicted, lesion)
@@ -187,21 +176,29 @@ def evaluate_map(values: np.ndarray, truth: np.ndarray, *, threshold: float | No
     """A map that did not come from an analysis (read from a file): its non-zero voxels are the
     region it covers, and a threshold is applied as it is (no components removed)."""
     values = np.asarray(values, dtype=np.float32)
-    truth = np.asarray(truth, dtype=bool)
     region = values != 0
     if not region.any():
         raise ScanError(f"{name or 'the map'}: every voxel is zero; there is nothing to evaluate")
-    if truth.shape != values.shape:
-        raise ScanError(f"the lesion mask's shape {truth.shape} is not the map's {values.shape}")
+    result = _ranking(values, truth, region, name)
+    if threshold is not None:
+        _add_operating_point(result, (values > threshold) & region, result.truth)
+    return result
+
+
+def _ranking(values: np.ndarray, truth: np.ndarray, region: np.ndarray, name: str) -> CaseEvaluation:
+    """The threshold-free numbers of a map inside ``region``: [Dice], AUPRC and its chance level."""
+    truth = np.asarray(truth, dtype=bool)
+    if truth.shape != region.shape:
+        raise ScanError(f"the lesion mask's shape {truth.shape} is not the map's {region.shape}")
     lesion = truth & region
-    result = CaseEvaluation(
-        name=name, lesion_voxels=int(np.count_nonzero(lesion)), best_dice=best_dice(values, lesion, region),
-        auprc=auprc(values, lesion, region), prevalence=float(np.count_nonzero(lesion) / np.count_nonzero(region)),
+    return CaseEvaluation(
+        name=name,
+        lesion_voxels=int(np.count_nonzero(lesion)),
+        best_dice=best_dice(values, lesion, region),
+        auprc=auprc(values, lesion, region),
+        prevalence=float(np.count_nonzero(lesion) / np.count_nonzero(region)),
         values=values, truth=lesion, region=region,
     )
-    if threshold is not None:
-        _add_operating_point(result, (values > threshold) & region, lesion)
-    return result
 
 
 def _add_operating_point(result: CaseEvaluation, predicted: np.ndarray, lesion: np.ndarray) -> None:
