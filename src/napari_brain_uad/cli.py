@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .errors import BrainUADError, OutputExists, SettingsError, internal_error_message
 from .scoring import SCORERS
+from .thresholds import resolve_threshold
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +110,7 @@ def score_command(arguments) -> int:
         model_path, metadata, settings = _model_and_settings(arguments)
         threshold = None
         if outputs["mask"]:
-            threshold = _threshold(arguments.threshold, metadata, settings)
+            threshold = resolve_threshold(arguments.threshold, metadata, settings)
             if threshold is None:
                 raise SettingsError(f"--out-mask needs --threshold: the model stores none for scorer {settings.scorer}")
         scan, analysis = _analyse(arguments.input, arguments.brain_mask, model_path, metadata, settings,
@@ -173,13 +174,6 @@ def _analyse(image, brain_mask, model_path, metadata, settings, *, quiet: bool, 
     return scan, analysis
 
 
-def _threshold(choice: str | None, metadata: dict, settings):
-    """A number, a stored threshold's name, or (None) the model's default for the scorer."""
-    from .thresholds import resolve_threshold
-
-    return resolve_threshold(choice, metadata, settings)
-
-
 class _warnings_as_lines(warnings.catch_warnings):
     """Warnings about the scan (oblique, 4D, ...) go to stderr as one line each."""
 
@@ -229,7 +223,7 @@ def evaluate_command(arguments) -> int:
 
     with _warnings_as_lines():
         model_path, metadata, settings = _model_and_settings(arguments)
-        threshold = _threshold(arguments.threshold, metadata, settings)
+        threshold = resolve_threshold(arguments.threshold, metadata, settings)
         cohort = evaluate_cases(cases, load_model(model_path)[0], settings, threshold=threshold, announce=announce,
                                 progress=None if arguments.quiet else _progress_bar())
     if not arguments.quiet:
