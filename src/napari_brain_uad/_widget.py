@@ -111,7 +111,6 @@ class BrainUADWidget(Container):
             self.review,
             self.mask, self.export_button, self.export_results_button, self.status,
         ])
-        self.session: ScanSession | None = None  # the latest run's results and the user's choices on them
         self._map_layer = None
         self._worker = None
         self._median_worker = None
@@ -142,6 +141,11 @@ class BrainUADWidget(Container):
         self._fit_narrow()
         self._show_scan_info()
         self._model_changed()
+
+    @property
+    def session(self) -> ScanSession | None:
+        """The latest run's results and the user's choices on them; the review holds it."""
+        return self.review.session
 
     @property
     def native(self):
@@ -370,7 +374,7 @@ class BrainUADWidget(Container):
     def _show_results(self, scan_layer, analysis: ScanAnalysis, metadata: dict):
         from .session import ScanSession
 
-        self.session = session = ScanSession.start(analysis, metadata, min_size_ml=self.min_size_ml.value)
+        session = ScanSession.start(analysis, metadata, min_size_ml=self.min_size_ml.value)
         geometry = scan_layer.metadata["nifti"]
         placement = {"scale": scan_layer.scale, "translate": scan_layer.translate,
                      "metadata": {"nifti": geometry, "model": metadata.get("kind")}}
@@ -386,8 +390,8 @@ class BrainUADWidget(Container):
             self._replace(f"{name} spread", "image", geometry.to_display(analysis.spread), colormap="viridis",
                           blending="additive", visible=False, **placement)
         self._show_brain(scan_layer, analysis, placement)
-        self._show_threshold()
         self.review.show(session, scan_layer, placement)
+        self._show_threshold()
         self.mask.reset_choices()
         self.mask.value = self.review.annotation_layer  # what an export writes: the user's mask
         self.status.value = f"Done: {len(self.review.findings)} finding(s); {analysis.brain.describe()}."
@@ -473,7 +477,6 @@ class BrainUADWidget(Container):
     def _refiltered(self, source: ScanSession, session: ScanSession):
         if self.session is not source:
             return  # a new run replaced the session while the filter ran
-        self.session = session
         if self._map_layer is not None:
             self._map_layer.metadata["session"] = session
         self.review.session = session
