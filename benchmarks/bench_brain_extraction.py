@@ -60,12 +60,18 @@ def timed(function):
     return result, time.perf_counter() - start
 
 
-def extraction_rows(subjects: list[str]) -> tuple[list[dict], dict[str, np.ndarray]]:
+def read_subjects(subjects: list[str]) -> dict[str, tuple]:
+    """Each held-out IXI subject's raw scan and reference brain mask, read once for every part."""
+    return {subject: (read_nifti(DATA / f"ixi_t1/{subject}_T1.nii.gz"),
+                      read_nifti(DATA / f"ixi_t1/brainmask/{subject}_brainmask.nii.gz"))
+            for subject in subjects}
+
+
+def extraction_rows(scans: dict[str, tuple]) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Part 1: one row per subject, and the extracted masks (to compare with the analysis's)."""
     rows, masks = [], {}
-    for subject in subjects:
-        scan = read_nifti(DATA / f"ixi_t1/{subject}_T1.nii.gz")
-        reference = read_nifti(DATA / f"ixi_t1/brainmask/{subject}_brainmask.nii.gz").data > 0
+    for subject, (scan, reference_mask) in scans.items():
+        reference = reference_mask.data > 0
         found, seconds = timed(lambda: find_brain(scan))
         masks[subject] = found.mask
         rows.append({
@@ -80,12 +86,10 @@ def extraction_rows(subjects: list[str]) -> tuple[list[dict], dict[str, np.ndarr
     return rows, masks
 
 
-def finding_rows(subjects, model, settings, threshold, extracted: dict[str, np.ndarray]) -> list[dict]:
+def finding_rows(scans: dict[str, tuple], model, settings, threshold, extracted: dict[str, np.ndarray]) -> list[dict]:
     """Part 2: the raw scan without a mask against the same scan with the reference mask."""
     rows = []
-    for subject in subjects:
-        scan = read_nifti(DATA / f"ixi_t1/{subject}_T1.nii.gz")
-        reference = read_nifti(DATA / f"ixi_t1/brainmask/{subject}_brainmask.nii.gz")
+    for subject, (scan, reference) in scans.items():
         per_voxel = voxel_ml(scan)
         row = {"subject": subject}
         for run, mask in (("raw", None), ("reference_mask", reference)):
@@ -187,15 +191,13 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     model_path, model, metadata, settings, threshold = model_as_users_run_it(args.model)
-    subjects = ixi_subjects("test", str(model_path))[: args.subjects]
+    scans = read_subjects(ixi_subjects("test", str(model_path))[: args.subjects])
     _, load_seconds = timed(lambda: networks("cpu"))  # weights read, hashed and loaded: once a session
     # One extraction and one analysis before the timed ones, so one-off setup (files into the
     # page cache, lazy initialisation) shows here and not in the first row of a table.
-    first = read_nifti(DATA / f"ixi_t1/{subjects[0]}_T1.nii.gz")
+    first, first_reference = next(iter(scans.values()))
     _, first_extraction = timed(lambda: find_brain(first))
-    _, first_analysis = timed(lambda: analyse_scan(
-        first, model, settings=settings,
-        brain_mask=read_nifti(DATA / f"ixi_t1/brainmask/{subjects[0]}_brainmask.nii.gz")))
+    _, first_analysis = timed(lambda: analyse_scan(first, model, settings=settings, brain_mask=first_reference))
     machine = (f"{platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
                f"threads {torch.get_num_threads()}")
     print(f"machine: {machine}; extractor {EXTRACTOR} (networks loaded in {load_seconds:.1f} s, once); "
@@ -203,8 +205,8 @@ def main() -> None:
           f"first calls, not in the tables: extraction {first_extraction:.1f} s, analysis {first_analysis:.1f} s")
 
     start = time.perf_counter()
-    extraction, extracted = extraction_rows(subjects)
-    findings = finding_rows(subjects, model, settings, threshold, extracted)
+    extraction, extracted = extraction_rows(scans)
+    findings = finding_rows(scans, model, settings, threshold, extracted)
     clinical = clinical_rows() if args.clinical else []
     print_tables(extraction, findings, clinical, threshold.name)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
