@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .brain_mask import GIVEN, BrainMask, find_brain
 from .errors import SettingsError
 from .io import NiftiVolume, ScanError
 from .model_card import FALLBACK_SCORER, default_scorer
 from .models import ReconstructionModel
 from .postprocess import MIN_COMPONENT_VOXELS, FilteredMap, prepare
-from .brain_mask import GIVEN, BrainMask, find_brain
 from .preprocess import ModelSpaceVolume, to_model_space
 from .reconstruct import Cancelled, pick_device, reconstruct_volume
 from .scoring import SCORERS, ensemble_mean, score
