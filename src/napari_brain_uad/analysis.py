@@ -77,8 +77,11 @@ class ScanAnalysis:
     scan: NiftiVolume
     settings: AnalysisSettings
     model_space: ModelSpaceVolume = field(repr=False)
-    reconstructions: np.ndarray = field(repr=False)  # (N, X, Y, Z) model space, [0, 1]
     score_model_space: np.ndarray = field(repr=False)  # (X, Y, Z)
+    # The mean of the N reconstructions and their standard deviation (None for N = 1), model
+    # space, in [0, 1]: with the score, all a saved analysis needs to come back without the network.
+    reconstruction_model_space: np.ndarray = field(repr=False)
+    spread_model_space: np.ndarray | None = field(repr=False)
     brain_mask: np.ndarray = field(repr=False)  # bool, native grid: where scores are computed
     reconstruction: np.ndarray = field(repr=False)  # native grid, scan intensities
     anomaly_map: np.ndarray = field(repr=False)  # native grid, 0 outside the brain
@@ -174,8 +177,33 @@ def analyse_scan(
     score_map = np.asarray(score(settings.scorer, volume.image, other, volume.brain_mask, **settings.scorer_parameters),
                            dtype=np.float32)
     score_map = np.where(volume.brain_mask, score_map, np.float32(0))
+    spread = reconstructions.std(axis=0).astype(np.float32) if len(reconstructions) > 1 else None
     check_cancel()
+    analysis = analysis_from_model_space(
+        scan, volume, brain, settings, score_map=score_map, mean_reconstruction=np.asarray(mean_reconstruction),
+        spread=spread, model_voxel_ml=float(model.spec.spacing_mm) ** 3 / 1000.0, report=report,
+        check_cancel=check_cancel)
+    report.start("done")
+    return analysis
 
+
+def analysis_from_model_space(
+    scan: NiftiVolume,
+    volume: ModelSpaceVolume,
+    brain: BrainMask,
+    settings: AnalysisSettings,
+    *,
+    score_map: np.ndarray,
+    mean_reconstruction: np.ndarray,
+    spread: np.ndarray | None,
+    model_voxel_ml: float,
+    report: "_Progress | None" = None,
+    check_cancel: Callable[[], None] | None = None,
+) -> ScanAnalysis:
+    """Steps 5 and 6 from the model-space score map and reconstructions: post-processing, and
+    everything back on the scan's grid. A fresh run and a saved one (``analysis_cache``) both
+    end here, so a restored analysis is the one that was saved, voxel for voxel."""
+    report = report or _Progress(None)
     report.start("post-processing")
     transform = volume.transform
     if brain.source == GIVEN:
@@ -185,30 +213,31 @@ def analyse_scan(
         # mask alone would spill over the brain's edge on a finer grid).
         native_brain = (transform.to_native(volume.brain_mask.astype(np.float32)) >= 0.5) & brain.mask
     filtered = filtered_on_native_grid(scan, volume, score_map, native_brain, median=settings.median)
-    check_cancel()
+    if check_cancel is not None:
+        check_cancel()
 
     report.start("native grid")
     recon_native = transform.to_native(volume.to_scan_intensities(mean_reconstruction))
     reconstruction = np.where(native_brain, recon_native, scan.data).astype(np.float32)
     anomaly_map = np.where(native_brain, transform.to_native(score_map), np.float32(0)).astype(np.float32)
-    spread = None
-    if len(reconstructions) > 1:
+    spread_native = None
+    if spread is not None:
         # Spread in scan intensities, so it reads in the same units as the reconstruction.
-        spread_model = volume.to_scan_intensities(reconstructions.std(axis=0), difference=True)
-        spread = np.where(native_brain, transform.to_native(spread_model), np.float32(0)).astype(np.float32)
-    report.start("done")
+        spread_scan_units = volume.to_scan_intensities(spread, difference=True)
+        spread_native = np.where(native_brain, transform.to_native(spread_scan_units), np.float32(0)).astype(np.float32)
     return ScanAnalysis(
         scan=scan,
         settings=settings,
         model_space=volume,
-        reconstructions=reconstructions,
         score_model_space=score_map,
+        reconstruction_model_space=mean_reconstruction,
+        spread_model_space=spread,
         brain_mask=native_brain,
         reconstruction=reconstruction,
         anomaly_map=anomaly_map,
-        spread=spread,
+        spread=spread_native,
         filtered=filtered,
-        model_voxel_ml=float(model.spec.spacing_mm) ** 3 / 1000.0,
+        model_voxel_ml=model_voxel_ml,
         brain=brain,
     )
 

@@ -1,0 +1,169 @@
+"""The worklist's session on disk: saved as the user works, restored without the network,
+refused when the scan changed, and never half-written (real IXI scans, bundled model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from napari_brain_uad import worklist as worklist_module
+from napari_brain_uad.analysis_cache import StaleResults
+from napari_brain_uad.io import ScanError
+from napari_brain_uad.model_registry import default_model_name
+from napari_brain_uad.worklist import EXPORTED, FAILED, NOT_RUN, REVIEWED, RUN, Worklist, model_file_sha256
+
+SUBJECTS = ("IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236")
+
+
+@pytest.fixture
+def three_scans(shared_data, tmp_path):
+    """A CSV worklist of three healthy IXI scans (skull on, brain masks given), files copied so
+    a test may change one."""
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["id,scan,brain_mask"]
+    for subject in SUBJECTS:
+        shutil.copy(shared_data / "ixi_t1" / f"{subject}_T1.nii.gz", data / f"{subject}.nii.gz")
+        shutil.copy(shared_data / "ixi_t1" / "brainmask" / f"{subject}_brainmask.nii.gz", data / f"{subject}_brain.nii.gz")
+        lines.append(f"{subject},data/{subject}.nii.gz,data/{subject}_brain.nii.gz")
+    listing = tmp_path / "worklist.csv"
+    listing.write_text("\n".join(lines) + "\n")
+    return listing
+
+
+def _no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network ran while restoring a saved session")
+
+    monkeypatch.setattr("napari_brain_uad.models.load_model", refuse)
+    monkeypatch.setattr("napari_brain_uad.analysis.reconstruct_volume", refuse)
+
+
+def test_session_survives_reopening_without_the_network(three_scans, monkeypatch):
+    work = Worklist.open(three_scans)
+    assert work.folder == three_scans.parent / "worklist.brain-uad-session"
+    assert [work.status(entry.id) for entry in work.entries] == [NOT_RUN] * 3
+    first = SUBJECTS[0]
+    work.run(first, default_model_name())
+    assert work.status(first) == RUN and work.next_to_run(first).id == SUBJECTS[1]
+
+    # The user's review: a threshold of their own, one finding rejected, a stroke of their own.
+    restored = work.restore(first)
+    session, annotation = restored.session, restored.annotation
+    session.set_threshold(float(np.percentile(session.analysis.filtered.values[session.analysis.filtered.region], 99)))
+    findings = session.review(annotation)
+    assert findings, "a 99th-percentile threshold leaves findings to review"
+    session.reject(findings[0].number)
+    annotation[60, 60, 45] = 1
+    assert work.save_review(first, session, annotation)
+    assert work.status(first) == REVIEWED
+    work.set_current(first)
+
+    _no_network(monkeypatch)
+    again = Worklist.open(three_scans)
+    assert again.current == first
+    assert [again.status(entry.id) for entry in again.entries] == [REVIEWED, NOT_RUN, NOT_RUN]
+    back = again.restore(first, model_sha256=model_file_sha256(default_model_name()))
+    assert back.session.threshold == session.threshold and back.session.preset is None
+    np.testing.assert_array_equal(back.annotation, annotation)
+    np.testing.assert_array_equal(back.session.rejected, session.rejected)
+    np.testing.assert_array_equal(back.session.analysis.anomaly_map, session.analysis.anomaly_map)
+    np.testing.assert_array_equal(back.session.analysis.filtered.values, session.analysis.filtered.values)
+    assert [f.status for f in back.session.review(back.annotation)] == [f.status for f in session.review(annotation)]
+    assert again.restore(SUBJECTS[1]) is None  # never run: nothing to restore
+
+
+def test_status_follows_exports_and_later_edits(three_scans):
+    work = Worklist.open(three_scans)
+    scan = SUBJECTS[0]
+    work.run(scan, default_model_name())
+    restored = work.restore(scan)
+    work.save_review(scan, restored.session, restored.annotation)
+    assert work.status(scan) == RUN  # nothing decided, nothing drawn: still just run
+    restored.annotation[50, 50, 40] = 1
+    work.save_review(scan, restored.session, restored.annotation)
+    work.mark_exported(scan)
+    assert work.status(scan) == EXPORTED
+    assert not work.save_review(scan, restored.session, restored.annotation)  # the same review: still exported
+    assert work.status(scan) == EXPORTED
+    restored.annotation[50, 50, 41] = 1
+    assert work.save_review(scan, restored.session, restored.annotation)
+    assert work.status(scan) == REVIEWED  # an edit since the export
+
+
+def test_changed_scan_is_not_given_old_results(three_scans):
+    work = Worklist.open(three_scans)
+    scan = SUBJECTS[0]
+    work.run(scan, default_model_name())
+    with pytest.raises(StaleResults, match="model file changed"):
+        work.restore(scan, model_sha256="0" * 64)
+    path = work.entry(scan).scan
+    other = three_scans.parent / "data" / f"{SUBJECTS[1]}.nii.gz"
+    shutil.copy(other, path)  # the file now holds another subject
+    with pytest.raises(StaleResults, match="scan changed"):
+        work.restore(scan)
+
+
+def test_failed_scan_is_recorded_and_others_go_on(three_scans):
+    broken = three_scans.parent / "data" / f"{SUBJECTS[1]}.nii.gz"
+    broken.write_bytes(b"not a scan at all")
+    work = Worklist.open(three_scans)
+    with pytest.raises(ScanError):
+        work.run(SUBJECTS[1], default_model_name())
+    assert work.status(SUBJECTS[1]) == FAILED
+    saved = json.loads((work.folder / "worklist.json").read_text())["scans"][SUBJECTS[1]]
+    assert saved["status"] == FAILED and str(broken) in saved["error"]
+    assert work.next_to_run(SUBJECTS[0]).id == SUBJECTS[2]  # a failed scan is not run again by itself
+
+
+def test_crash_in_the_middle_of_a_save_leaves_the_previous_session(three_scans, monkeypatch):
+    work = Worklist.open(three_scans)
+    scan = SUBJECTS[0]
+    work.run(scan, default_model_name())
+    restored = work.restore(scan)
+    restored.annotation[60, 60, 45] = 1
+    work.save_review(scan, restored.session, restored.annotation)
+    saved_list = (work.folder / "worklist.json").read_text()
+
+    real_savez = np.savez_compressed
+
+    def crash_halfway(file, **arrays):
+        real_savez(file, **arrays)
+        with open(file, "r+b") as handle:
+            handle.truncate(100)  # the file is half written when the machine goes down
+        raise OSError("power cut")
+
+    monkeypatch.setattr(np, "savez_compressed", crash_halfway)
+    restored.annotation[61, 60, 45] = 1
+    with pytest.raises(OSError, match="power cut"):
+        work.save_review(scan, restored.session, restored.annotation)
+    monkeypatch.undo()
+
+    assert (work.folder / "worklist.json").read_text() == saved_list
+    assert not [p for p in work.scan_folder(scan).iterdir() if p.name.startswith(".")]  # no temporary left
+    back = Worklist.open(three_scans).restore(scan)
+    assert back.annotation[60, 60, 45] == 1 and back.annotation[61, 60, 45] == 0  # the previous save, whole
+
+    def crash_writing_json(self, text, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(worklist_module.Path, "write_text", crash_writing_json)
+    with pytest.raises(OSError, match="disk full"):
+        work.set_current(SUBJECTS[2])
+    monkeypatch.undo()
+    assert json.loads((work.folder / "worklist.json").read_text())["current"] is None
+
+
+def test_bids_session_is_a_derivatives_dataset(shared_data, tmp_path):
+    (tmp_path / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-01_T1w.nii.gz").symlink_to(shared_data / "ixi_t1" / f"{SUBJECTS[0]}_T1.nii.gz")
+    work = Worklist.open(tmp_path)
+    assert work.folder == tmp_path / "derivatives" / "napari-brain-uad"
+    description = json.loads((work.folder / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert [entry.id for entry in Worklist.open(tmp_path).entries] == ["sub-01_T1w"]  # its own folder is not a scan
