@@ -133,7 +133,7 @@ def test_the_median_switch_keeps_the_threshold_and_minimum_size(analysed):
     session = ScanSession.start(analysis, card({"healthy-99": at(analysis, 0.6)}), min_size_ml=0.3)
     switched = session.with_median(False)
     assert (switched.threshold, switched.min_size_ml, switched.preset) == (at(analysis, 0.6), 0.3, "healthy-99")
-    assert not switched.analysis.filtered.median and switched.analysis.reconstructions is analysis.reconstructions
+    assert not switched.analysis.filtered.median and switched.analysis.reconstruction_model_space is analysis.reconstruction_model_space
     assert session.analysis is analysis and model.calls == calls  # the original is untouched, nothing re-ran
     np.testing.assert_array_equal(switched.proposed_mask(),
                                   switched.analysis.mask_at(switched.threshold, switched.min_size_ml))

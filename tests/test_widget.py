@@ -306,7 +306,7 @@ def test_the_bundled_model_runs_by_default_with_its_threshold_and_median_switch(
     widget.median.value = False
     qtbot.waitUntil(lambda: widget._median_worker is None, timeout=60_000)
     refiltered = widget.session.analysis
-    assert refiltered.reconstructions is analysis.reconstructions and not refiltered.filtered.median
+    assert refiltered.reconstruction_model_space is analysis.reconstruction_model_space and not refiltered.filtered.median
     assert widget.session.threshold == pytest.approx(metadata["thresholds"]["healthy-99"]["value"])  # kept
     assert "Median filter off" in widget.status.value
     assert not np.array_equal(widget.review.proposal_layer.data, before)

@@ -18,7 +18,8 @@ they accepted or drew, and no hidden bookkeeping of "touched" voxels can go wron
 Each finding is open, accepted or rejected (``session.ScanSession.review``); the table shows its
 status, volume, mean and max score, axial slice and side. Buttons and keys (Shift+N next,
 Shift+P previous, Shift+A accept, Shift+R reject) step through them and take the viewer to
-each. Edits not yet exported are tracked, and closing the window with them asks first.
+each. Edits not yet exported (or, in a worklist, saved with its session) are tracked, and
+closing the window with them asks first.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class FindingsReview(Container):
         self._unexported: dict = {}
         self._watched: set = set()  # annotation layers whose edits are followed
         self._close_guard: _AskBeforeClosing | None = None
+        # Called after every edit or decision (a worklist saves the session), and before the
+        # window closes (it saves what is pending, so nothing saved is asked about).
+        self.on_edit: list = []
+        self.before_close: list = []
         self.previous_button.changed.connect(lambda: self.step(-1))
         self.next_button.changed.connect(lambda: self.step(+1))
         self.accept_button.changed.connect(self.accept_current)
@@ -85,9 +90,10 @@ class FindingsReview(Container):
 
     # ------------------------------------------------------------------ a run's results
 
-    def show(self, session: ScanSession, scan_layer, placement: dict) -> None:
+    def show(self, session: ScanSession, scan_layer, placement: dict, *, annotation: np.ndarray | None = None) -> None:
         """A new run's session: the proposal layer is (re)made; the annotation layer of this
-        scan is kept as the user left it, or made empty; decisions already made stay."""
+        scan is kept as the user left it, or made from ``annotation`` (a saved mask on the
+        scan's grid) or empty; decisions already made stay."""
         previous = self.session
         if previous is not None and previous.rejected is not None \
                 and previous.analysis.scan.geometry.source == session.analysis.scan.geometry.source \
@@ -100,8 +106,9 @@ class FindingsReview(Container):
         if name in layers:
             self.annotation_layer = layers[name]  # the user's: never removed, never rewritten
         else:
-            self.annotation_layer = self._viewer.add_labels(
-                np.zeros(geometry.display_shape, dtype=np.uint8), name=name, **label_style(ANNOTATION), **placement)
+            start = np.zeros(geometry.display_shape, dtype=np.uint8) if annotation is None \
+                else np.ascontiguousarray(geometry.to_display(np.asarray(annotation, dtype=np.uint8)))
+            self.annotation_layer = self._viewer.add_labels(start, name=name, **label_style(ANNOTATION), **placement)
         if self.annotation_layer.unique_id not in self._watched:
             self._watched.add(self.annotation_layer.unique_id)
             self.annotation_layer.events.paint.connect(self._annotation_edited)
@@ -114,6 +121,13 @@ class FindingsReview(Container):
         layers.selection.active = self.annotation_layer
         self._guard_closing()
         self.refresh()
+
+    def clear(self) -> None:
+        """No session (another scan is in view, not run yet); the layers are the viewer's to remove."""
+        self.session = self.proposal_layer = self.annotation_layer = self.current = None
+        self.findings = []
+        self.table.value = {"data": [], "index": [], "columns": list(COLUMNS)}
+        self.title.value = "Findings: run the analysis first"
 
     def refresh(self) -> None:
         """The threshold, minimum size or median changed, or a decision was made: the proposal
@@ -206,6 +220,7 @@ class FindingsReview(Container):
     def _after_decision(self) -> None:
         decided = self.current
         self.refresh()
+        self._edited()
         for offset in range(1, len(self.findings) + 1):
             row = (decided + offset) % len(self.findings)
             if self.findings[row].status == "open":
@@ -214,6 +229,11 @@ class FindingsReview(Container):
 
     def _annotation_edited(self, event):
         self._unexported[event.source.unique_id] = event.source.name
+        self._edited()
+
+    def _edited(self) -> None:
+        for callback in self.on_edit:
+            callback()
 
     @property
     def unsaved(self) -> bool:
@@ -250,7 +270,11 @@ class _AskBeforeClosing(QObject):
         self.review = review
 
     def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
-        if event.type() != QEvent.Type.Close or not self.review.unsaved:
+        if event.type() != QEvent.Type.Close:
+            return False
+        for callback in self.review.before_close:
+            callback()
+        if not self.review.unsaved:
             return False
         names = ", ".join(f"“{name}”" for name in self.review.unexported_layers())
         answer = QMessageBox.question(

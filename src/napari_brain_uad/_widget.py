@@ -6,7 +6,8 @@ the exports, and connects them. The rules it shows come from the core: the model
 defaults from ``model_card`` and ``scoring``, the threshold's start, range and presets, the
 proposed mask and the findings from ``session.ScanSession``; the analysis runs through
 ``_worker``; the findings' review, the model's proposal layer and the user's own annotation
-layer (which no slider or re-run overwrites) through ``_review``. What is left here is turning a
+layer (which no slider or re-run overwrites) through ``_review``; a worklist of scans, its
+session saved as the user works, through ``_worklist_panel``. What is left here is turning a
 session into layers on the scan's own display grid (reconstruction, anomaly map, spread, brain)
 and the export dialogs.
 
@@ -47,6 +48,7 @@ from qtpy.QtWidgets import QComboBox, QHeaderView, QLabel, QSizePolicy
 from . import model_card
 from ._styles import BRAIN, anomaly_map_style, finish_labels, label_style, layer_name
 from ._review import FindingsReview
+from ._worklist_panel import WorklistPanel
 from ._worker import ProgressRelay, start_analysis, start_refilter
 from ._writer import write_layer
 from .brain_mask import GIVEN
@@ -67,6 +69,8 @@ WARNING_MARK = "⚠"  # starts a line of the model card that must stay in view
 # Combo boxes show this many characters and elide the rest (long layer and model names would
 # otherwise set the dock's width); the full name is in the open list.
 _COMBO_CHARACTERS = 14
+# The worklist's table scrolls beyond this height (pixels), so a long list leaves room for the rest.
+_WORKLIST_TABLE_HEIGHT = 160
 
 
 
@@ -74,6 +78,7 @@ class BrainUADWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True, scrollable=True)
         self._viewer = viewer
+        self.worklist = WorklistPanel(self, viewer)
         self.scan = create_widget(annotation=napari.layers.Image, label="Scan")
         self.scan_info = Label(value="")
         self.brain_mask = create_widget(annotation=napari.layers.Labels, label="Brain mask",
@@ -104,7 +109,7 @@ class BrainUADWidget(Container):
         self.export_results_button = PushButton(text="Export map and reconstruction…")
         self.status = Label(value="")
         self.extend([
-            self.scan, self.scan_info, self.brain_mask, self.model_choice, self.model_file, self.model_headline,
+            self.worklist, self.scan, self.scan_info, self.brain_mask, self.model_choice, self.model_file, self.model_headline,
             self.model_details, self.model_info,
             self.scorer, self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button,
             self.progress, self.threshold, self.threshold_preset, self.min_size_ml, self.median,
@@ -138,6 +143,9 @@ class BrainUADWidget(Container):
         self._findings_timer.setSingleShot(True)
         self._findings_timer.setInterval(250)
         self._findings_timer.timeout.connect(self.review.refresh_table)
+        # A worklist saves the session as the user works, and before the window closes.
+        self.review.on_edit.append(self.worklist.schedule_save)
+        self.review.before_close.append(self.worklist.before_close)
         self._fit_narrow()
         self._show_scan_info()
         self._model_changed()
@@ -166,7 +174,8 @@ class BrainUADWidget(Container):
                 empty_label = layout.itemAt(0).widget()
                 if isinstance(empty_label, QLabel):
                     empty_label.hide()
-        for label in (self.scan_info, self.model_headline, self.model_info, self.review.title, self.status):
+        for label in (self.worklist.title, self.scan_info, self.model_headline, self.model_info, self.review.title,
+                      self.status):
             text = label.native
             text.setWordWrap(True)
             policy = QSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
@@ -175,11 +184,12 @@ class BrainUADWidget(Container):
         for combo in self.native.findChildren(QComboBox):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(_COMBO_CHARACTERS)
-        table = self.review.table.native
         # Columns as wide as their header and numbers; a narrower dock scrolls the table sideways
         # rather than cutting its headers in half.
-        table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        table.verticalHeader().setVisible(False)  # the "#" column already numbers the rows
+        for table in (self.review.table.native, self.worklist.table.native):
+            table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.review.table.native.verticalHeader().setVisible(False)  # the "#" column already numbers the rows
+        self.worklist.table.native.setMaximumHeight(_WORKLIST_TABLE_HEIGHT)
 
     def reset_choices(self, *_):  # napari calls this when layers are added or removed
         preset = self.threshold_preset.value
@@ -225,15 +235,15 @@ class BrainUADWidget(Container):
         path = Path(value) if value else None
         return path if path is not None and str(path) not in ("", ".") and path.is_file() else None
 
-    def _model_source(self) -> str | Path | None:
+    def model_source(self) -> str | Path | None:
         """What to resolve at Run: a registry name, or the chosen checkpoint file (None: none yet)."""
         if self.model_choice.value == FILE_CHOICE:
             return self._chosen_file()
         return self.model_choice.value
 
-    def _model_path(self) -> Path | None:
+    def model_path(self) -> Path | None:
         """The model's local file when it is already here (bundled, cached, or chosen), else None."""
-        source = self._model_source()
+        source = self.model_source()
         if source is None or isinstance(source, Path):
             return source
         if source not in self._resolved:
@@ -276,12 +286,12 @@ class BrainUADWidget(Container):
         from .checkpoint import read_metadata
 
         self._model_metadata = {}
-        source = self._model_source()
+        source = self.model_source()
         if source is None:
             self.model_info.value = "Choose a model checkpoint (.safetensors)."
             return
         try:
-            path = self._model_path()
+            path = self.model_path()
             if path is None:
                 self.model_info.value = f"{source}: downloaded (hash-checked) when you press Run."
                 return
@@ -317,12 +327,12 @@ class BrainUADWidget(Container):
         brain = None
         if self.brain_mask.value is not None:
             brain = geometry.to_source(np.asarray(self.brain_mask.value.data)) > 0
-        source = self._model_source()
+        source = self.model_source()
         if source is None:
             raise BrainUADError("choose a model checkpoint first")
         return layer, scan, brain, source
 
-    def _settings(self):
+    def analysis_settings(self):
         from .analysis import AnalysisSettings  # brings torch and MONAI: only when a run starts
 
         levels = None if self.noise_levels.value == "model's t_test" else (250, 500, 750)
@@ -333,7 +343,7 @@ class BrainUADWidget(Container):
         """Start the analysis in a worker thread; the viewer stays responsive."""
         try:
             layer, scan, brain, source = self._inputs()
-            settings = self._settings()
+            settings = self.analysis_settings()
         except BrainUADError as error:
             self._fail(str(error))
             return
@@ -348,6 +358,19 @@ class BrainUADWidget(Container):
             done=lambda analysis, metadata: self._show_results(layer, analysis, metadata),
             cancelled=self._cancelled, failed=self._fail, finished=self._finished,
         )
+
+    @property
+    def running(self) -> bool:
+        """Whether an analysis of the scan in view is under way."""
+        return self._worker is not None
+
+    def clear_results(self) -> None:
+        """No results in the dock (another scan is in view, not run yet): the slider and the
+        findings wait for a run."""
+        self.review.clear()
+        self._map_layer = None
+        self.threshold.enabled = False
+        self.status.value = ""
 
     def cancel(self, *_):
         self._cancel.set()
@@ -375,6 +398,14 @@ class BrainUADWidget(Container):
         from .session import ScanSession
 
         session = ScanSession.start(analysis, metadata, min_size_ml=self.min_size_ml.value)
+        self.show_session(scan_layer, session)
+        self.worklist.run_finished(scan_layer, session)
+
+    def show_session(self, scan_layer, session: ScanSession, annotation: np.ndarray | None = None):
+        """A session's results as layers over ``scan_layer``, its choices in the controls.
+        ``annotation`` (the scan's grid): the user's mask as saved, for a scan that has no
+        annotation layer in the viewer (a worklist scan reopened)."""
+        analysis, metadata = session.analysis, session.model_metadata
         geometry = scan_layer.metadata["nifti"]
         placement = {"scale": scan_layer.scale, "translate": scan_layer.translate,
                      "metadata": {"nifti": geometry, "model": metadata.get("kind")}}
@@ -390,7 +421,10 @@ class BrainUADWidget(Container):
             self._replace(f"{name} spread", "image", geometry.to_display(analysis.spread), colormap="viridis",
                           blending="additive", visible=False, **placement)
         self._show_brain(scan_layer, analysis, placement)
-        self.review.show(session, scan_layer, placement)
+        self.review.show(session, scan_layer, placement, annotation=annotation)
+        with self.min_size_ml.changed.blocked(), self.median.changed.blocked():
+            self.min_size_ml.value = session.min_size_ml
+            self.median.value = analysis.filtered.median
         self._show_threshold()
         self.mask.reset_choices()
         self.mask.value = self.review.annotation_layer  # what an export writes: the user's mask
@@ -439,6 +473,7 @@ class BrainUADWidget(Container):
             self.threshold_preset.value = NO_PRESET
         self._show_mask()
         self._findings_timer.start()
+        self.worklist.schedule_save()
 
     def _preset_chosen(self, *_):
         """A preset is a shortcut to its threshold; choosing none leaves the slider where it is."""
@@ -451,6 +486,7 @@ class BrainUADWidget(Container):
         self._show_threshold()
         self._show_mask()
         self._findings_timer.start()
+        self.worklist.schedule_save()
 
     def _min_size_changed(self, *_):
         if self.session is None:
@@ -458,6 +494,7 @@ class BrainUADWidget(Container):
         self.session.min_size_ml = self.min_size_ml.value
         self._show_mask()
         self._findings_timer.start()
+        self.worklist.schedule_save()
 
     def _show_mask(self):
         """The session's open proposal in the proposal layer (from the cached filtered map); the
@@ -482,6 +519,7 @@ class BrainUADWidget(Container):
         self.review.session = session
         self._show_threshold()
         self.review.refresh()
+        self.worklist.schedule_save()
         median = session.analysis.filtered.median
         self.status.value = f"Median filter {'on' if median else 'off'}: {len(self.review.findings)} finding(s)."
 
@@ -500,6 +538,7 @@ class BrainUADWidget(Container):
         meta = {"name": layer.name, "metadata": layer.metadata}
         written = write_layer(str(path), layer.data, meta, kind="labels", overwrite=overwrite)
         self.review.mark_saved(layer)
+        self.worklist.exported(layer)
         self.status.value = f"Saved {written}"
         return written
 
@@ -539,7 +578,7 @@ class BrainUADWidget(Container):
         if layer is None:
             self.status.value = "Choose a Labels layer to export."
             return
-        suggestion = f"{nifti_stem(layer.name)}.nii.gz"
+        suggestion = str(self.worklist.export_suggestion() or f"{nifti_stem(layer.name)}.nii.gz")
         path, _ = QFileDialog.getSaveFileName(
             self.native, "Export mask", suggestion, "NIfTI (*.nii.gz *.nii)"
         )

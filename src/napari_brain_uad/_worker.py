@@ -1,8 +1,9 @@
 """The widget's long work off the GUI thread, and how each way it can end reaches the user.
 
-Two pieces of work run in napari workers (with a progress bar in napari's activity dock): the
-analysis of a scan (loading the model, then ``analysis.analyse_scan``) and the median
-re-filtering of a session. Their outcome is sorted in the worker thread and handed to the GUI
+These pieces of work run in napari workers (with a progress bar in napari's activity dock): the
+analysis of a scan (loading the model, then ``analysis.analyse_scan``), the median re-filtering
+of a session, and for a worklist the restoring of a saved scan and the analysis of the next
+scan in the background. Their outcome is sorted in the worker thread and handed to the GUI
 thread through the callbacks the widget gives:
 
 - the user pressed Cancel (``reconstruct.Cancelled``): ``cancelled()``, and nothing comes back;
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .analysis import AnalysisSettings, ScanAnalysis
     from .io import NiftiVolume
     from .session import ScanSession
+    from .worklist import RestoredScan, Worklist
 
 
 class ProgressRelay(QObject):
@@ -94,6 +96,55 @@ def start_refilter(
     does not run again."""
     return _start(lambda: session.with_median(median), "the median filter", "Median filter",
                   done=done, failed=failed, finished=finished)
+
+
+def start_restore(
+    worklist: Worklist,
+    entry_id: str,
+    *,
+    done: Callable[[RestoredScan | None], None],
+    failed: Callable[[str], None],
+    finished: Callable[[], None],
+) -> FunctionWorker:
+    """Read a worklist scan back as the user left it (its saved results and review, checked
+    against the scan's and the model's hashes; the network does not run): ``done(restored)``,
+    None when it has no results yet."""
+
+    def work():
+        from .worklist import model_file_sha256
+
+        model = worklist.records[entry_id].model
+        return worklist.restore(entry_id, model_sha256=model_file_sha256(model))
+
+    return _start(work, "restoring the scan", "Restoring", done=done, failed=failed, finished=finished)
+
+
+def start_background_run(
+    worklist: Worklist,
+    entry_id: str,
+    model_source: str | Path,
+    settings: AnalysisSettings,
+    *,
+    cancel: threading.Event,
+    done: Callable[[bool], None],
+    failed: Callable[[str], None],
+    finished: Callable[[], None],
+) -> FunctionWorker:
+    """Analyse a worklist scan from its files and save its results while the user reviews
+    another: ``done(True)``, or ``done(False)`` when cancelled. A failure is also recorded in
+    the worklist (the scan's status says failed, with the message)."""
+
+    def work() -> bool:
+        from .reconstruct import Cancelled
+
+        try:
+            worklist.run(entry_id, str(model_source), settings=settings, cancelled=cancel.is_set)
+        except Cancelled:
+            return False
+        return True
+
+    return _start(work, "the background analysis", f"Analysing {entry_id}", done=done, failed=failed,
+                  finished=finished)
 
 
 def _start(work: Callable[[], Any], where: str, description: str, *, done: Callable[[Any], None],

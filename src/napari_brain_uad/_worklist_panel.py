@@ -1,0 +1,346 @@
+"""The worklist in the dock: open a folder, a CSV file or a BIDS dataset of scans, step through
+them, and never lose a decision between them.
+
+The list and the session on disk are ``worklist.Worklist``'s (Qt-free); this panel shows them
+and keeps them up to date as the user works:
+
+- **one scan at a time**: going to a scan removes the previous scan's layers (its session is
+  saved first) and opens the new one, with its brain mask when the list gives one; a scan with
+  saved results comes back as the user left it — results, threshold, minimum size, median
+  switch, decisions and mask — read from disk in a worker, without running the network;
+- **saved as the user works**: every edit, decision, threshold or size change starts a short
+  timer, and the session is saved when it runs out (atomically), before going to another scan
+  and before the window closes; a save that fails is shown, and going to another scan then asks
+  before leaving edits behind;
+- **the next scan in the background**: once a scan's results are in view, the next scan that
+  was never run is analysed in a worker with the same model and settings, and its results are
+  saved, so it opens at once; its status says when it is ready or why it failed;
+- while the scan in view is being analysed (Run), the list does not move.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import napari
+import numpy as np
+from magicgui.widgets import Container, Label, PushButton, Table
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QMessageBox
+
+from ._reader import layer_data
+from ._styles import BRAIN, finish_labels, label_style, layer_name
+from ._worker import start_background_run, start_restore
+from .errors import BrainUADError, internal_error_message
+
+if TYPE_CHECKING:
+    from ._widget import BrainUADWidget
+    from .session import ScanSession
+    from .worklist import RestoredScan, Worklist
+
+COLUMNS = ("scan", "status")
+# How long the user's work rests before the session is saved (a slider drag saves once).
+SAVE_DELAY_MS = 1000
+
+
+class WorklistPanel(Container):
+    def __init__(self, owner: BrainUADWidget, viewer: napari.viewer.Viewer):
+        super().__init__(labels=False)
+        self._owner = owner
+        self._viewer = viewer
+        self.open_folder_button = PushButton(text="Open folder…",
+                                             tooltip="a folder of NIfTI scans or DICOM series folders, or a BIDS dataset")
+        self.open_csv_button = PushButton(text="Open CSV…", tooltip="a CSV file with a 'scan' column "
+                                          "(and optionally 'id', 'brain_mask', 'lesion_mask')")
+        self.title = Label(value="Worklist: none (one scan at a time)")
+        self.table = Table(value={"data": [], "index": [], "columns": list(COLUMNS)}, visible=False)
+        self.previous_button = PushButton(text="◀ Previous scan", visible=False)
+        self.next_button = PushButton(text="Next scan ▶", visible=False)
+        opening = Container(widgets=[self.open_folder_button, self.open_csv_button], layout="horizontal", labels=False)
+        stepping = Container(widgets=[self.previous_button, self.next_button], layout="horizontal", labels=False)
+        for row in (opening, stepping):
+            row.margins = (0, 0, 0, 0)
+        self.extend([opening, self.title, self.table, stepping])
+        self.worklist: Worklist | None = None
+        self.current: str | None = None  # the id of the scan in view
+        self._scan_layer_id = None  # its scan layer's unique id
+        self._shown: str | None = None  # the id whose session the dock shows (None: not run yet)
+        self._restoring = None
+        self._background = None
+        self._background_id: str | None = None
+        self._background_cancel = threading.Event()
+        self._save_timer = QTimer(self.native)  # dies with the panel, never fires after it
+        self._save_timer.setSingleShot(True)
+        self._save_timer.setInterval(SAVE_DELAY_MS)
+        self._save_timer.timeout.connect(self.save_now)
+        self.open_folder_button.changed.connect(self._ask_folder)
+        self.open_csv_button.changed.connect(self._ask_csv)
+        self.previous_button.changed.connect(lambda: self.step(-1))
+        self.next_button.changed.connect(lambda: self.step(+1))
+        self.table.native.cellDoubleClicked.connect(lambda row, column: self._go_to_row(row))
+
+    # ------------------------------------------------------------------ opening a list
+
+    def open(self, source: str | Path, *, folder: str | Path | None = None) -> Worklist:
+        """Open the worklist of ``source`` (its session folder: ``folder`` or the default) and go
+        to the scan last looked at, or the first."""
+        from .worklist import Worklist
+
+        if not self.save_now() and not self._leave_unsaved("open another worklist"):
+            return self.worklist
+        worklist = Worklist.open(source, folder=folder)
+        self._stop_background()
+        self.worklist, self.current, self._shown = worklist, None, None
+        for widget in (self.table, self.previous_button, self.next_button):
+            widget.visible = True
+        self.refresh_table()
+        self.go_to(worklist.current or worklist.entries[0].id)
+        return worklist
+
+    def _ask_folder(self, *_):
+        from qtpy.QtWidgets import QFileDialog
+
+        folder = QFileDialog.getExistingDirectory(self.native, "Open a folder of scans or a BIDS dataset")
+        if folder:
+            self._guarded(lambda: self.open(folder), "opening the worklist")
+
+    def _ask_csv(self, *_):
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getOpenFileName(self.native, "Open a CSV list of scans", "", "CSV (*.csv)")
+        if path:
+            self._guarded(lambda: self.open(path), "opening the worklist")
+
+    def refresh_table(self) -> None:
+        if self.worklist is None:
+            return
+        entries = self.worklist.entries
+        self.table.value = {"data": [[e.id, self.worklist.status(e.id)] for e in entries],
+                            "index": [str(i + 1) for i in range(len(entries))], "columns": list(COLUMNS)}
+        counts = {}
+        for entry in entries:
+            status = self.worklist.status(entry.id)
+            counts[status] = counts.get(status, 0) + 1
+        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        self.title.value = (f"Worklist: {len(entries)} scans ({summary}); session saved in "
+                            f"{self.worklist.folder} (double-click a row to open it)")
+        if self.current is not None:
+            self.table.native.selectRow(self.worklist.index(self.current))
+
+    # ------------------------------------------------------------------ moving between scans
+
+    def step(self, direction: int) -> None:
+        if self.worklist is None:
+            return
+        entries = self.worklist.entries
+        index = 0 if self.current is None else self.worklist.index(self.current)
+        self.go_to(entries[(index + direction) % len(entries)].id)
+
+    def _go_to_row(self, row: int) -> None:
+        if self.worklist is not None and 0 <= row < len(self.worklist.entries):
+            self.go_to(self.worklist.entries[row].id)
+
+    def go_to(self, entry_id: str) -> None:
+        """Show scan ``entry_id``: the one in view is saved and its layers removed; the new one
+        opens, with its saved session when it has one."""
+        if self.worklist is None or entry_id == self.current:
+            return
+        if self._owner.running:
+            self._owner.status.value = "The scan in view is being analysed: wait for it, or Cancel, to move on."
+            return
+        if not self.save_now() and not self._leave_unsaved("go to another scan"):
+            return
+        if self.current is not None:
+            self._remove_layers(self.current)
+        self._owner.clear_results()
+        entry = self.worklist.entry(entry_id)
+        self.current, self._shown = entry_id, None
+        try:
+            scan_layer = self._open_scan(entry)
+        except BrainUADError as error:
+            self._owner.status.value = f"{entry_id}: {error}"
+            self.refresh_table()
+            return
+        self.worklist.set_current(entry_id)
+        self.refresh_table()
+        if self.worklist.has_results(entry_id):
+            self._owner.status.value = f"{entry_id}: restoring its saved session…"
+            self._restoring = start_restore(
+                self.worklist, entry_id, done=lambda restored: self._restored(entry_id, scan_layer, restored),
+                failed=lambda message: self._restore_failed(entry_id, message), finished=self._restore_finished)
+        elif self._background_id == entry_id:
+            self._owner.status.value = f"{entry_id}: being analysed in the background; it shows when ready."
+        else:
+            error = self.worklist.records[entry_id].error
+            self._owner.status.value = f"{entry_id}: " + (f"failed before: {error}" if error else "not run yet; press Run.")
+
+    def _open_scan(self, entry):
+        """The scan's layer (named after its id) and its brain mask from the list, if any."""
+        data, kwargs, _ = layer_data(str(entry.scan), name=entry.id, labels=False)
+        scan_layer = self._viewer.add_image(data, **kwargs)
+        self._scan_layer_id = scan_layer.unique_id
+        self._owner.scan.reset_choices()
+        self._owner.scan.value = scan_layer
+        brain_layer = None
+        if entry.brain_mask is not None:
+            data, kwargs, _ = layer_data(str(entry.brain_mask), name=layer_name(BRAIN, entry.id), labels=True)
+            brain_layer = finish_labels(self._viewer.add_labels(data, **{**kwargs, **label_style(BRAIN)}), BRAIN)
+        self._owner.brain_mask.reset_choices()
+        self._owner.brain_mask.value = brain_layer
+        self._viewer.layers.selection.active = scan_layer
+        return scan_layer
+
+    def _remove_layers(self, entry_id: str) -> None:
+        """The scan's own layers (its scan and every layer named after it); their work is saved."""
+        for layer in list(self._viewer.layers):
+            if layer.name == entry_id or layer.name.startswith(f"{entry_id} "):
+                self._viewer.layers.remove(layer)
+
+    def _restored(self, entry_id: str, scan_layer, restored: RestoredScan | None) -> None:
+        if entry_id != self.current or restored is None:
+            return  # the user moved on while it was read
+        self._owner.show_session(scan_layer, restored.session, restored.annotation)
+        self._shown = entry_id
+        self._owner.review.mark_saved(self._owner.review.annotation_layer)  # as saved, nothing new
+        self._owner.status.value = (f"{entry_id}: restored as you left it ({self.worklist.status(entry_id)}; "
+                                    f"{len(self._owner.review.findings)} finding(s)); the network did not run.")
+        self._start_background_next()
+
+    def _restore_failed(self, entry_id: str, message: str) -> None:
+        if entry_id == self.current:
+            self._owner.status.value = f"{entry_id}: the saved results cannot be used ({message}). Press Run."
+            napari.utils.notifications.show_warning(message)
+
+    def _restore_finished(self) -> None:
+        self._restoring = None
+
+    def _leave_unsaved(self, action: str) -> bool:
+        answer = QMessageBox.question(
+            self.native, "Session not saved",
+            f"The edits on {self.current} could not be saved (see the status line). {action.capitalize()} "
+            "anyway and lose them?",
+            QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel,
+        )
+        return answer == QMessageBox.StandardButton.Discard
+
+    # ------------------------------------------------------------------ saving as the user works
+
+    def run_finished(self, scan_layer, session: ScanSession) -> None:
+        """A Run of the scan in view ended: its results are saved, then the next scan starts in
+        the background."""
+        if self.worklist is None or self.current is None or scan_layer.unique_id != self._scan_layer_id:
+            return  # a scan that is not the worklist's
+        from .downloads import file_sha256
+
+        def save():
+            self.worklist.save_results(self.current, session.analysis, model=str(self._owner.model_source()),
+                                       model_sha256=file_sha256(self._owner.model_path()),
+                                       model_metadata=dict(session.model_metadata))
+
+        if self._guarded(save, "saving the results"):
+            self._shown = self.current
+            self.save_now()
+            self._start_background_next()
+        self.refresh_table()
+
+    def schedule_save(self) -> None:
+        """The user changed something: save once their work rests."""
+        if self.worklist is not None and self._shown is not None:
+            self._save_timer.start()
+
+    def save_now(self) -> bool:
+        """Save the session of the scan in view now. Returns False only when saving failed."""
+        self._save_timer.stop()
+        review = self._owner.review
+        if self.worklist is None or self._shown is None or self._shown != self.current \
+                or review.session is None or review.annotation_layer is None:
+            return True
+        geometry = review.session.analysis.scan.geometry
+        annotation = geometry.to_source(np.asarray(review.annotation_layer.data))
+        entry_id, session = self.current, review.session
+        if not self._guarded(lambda: self.worklist.save_review(entry_id, session, annotation), "saving the session"):
+            return False
+        review.mark_saved(review.annotation_layer)
+        self.refresh_table()
+        return True
+
+    def exported(self, layer) -> None:
+        """``layer`` was exported: when it is the scan's mask, the scan's status says so."""
+        review = self._owner.review
+        if self.worklist is None or self._shown is None or review.annotation_layer is None \
+                or layer.unique_id != review.annotation_layer.unique_id:
+            return
+        if self.save_now():
+            self._guarded(lambda: self.worklist.mark_exported(self.current), "saving the session")
+            self.refresh_table()
+
+    def export_suggestion(self) -> Path | None:
+        """Where a worklist scan's mask goes by default: beside its session."""
+        if self.worklist is None or self.current is None:
+            return None
+        return self.worklist.folder / f"{self.worklist.scan_folder(self.current).name}_annotation.nii.gz"
+
+    def before_close(self) -> None:
+        """The window is closing: save what is pending, and stop the background run."""
+        self.save_now()
+        self._stop_background()
+
+    # ------------------------------------------------------------------ the next scan, meanwhile
+
+    def _start_background_next(self) -> None:
+        if self.worklist is None or self._background is not None:
+            return
+        entry = self.worklist.next_to_run(self.current)
+        source = self._owner.model_source()
+        if entry is None or source is None:
+            return
+        try:
+            settings = self._owner.analysis_settings()
+        except BrainUADError:
+            return  # the dock's settings do not go together; the user sees why at their next Run
+        self._background_cancel = threading.Event()
+        self._background_id = entry.id
+        self._background = start_background_run(
+            self.worklist, entry.id, source, settings, cancel=self._background_cancel,
+            done=lambda finished: self._background_done(entry.id, finished),
+            failed=lambda message: self._background_failed(entry.id, message),
+            finished=self._background_finished)
+        self.refresh_table()
+
+    def _background_done(self, entry_id: str, finished: bool) -> None:
+        self.refresh_table()
+        if finished and entry_id == self.current and self._shown is None and self._restoring is None:
+            layer = next((l for l in self._viewer.layers if l.unique_id == self._scan_layer_id), None)
+            if layer is not None:
+                self._restoring = start_restore(
+                    self.worklist, entry_id, done=lambda restored: self._restored(entry_id, layer, restored),
+                    failed=lambda message: self._restore_failed(entry_id, message), finished=self._restore_finished)
+
+    def _background_failed(self, entry_id: str, message: str) -> None:
+        self.refresh_table()
+        if entry_id == self.current:
+            self._owner.status.value = f"{entry_id}: the background analysis failed: {message}"
+
+    def _background_finished(self) -> None:
+        self._background, self._background_id = None, None
+
+    def _stop_background(self) -> None:
+        self._background_cancel.set()
+
+    # ------------------------------------------------------------------ errors
+
+    def _guarded(self, work, where: str) -> bool:
+        """Run ``work``; a failure is shown (a bug as the internal-error line) and False returned."""
+        try:
+            work()
+            return True
+        except (BrainUADError, OSError) as error:
+            message = str(error)
+        except Exception as error:
+            message = internal_error_message(error, where)
+        self._owner.status.value = f"Error: {message}"
+        napari.utils.notifications.show_error(message)
+        return False

@@ -1,0 +1,122 @@
+"""The worklist in a real napari window (Xvfb): three real scans reviewed one after the other,
+the viewer closed and opened again, every decision still there and no network run."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from napari_brain_uad.worklist import NOT_RUN, REVIEWED, RUN
+
+SUBJECTS = ("IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236")
+WAIT_MS = 240_000
+
+
+@pytest.fixture
+def worklist_csv(shared_data, tmp_path):
+    """Three healthy IXI scans (skull on) with their brain masks, listed in a CSV."""
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["id,scan,brain_mask"]
+    for subject in SUBJECTS:
+        shutil.copy(shared_data / "ixi_t1" / f"{subject}_T1.nii.gz", data / f"{subject}.nii.gz")
+        shutil.copy(shared_data / "ixi_t1" / "brainmask" / f"{subject}_brainmask.nii.gz", data / f"{subject}_brain.nii.gz")
+        lines.append(f"{subject},data/{subject}.nii.gz,data/{subject}_brain.nii.gz")
+    path = tmp_path / "worklist.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _open_viewer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-brain-uad")
+    return viewer, widget
+
+
+def _settled(widget, qtbot):
+    """Wait for every worker of the worklist (restore, background run) to end."""
+    panel = widget.worklist
+    qtbot.waitUntil(lambda: widget._worker is None and panel._restoring is None and panel._background is None,
+                    timeout=WAIT_MS)
+
+
+def _statuses(panel):
+    return [panel.worklist.status(entry.id) for entry in panel.worklist.entries]
+
+
+def _a_threshold_with_findings(widget):
+    low, high = widget.threshold.min, widget.threshold.max
+    for fraction in np.linspace(0.3, 0.9, 13):
+        widget.threshold.value = low + fraction * (high - low)
+        widget.review.refresh_table()
+        if len(widget.review.findings) >= 2:
+            return
+    raise AssertionError("no threshold gives two findings to review")
+
+
+def test_worklist_of_three_scans_survives_closing_and_reopening(make_napari_viewer, qtbot, worklist_csv, monkeypatch):
+    viewer, widget = _open_viewer(make_napari_viewer)
+    panel = widget.worklist
+    panel.open(worklist_csv)
+    first, second, third = SUBJECTS
+    assert panel.current == first and _statuses(panel) == [NOT_RUN] * 3
+    assert widget.scan.value.name == first and widget.brain_mask.value.name == f"{first} brain"
+
+    # Scan 1: run, then a threshold of the user's own, a finding accepted and a stroke painted.
+    widget.run()
+    _settled(widget, qtbot)  # the run, then the next scan analysed in the background
+    assert _statuses(panel) == [RUN, RUN, NOT_RUN], widget.status.value
+    _a_threshold_with_findings(widget)
+    review = widget.review
+    review.step(+1)
+    review.accept_current()
+    annotation = viewer.layers[f"{first} annotation"]
+    annotation.paint((10, 60, 60), 1)  # a stroke of the user's own, far from the findings
+    painted = annotation.data.copy()
+    threshold_1 = widget.session.threshold
+    decisions_1 = [(f.number, f.status) for f in review.findings]
+    assert ("accepted" in dict(decisions_1).values())
+
+    # Scan 2 opens from its background results (no Run); a finding rejected.
+    panel.step(+1)
+    _settled(widget, qtbot)
+    assert f"{first} annotation" not in viewer.layers  # one scan at a time
+    assert panel.current == second and widget.session is not None, widget.status.value
+    assert "the network did not run" in widget.status.value
+    _a_threshold_with_findings(widget)
+    review.step(+1)
+    review.reject_current()
+    decisions_2 = [(f.number, f.status) for f in review.findings]
+    threshold_2 = widget.session.threshold
+
+    # Scan 3 was analysed in the background while scan 2 was reviewed: it too opens with results.
+    panel.step(+1)
+    _settled(widget, qtbot)
+    assert panel.current == third and widget.session is not None
+    assert _statuses(panel) == [REVIEWED, REVIEWED, RUN]
+    viewer.close()
+
+    # A new viewer: the worklist opens where the user was, every decision as it was, and
+    # nothing runs the network.
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network ran for a saved scan")
+
+    monkeypatch.setattr("napari_brain_uad.models.load_model", refuse)
+    viewer, widget = _open_viewer(make_napari_viewer)
+    panel = widget.worklist
+    panel.open(worklist_csv)
+    _settled(widget, qtbot)
+    assert panel.current == third and _statuses(panel) == [REVIEWED, REVIEWED, RUN]
+    panel.go_to(first)
+    _settled(widget, qtbot)
+    assert widget.session is not None, widget.status.value
+    np.testing.assert_array_equal(viewer.layers[f"{first} annotation"].data, painted)
+    assert widget.session.threshold == threshold_1 and widget.threshold.value == pytest.approx(threshold_1)
+    assert [(f.number, f.status) for f in widget.review.findings] == decisions_1
+    panel.step(+1)
+    _settled(widget, qtbot)
+    assert widget.session.threshold == threshold_2
+    assert [(f.number, f.status) for f in widget.review.findings] == decisions_2
+    assert not widget.review.unsaved  # all of it is in the session: closing need not ask
