@@ -3,11 +3,17 @@
     brain-uad score SCAN.nii.gz|DICOM_FOLDER [--series UID] --out-map MAP.nii.gz [--model NAME|PATH] \\
         [--brain-mask MASK.nii.gz] [--scorer NAME] [--samples N] [--noise-levels 250 500 750] \\
         [--out-recon RECON.nii.gz] [--out-mask MASK.nii.gz [--threshold VALUE|NAME]]
+    brain-uad score A.nii.gz B.nii.gz …|FOLDER|LIST.csv|BIDS_DATASET --out-dir DIR [--workers N] \\
+        [--bids-suffix T1w] [--derivatives FOLDER] [--threshold VALUE|NAME] [--overwrite]
+    torchrun --nproc_per_node N -m napari_brain_uad.cli score … --out-dir DIR
     brain-uad evaluate --images A.nii.gz B.nii.gz --masks A_lesions.nii.gz B_lesions.nii.gz \\
         [--brain-masks ...] [--model NAME|PATH] [--scorer NAME] [--json RESULTS.json]
+    brain-uad evaluate LIST.csv|BIDS_DATASET [--bids-suffix T1w] [--derivatives FOLDER] [...]
     brain-uad models [NAME|PATH ...]
 
 Without ``--model`` the bundled default model is used, with the scorer it was calibrated for.
+With ``--out-dir`` many scans are scored into one folder with a summary, resumably and in
+parallel; ``cohort`` owns that (output names, records, summary, sharding) and says how.
 
 Every output is written on the input's own grid with its affine, to a temporary name renamed
 when complete, and never over an existing file unless ``--overwrite``. A problem with the
@@ -34,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brain-uad", description="Unsupervised anomaly detection in brain MRI.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    score = commands.add_parser("score", help="anomaly map (and reconstruction, mask) of one scan")
-    score.add_argument("input", help="the scan: a .nii/.nii.gz file, or a folder holding a DICOM series")
+    score = commands.add_parser("score", help="anomaly map (and reconstruction, mask) of one scan, or of a cohort "
+                                "with --out-dir")
+    score.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="the scan: a .nii/.nii.gz file, or a folder holding a DICOM series; with --out-dir, "
+                       "any number of scans, folders of scans, CSV lists (columns scan, brain_mask, id) or BIDS "
+                       "datasets")
     score.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several "
                        "(default: the one with the most slices)")
     _model_arguments(score)
@@ -48,17 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--threshold", help="a number, or the name of a threshold stored with the model "
                        "(default: the model's healthy-percentile threshold for the scorer)")
     score.add_argument("--min-size-ml", type=float, help="drop findings up to this volume (default: 7 model voxels)")
+    score.add_argument("--out-dir", help="score every scan given into this folder, named after each scan's id, "
+                       "with summary.csv and summary.json; scans already done with the same model and settings "
+                       "are skipped")
+    score.add_argument("--workers", type=int, default=1, help="with --out-dir: processes scoring scans at once, "
+                       "each loading the model once (default 1)")
+    score.add_argument("--threads", type=int, help="with --out-dir: threads per process (default: the cores shared "
+                       "out among the processes)")
+    _cohort_source_arguments(score)
     score.add_argument("--overwrite", action="store_true", help="replace existing output files")
     score.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     evaluate = commands.add_parser("evaluate", help="[Dice], Dice at a threshold, AUPRC and l1-ratio on scans with lesion masks")
-    evaluate.add_argument("--images", nargs="+", required=True,
+    evaluate.add_argument("sources", nargs="*", metavar="LIST",
+                          help="a CSV list (columns scan, lesion_mask, brain_mask, id) or a BIDS dataset whose "
+                          "derivatives hold *_label-lesion_mask (and *_desc-brain_mask) files; or use --images")
+    evaluate.add_argument("--images", nargs="+",
                           help="scans with lesions (NIfTI files or folders each holding one DICOM series)")
-    evaluate.add_argument("--masks", nargs="+", required=True, help="their lesion masks, in the same order")
+    evaluate.add_argument("--masks", nargs="+", help="their lesion masks, in the same order")
     evaluate.add_argument("--brain-masks", nargs="+", help="their brain masks (omit for skull-stripped scans)")
     _model_arguments(evaluate)
     evaluate.add_argument("--threshold", help="threshold for the Dice column: a number or a stored name "
                           "(default: the model's healthy-percentile threshold for the scorer, if any)")
+    _cohort_source_arguments(evaluate)
     evaluate.add_argument("--json", help="also write the results here as JSON")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     evaluate.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -66,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the bundled and downloadable models, or show checkpoints' cards")
     models.add_argument("paths", nargs="*", help="model names or checkpoint files (default: every registry model)")
     return parser
+
+
+def _cohort_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bids-suffix", default="T1w", help="in a BIDS dataset, the images to read (default T1w)")
+    parser.add_argument("--bids-filter", action="append", metavar="KEY=VALUE", default=[],
+                        help="in a BIDS dataset, only images with this entity (e.g. acq=mprage); repeat for more")
+    parser.add_argument("--derivatives", help="in a BIDS dataset, the folder holding the masks "
+                        "(default: its derivatives/)")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +128,16 @@ def score_command(arguments) -> int:
     from .io import save_source_array
 
     outputs = {name: getattr(arguments, f"out_{name}") for name in ("map", "recon", "mask", "brain_mask")}
+    if arguments.out_dir:
+        return _score_cohort(arguments, outputs)
+    if len(arguments.inputs) > 1:
+        raise SettingsError(f"{len(arguments.inputs)} inputs: score several scans with --out-dir DIR")
+    arguments.input = arguments.inputs[0]
+    if str(arguments.input).lower().endswith(".csv"):
+        raise SettingsError(f"{arguments.input}: a list of scans is scored with --out-dir DIR")
     if not any(outputs.values()):
-        raise SettingsError("nothing to write: give --out-map, --out-recon, --out-mask and/or --out-brain-mask")
+        raise SettingsError("nothing to write: give --out-map, --out-recon, --out-mask and/or --out-brain-mask "
+                            "(or --out-dir DIR)")
     for path in filter(None, outputs.values()):
         if Path(path).exists() and not arguments.overwrite:
             raise OutputExists(f"{path}: already exists; not overwriting it")
@@ -133,6 +171,65 @@ def score_command(arguments) -> int:
             print(f"{len(findings)} finding(s), {sum(f['volume_ml'] for f in findings):.2f} mL in all "
                   f"at threshold {threshold.describe()}", file=sys.stderr)
     return 0
+
+
+def _score_cohort(arguments, outputs) -> int:
+    """Many scans into --out-dir (``cohort`` does the work)."""
+    from .cohort import FAILED, CohortJob, Processes, print_line, progress_line, score_cohort
+    from .downloads import file_sha256
+    from .model_registry import default_model_name
+
+    given = [f"--out-{name.replace('_', '-')}" for name, value in outputs.items() if value]
+    if given:
+        raise SettingsError(f"--out-dir names every output itself; drop {', '.join(given)}")
+    if arguments.series:
+        raise SettingsError("--series picks one series of one scan; it does not go with --out-dir")
+    if arguments.brain_mask:
+        raise SettingsError("--brain-mask is for one scan; give a cohort's brain masks in a CSV's brain_mask column "
+                            "or a BIDS derivatives folder")
+    entries = _cohort_entries(arguments, arguments.inputs)
+    with _warnings_as_lines():
+        model_path, metadata, settings = _model_and_settings(arguments)
+        threshold = resolve_threshold(arguments.threshold, metadata, settings)
+    job = CohortJob(model_path=Path(model_path), model_sha256=file_sha256(Path(model_path)), model_metadata=metadata,
+                    settings=settings, out_dir=Path(arguments.out_dir), threshold=threshold,
+                    min_size_ml=arguments.min_size_ml, overwrite=arguments.overwrite,
+                    model_name=arguments.model or default_model_name())
+    processes = Processes.from_environment()
+    if not arguments.quiet and processes.rank == 0:
+        print_line(f"{len(entries)} scan(s), model {metadata['kind']} ({Path(model_path).name}), scorer "
+                   f"{settings.scorer}, " + (f"threshold {threshold.describe()}" if threshold else "no threshold")
+                   + (f", {processes.world_size} processes" if processes.distributed else "")
+                   + (f", {arguments.workers} workers" if arguments.workers > 1 else ""))
+
+    def report(index, count, row):
+        if not arguments.quiet or row["status"] == FAILED:
+            print_line("brain-uad: " + progress_line(index, count, row, processes))
+
+    with _warnings_as_lines():
+        summary = score_cohort(entries, job, workers=arguments.workers, threads=arguments.threads, report=report)
+    if processes.rank == 0 and not arguments.quiet:
+        print_line(f"brain-uad: {summary.count('done')} done, {summary.count('skipped')} skipped, "
+                   f"{summary.count('failed')} failed; summary in {job.out_dir / 'summary.csv'}")
+    if summary.total_failed:
+        if processes.rank == 0:
+            print(f"brain-uad: error: {summary.total_failed} of {len(entries)} scans failed "
+                  f"(see {job.out_dir / 'summary.csv'})", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cohort_entries(arguments, sources):
+    from .scan_list import read_scan_sources
+
+    entities = {}
+    for item in arguments.bids_filter:
+        key, separator, value = item.partition("=")
+        if not separator or not key or not value:
+            raise SettingsError(f"--bids-filter {item!r}: write it as KEY=VALUE (e.g. acq=mprage)")
+        entities[key] = value
+    return read_scan_sources(sources, bids_suffix=arguments.bids_suffix, bids_entities=entities,
+                             derivatives=arguments.derivatives)
 
 
 def _model_and_settings(arguments):
@@ -197,20 +294,20 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def evaluate_command(arguments) -> int:
-    from .evaluation import LabelledCase, evaluate_cases
+    from .evaluation import evaluate_cases
     from .model_card import modality_mismatch
     from .models import load_model
 
-    images, masks = arguments.images, arguments.masks
-    brains = arguments.brain_masks
-    if len(masks) != len(images):
-        raise SettingsError(f"{len(images)} --images but {len(masks)} --masks: give one lesion mask per image")
-    if brains is not None and len(brains) != len(images):
-        raise SettingsError(f"{len(images)} --images but {len(brains)} --brain-masks: give one per image, or none")
+    if arguments.sources:
+        if arguments.images or arguments.masks or arguments.brain_masks:
+            raise SettingsError("give a list of scans (CSV or BIDS) or --images/--masks, not both")
+        from .cohort import labelled_cases
+
+        cases = labelled_cases(_cohort_entries(arguments, arguments.sources))
+    else:
+        cases = _cases_from_arguments(arguments)
     if arguments.json and Path(arguments.json).exists() and not arguments.overwrite:
         raise OutputExists(f"{arguments.json}: already exists; not overwriting it")
-    cases = [LabelledCase(image, mask, brains[index] if brains else None, name=Path(image).name)
-             for index, (image, mask) in enumerate(zip(images, masks))]
 
     def announce(index, count, case):
         mismatch = modality_mismatch(metadata, Path(case.image).name)
@@ -245,6 +342,22 @@ def evaluate_command(arguments) -> int:
         text = json.dumps(document, indent=2, default=float)
         write_atomically(arguments.json, lambda temporary: Path(temporary).write_text(text))
     return 0
+
+
+def _cases_from_arguments(arguments):
+    """Cases from --images, --masks and --brain-masks, given in the same order."""
+    from .evaluation import LabelledCase
+
+    images, masks = arguments.images, arguments.masks
+    brains = arguments.brain_masks
+    if not images or not masks:
+        raise SettingsError("give the scans to evaluate: a CSV list or BIDS dataset, or --images with --masks")
+    if len(masks) != len(images):
+        raise SettingsError(f"{len(images)} --images but {len(masks)} --masks: give one lesion mask per image")
+    if brains is not None and len(brains) != len(images):
+        raise SettingsError(f"{len(images)} --images but {len(brains)} --brain-masks: give one per image, or none")
+    return [LabelledCase(image, mask, brains[index] if brains else None, name=Path(image).name)
+            for index, (image, mask) in enumerate(zip(images, masks))]
 
 
 def _cell(value) -> str:

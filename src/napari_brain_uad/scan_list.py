@@ -82,6 +82,33 @@ def read_scan_list(source: str | os.PathLike, *, bids_suffix: str = DEFAULT_BIDS
     return entries
 
 
+def read_scan_sources(sources, *, bids_suffix: str = DEFAULT_BIDS_SUFFIX,
+                      bids_entities: Mapping[str, str] | None = None,
+                      derivatives: str | os.PathLike | None = None) -> list[ScanEntry]:
+    """The scans of several sources named together (a command line's ``A.nii.gz B.nii.gz`` or
+    ``cohort.csv``): a NIfTI file, or a folder holding a DICOM series, is one scan named by its
+    stem; a CSV file, a BIDS dataset or a folder of scans gives its list. Ids must be unique
+    over all of them."""
+    entries = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file() and is_nifti_path(path):
+            entries.append(ScanEntry(nifti_stem(path), path))
+        elif path.is_dir() and not is_bids_dataset(path) and _holds_dicom(path):
+            entries.append(ScanEntry(scan_stem(path), path))
+        else:
+            entries.extend(read_scan_list(path, bids_suffix=bids_suffix, bids_entities=bids_entities,
+                                          derivatives=derivatives))
+    _check_unique(entries, Path(str(sources[0])) if len(sources) == 1 else Path("the scans given"))
+    return entries
+
+
+def _holds_dicom(folder: Path) -> bool:
+    from .dicom import holds_dicom  # SimpleITK only when a folder is listed
+
+    return holds_dicom(folder)
+
+
 def is_bids_dataset(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / BIDS_DESCRIPTION).is_file()
 
