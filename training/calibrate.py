@@ -16,9 +16,12 @@ the settings stored beside the threshold, and the threshold is on the post-proce
   (tuned on the cases it is scored on), and stated so in the card.
 
 The output checkpoint has the input's weights, its metadata plus ``default_scorer``,
-``thresholds``, ``calibration`` and, when given, ``results``, ``limits`` and
+``thresholds``, ``typicality`` (the healthy scans' statistics that tell a typical scan from an
+atypical one), ``calibration`` and, when given, ``results``, ``limits`` and
 ``training_command``; machine-specific paths in the training settings are replaced by the
-names of the folders, so a shipped card does not carry the trainer's file system.
+names of the folders, so a shipped card does not carry the trainer's file system. The work is
+``napari_brain_uad.calibration.calibrate``, the same function a user's ``brain-uad calibrate``
+runs on their own scanner's scans.
 """
 
 from __future__ import annotations
@@ -26,31 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from napari_brain_uad.analysis import AnalysisSettings
-from napari_brain_uad.checkpoint import load_checkpoint, save_checkpoint
+from napari_brain_uad.calibration import calibrate
 from napari_brain_uad.errors import BrainUADError, OutputExists, SettingsError, internal_error_message
-from napari_brain_uad.evaluation import LabelledCase, analyse_cases, evaluate_analysis
-from napari_brain_uad.models import build_model, load_model
-from napari_brain_uad.postprocess import min_size_in_voxels
+from napari_brain_uad.evaluation import LabelledCase
 from napari_brain_uad.scoring import SCORERS
-from napari_brain_uad.thresholds import (
-    HEALTHY_PERCENTILE,
-    dice_threshold_name,
-    greedy_dice_threshold,
-    healthy_percentile_threshold,
-    healthy_threshold_name,
-    stored_entry,
-)
+from napari_brain_uad.thresholds import HEALTHY_PERCENTILE
 
 from .data import find_scans
-
-PATH_SETTINGS = ("data", "brain_masks", "output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,14 +77,22 @@ def main(argv: list[str] | None = None) -> int:
         lesion_cases = _lesion_cases(arguments.lesion_image, arguments.lesion_mask, arguments.lesion_brain_mask)
         healthy = healthy_cases(arguments.model, arguments.healthy, arguments.healthy_brain_masks,
                                 limit=arguments.max_healthy)
-        calibrate(
+        card = {}
+        if arguments.results:
+            card["results"] = json.loads(Path(arguments.results).read_text())
+        if arguments.limits:
+            card["limits"] = list(arguments.limits)
+        if arguments.training_command:
+            card["training_command"] = arguments.training_command
+        written = calibrate(
             arguments.model, arguments.output, scorer=arguments.scorer, samples=arguments.samples,
             t_test=arguments.t_test, percentile=arguments.percentile, healthy=healthy, lesion_cases=lesion_cases,
-            lesion_name=arguments.lesion_name,
-            results=json.loads(Path(arguments.results).read_text()) if arguments.results else None,
-            limits=arguments.limits, training_command=arguments.training_command, device=arguments.device,
-            overwrite=arguments.overwrite, say=say,
+            lesion_name=arguments.lesion_name, card=card, device=arguments.device, overwrite=arguments.overwrite,
+            say=say,
         )
+        say(json.dumps({"thresholds": {name: entry["value"] for name, entry in written["thresholds"].items()},
+                        "typicality": {key: written["typicality"][key] for key in ("healthy_median", "healthy_spread")},
+                        "dice_at_thresholds": written["calibration"]["dice_at_thresholds"]}, indent=1))
     except OutputExists as error:
         print(f"brain-uad-calibrate: error: {error} (use --overwrite to replace it)", file=sys.stderr)
         return 2
@@ -107,91 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"brain-uad-calibrate: {internal_error_message(error, 'brain-uad-calibrate')}", file=sys.stderr)
         return 1
     return 0
-
-
-def calibrate(
-    model_path: str | Path,
-    output: str | Path,
-    *,
-    healthy: Sequence[LabelledCase],
-    lesion_cases: Sequence[LabelledCase] = (),
-    scorer: str | None = None,
-    samples: int | None = None,
-    t_test: int | None = None,
-    percentile: float = HEALTHY_PERCENTILE,
-    lesion_name: str = "lesion",
-    results: dict | None = None,
-    limits: Sequence[str] = (),
-    training_command: str | None = None,
-    device: str = "auto",
-    overwrite: bool = False,
-    say: Callable[[str], None] = lambda text: None,
-) -> Path:
-    """Write a copy of ``model_path`` at ``output`` with its thresholds and card.
-
-    ``healthy`` scans (no lesion masks) give the ``healthy-<percentile>`` threshold;
-    ``lesion_cases`` (with lesion masks) the ``<lesion_name>-dice`` one and the Dice of every
-    threshold on them. ``t_test`` stores a new test-time noise level in a diffusion model first.
-    """
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExists(f"{output}: already exists; not overwriting it")
-    if not healthy:
-        raise SettingsError("no healthy scans to calibrate on")
-    if any(case.truth is None for case in lesion_cases):
-        raise SettingsError("every lesion case needs its lesion mask")
-    model, metadata = load_model(model_path)
-    state, _ = load_checkpoint(model_path)
-    if t_test is not None:
-        if not model.uses_noise_level:
-            raise SettingsError(f"--t-test: a {metadata['kind']} model has no noise level")
-        metadata["hyperparameters"] = {**metadata["hyperparameters"], "t_test": t_test}
-        rebuilt = build_model(metadata["kind"], metadata["hyperparameters"], model.spec)
-        rebuilt.load_state_dict(state)
-        model = rebuilt.eval()
-    settings = AnalysisSettings.for_model(metadata, scorer=scorer, samples=samples, device=device, seed=0)
-
-    def announce(what):
-        return lambda index, count, case: say(f"{what} {index + 1}/{count}: {case.label}")
-
-    healthy_maps = [analysis.filtered for _, analysis, _ in
-                    analyse_cases(healthy, model, settings, announce=announce("healthy"))]
-    value, record = healthy_percentile_threshold(healthy_maps, percentile=percentile)
-    record["subjects"] = [case.label for case in healthy]
-    thresholds: dict[str, Any] = {healthy_threshold_name(percentile): stored_entry(value, settings, record)}
-
-    lesion_results = []
-    if lesion_cases:
-        analysed = [(analysis, truth) for _, analysis, truth in
-                    analyse_cases(lesion_cases, model, settings, announce=announce("lesion case"))]
-        sizes = [min_size_in_voxels(analysis.default_min_size_ml, analysis.filtered.spacing_mm)
-                 for analysis, _ in analysed]
-        value, record = greedy_dice_threshold([analysis.filtered for analysis, _ in analysed],
-                                              [truth for _, truth in analysed], min_size_voxels=float(np.max(sizes)))
-        record["cases"] = [str(case.image) for case in lesion_cases]
-        record["note"] = "tuned on the cases it is scored on: an optimistic upper bound, not a held-out result"
-        thresholds[dice_threshold_name(lesion_name)] = stored_entry(value, settings, record)
-        for name, entry in thresholds.items():
-            dices = [evaluate_analysis(analysis, truth, threshold=entry["value"]).dice for analysis, truth in analysed]
-            lesion_results.append({"threshold": name, "dice_per_case": dices, "mean_dice": float(np.mean(dices))})
-
-    card = {key: value for key, value in metadata.items() if key != "format_version"}
-    card["training"] = {**card.get("training", {}), "settings": _portable(card.get("training", {}).get("settings", {}))}
-    card["default_scorer"] = settings.scorer
-    card["thresholds"] = thresholds
-    card["calibration"] = {"settings": {key: thresholds[healthy_threshold_name(percentile)][key]
-                                        for key in ("scorer", "samples", "noise_levels", "median", "seed")},
-                           "source_checkpoint": Path(model_path).name, "dice_at_thresholds": lesion_results}
-    if results is not None:
-        card["results"] = results
-    if limits:
-        card["limits"] = list(limits)
-    if training_command:
-        card["training_command"] = training_command
-    save_checkpoint(output, state, card, overwrite=overwrite)
-    say(json.dumps({"thresholds": {name: entry["value"] for name, entry in thresholds.items()},
-                    "dice_at_thresholds": lesion_results}, indent=1))
-    return output
 
 
 def _lesion_cases(images: Sequence[str], masks: Sequence[str], brain_masks: Sequence[str]) -> list[LabelledCase]:
@@ -225,12 +136,6 @@ def healthy_cases(model_path: str | Path, data: Sequence[str] | None = None, bra
                                 f"{settings['data']}")
     scans = scans[:limit] if limit else scans
     return [LabelledCase(pair.image, None, pair.brain_mask, name=pair.subject) for pair in scans]
-
-
-def _portable(settings: dict) -> dict:
-    """Training settings without the trainer's absolute paths (folder names only)."""
-    return {key: (Path(value).name if key in PATH_SETTINGS and isinstance(value, str) else value)
-            for key, value in settings.items()}
 
 
 if __name__ == "__main__":

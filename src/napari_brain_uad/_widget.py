@@ -57,6 +57,7 @@ from .io import NiftiVolume, ScanError, nifti_stem, scan_stem
 from .model_registry import default_model_name, local_model_file, model_names
 from .scoring import SCORERS
 from .thresholds import stored_thresholds
+from .typicality import assess
 
 if TYPE_CHECKING:
     from .analysis import ScanAnalysis
@@ -117,6 +118,7 @@ class BrainUADWidget(Container):
             self.mask, self.export_button, self.export_results_button, self.status,
         ])
         self._map_layer = None
+        self.typicality = None  # of the results shown (typicality.Typicality), when the model stores one
         self._worker = None
         self._median_worker = None
         self._model_metadata: dict = {}  # the chosen model's card, {} until it can be read
@@ -368,7 +370,7 @@ class BrainUADWidget(Container):
         """No results in the dock (another scan is in view, not run yet): the slider and the
         findings wait for a run."""
         self.review.clear()
-        self._map_layer = None
+        self._map_layer = self.typicality = None
         self.threshold.enabled = False
         self.status.value = ""
 
@@ -428,7 +430,11 @@ class BrainUADWidget(Container):
         self._show_threshold()
         self.mask.reset_choices()
         self.mask.value = self.review.annotation_layer  # what an export writes: the user's mask
-        self.status.value = f"Done: {len(self.review.findings)} finding(s); {analysis.brain.describe()}."
+        self.typicality = assess(analysis.filtered, analysis.settings, metadata)
+        typical = f"; {self.typicality.describe()}" if self.typicality is not None else ""
+        self.status.value = f"Done: {len(self.review.findings)} finding(s); {analysis.brain.describe()}{typical}."
+        if self.typicality is not None and self.typicality.atypical:
+            napari.utils.notifications.show_warning(self.typicality.describe())
 
     def _show_brain(self, scan_layer, analysis: ScanAnalysis, placement: dict) -> None:
         """A brain the run found itself (skull-stripped scan, or extracted) becomes a Labels layer

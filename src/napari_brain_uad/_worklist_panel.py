@@ -204,8 +204,11 @@ class WorklistPanel(Container):
         self._owner.show_session(scan_layer, restored.session, restored.annotation)
         self._shown = entry_id
         self._owner.review.mark_saved(self._owner.review.annotation_layer)  # as saved, nothing new
+        typical = self._owner.typicality
         self._owner.status.value = (f"{entry_id}: restored as you left it ({self.worklist.status(entry_id)}; "
-                                    f"{len(self._owner.review.findings)} finding(s)); the network did not run.")
+                                    f"{len(self._owner.review.findings)} finding(s)"
+                                    + (f"; {typical.describe()}" if typical is not None else "")
+                                    + "); the network did not run.")
         self._start_background_next()
 
     def _restore_failed(self, entry_id: str, message: str) -> None:

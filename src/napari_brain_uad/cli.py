@@ -85,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     evaluate.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
+    calibrate = commands.add_parser(
+        "calibrate", help="calibrate a model on a few healthy scans of your scanner: a copy with its own healthy "
+        "threshold and typicality, written beside your data")
+    calibrate.add_argument("--model", help="a model name or checkpoint file (default: the bundled model)")
+    calibrate.add_argument("--healthy", nargs="+", required=True, metavar="SCANS",
+                           help="healthy scans of your scanner, raw or skull-stripped: files, folders of scans, CSV "
+                           "lists (columns scan, brain_mask) or BIDS datasets; at least 3")
+    _cohort_source_arguments(calibrate)
+    calibrate.add_argument("--output", help="the calibrated copy (.safetensors; default: "
+                           "<model>-calibrated.safetensors beside the first healthy scans)")
+    calibrate.add_argument("--name", help="also register the copy under this name, so --model NAME and the "
+                           "widget's model list offer it")
+    calibrate.add_argument("--percentile", type=float, default=None,
+                           help="healthy-percentile threshold (default 99: about 1 %% of healthy brain flagged)")
+    calibrate.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
     models = commands.add_parser("models", help="list the bundled and downloadable models, or show checkpoints' cards")
     models.add_argument("paths", nargs="*", help="model names or checkpoint files (default: every registry model)")
     return parser
@@ -110,7 +128,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    command = {"score": score_command, "evaluate": evaluate_command, "models": models_command}
+    command = {"score": score_command, "evaluate": evaluate_command, "calibrate": calibrate_command,
+               "models": models_command}
     try:
         return command[arguments.command](arguments)
     except OutputExists as error:
@@ -126,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def score_command(arguments) -> int:
     from .io import save_source_array
+    from .typicality import assess
 
     outputs = {name: getattr(arguments, f"out_{name}") for name in ("map", "recon", "mask", "brain_mask")}
     if arguments.out_dir:
@@ -163,6 +183,11 @@ def score_command(arguments) -> int:
                           overwrite=arguments.overwrite)
     if not arguments.quiet:
         print(analysis.brain.describe(), file=sys.stderr)
+    typical = assess(analysis.filtered, settings, metadata)
+    if typical is not None and typical.atypical:
+        print(f"brain-uad: warning: {arguments.input}: {typical.describe()}", file=sys.stderr)
+    elif typical is not None and not arguments.quiet:
+        print(typical.describe(), file=sys.stderr)
     if outputs["mask"]:
         mask = analysis.mask_at(threshold.value, arguments.min_size_ml)
         save_source_array(mask, scan.geometry, outputs["mask"], kind="labels", overwrite=arguments.overwrite)
@@ -364,6 +389,40 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+def calibrate_command(arguments) -> int:
+    """A copy of the model calibrated on the user's healthy scans (``calibration``)."""
+    from .calibration import calibrate_for_scanner
+    from .evaluation import LabelledCase
+    from .model_registry import default_model_name, register_user_model
+    from .thresholds import HEALTHY_PERCENTILE, healthy_threshold_name
+
+    entries = _cohort_entries(arguments, arguments.healthy)
+    healthy = [LabelledCase(entry.scan, None, entry.brain_mask, name=entry.id) for entry in entries]
+    model_name = arguments.model or default_model_name()
+    output = Path(arguments.output) if arguments.output else default_calibrated_path(arguments.healthy[0], model_name)
+    if output.exists() and not arguments.overwrite:
+        raise OutputExists(f"{output}: already exists; not overwriting it")
+    percentile = HEALTHY_PERCENTILE if arguments.percentile is None else arguments.percentile
+    say = (lambda text: None) if arguments.quiet else (lambda text: print(f"brain-uad: {text}", file=sys.stderr))
+    with _warnings_as_lines():
+        card = calibrate_for_scanner(arguments.model, healthy, output, percentile=percentile,
+                                     device=arguments.device, overwrite=arguments.overwrite, say=say)
+    if arguments.name:
+        register_user_model(arguments.name, output)
+    threshold = card["thresholds"][healthy_threshold_name(percentile)]["value"]
+    print(f"brain-uad: wrote {output}: {healthy_threshold_name(percentile)} = {threshold:.4g} on {len(healthy)} "
+          f"healthy scans" + (f"; use it as --model {arguments.name}" if arguments.name else
+                              f"; use it as --model {output}"), file=sys.stderr)
+    return 0
+
+
+def default_calibrated_path(first_source: str, model_name: str) -> Path:
+    """Beside the user's data: in the folder of scans given, else beside the file or list."""
+    source = Path(first_source)
+    folder = source if source.is_dir() else source.parent
+    return folder / f"{Path(model_name).name.removesuffix('.safetensors')}-calibrated.safetensors"
 
 
 def models_command(arguments) -> int:

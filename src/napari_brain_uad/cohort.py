@@ -59,7 +59,8 @@ RECORD_FORMAT = 1
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 SUMMARY_CSV, SUMMARY_JSON = "summary.csv", "summary.json"
 # One row per scan. The numbers are at the run's threshold (empty without one); ``typicality``
-# is left empty for a scorer of whole scans to fill.
+# is the scan's typicality score for the model (``typicality``; empty when the model stores none
+# for these settings).
 SUMMARY_COLUMNS = ("id", "scan", "status", "error", "seconds", "brain_ml", "flagged_ml", "findings",
                    "largest_finding_ml", "typicality", "warnings")
 _NUMBER_COLUMNS = {"seconds": float, "brain_ml": float, "flagged_ml": float, "findings": int,
@@ -272,6 +273,7 @@ def _score_prepared(prepared: _Prepared, job: CohortJob, model) -> dict:
 def _analyse_and_write(prepared: _Prepared, job: CohortJob, model) -> dict:
     from .analysis import analyse_scan
     from .io import save_source_array
+    from .typicality import assess
 
     entry, outputs = prepared.entry, prepared.outputs
     started = time.perf_counter()
@@ -289,6 +291,11 @@ def _analyse_and_write(prepared: _Prepared, job: CohortJob, model) -> dict:
     save_source_array(analysis.brain.mask.astype("uint8"), geometry, outputs.files["brain_mask"], kind="labels",
                       overwrite=True)
     result: dict[str, Any] = {"brain_ml": round(float(analysis.brain.volume_ml), 3)}
+    typical = assess(analysis.filtered, job.settings, job.model_metadata)
+    if typical is not None:
+        result["typicality"] = round(typical.score, 2)
+        if typical.atypical:
+            warnings.warn(f"{entry.scan}: {typical.describe()}")
     if job.threshold is not None:
         mask = analysis.mask_at(job.threshold.value, job.min_size_ml)
         save_source_array(mask, geometry, outputs.files["mask"], kind="labels", overwrite=True)
@@ -309,7 +316,7 @@ def summary_row(entry: ScanEntry, status: str, *, error: str = "", seconds: floa
     return {"id": entry.id, "scan": str(entry.scan), "status": status, "error": error,
             "seconds": round(float(seconds), 2), "brain_ml": result.get("brain_ml"),
             "flagged_ml": result.get("flagged_ml"), "findings": result.get("findings"),
-            "largest_finding_ml": result.get("largest_finding_ml"), "typicality": None,
+            "largest_finding_ml": result.get("largest_finding_ml"), "typicality": result.get("typicality"),
             "warnings": "; ".join(dict.fromkeys(warnings))}
 
 
@@ -572,7 +579,8 @@ def write_summary(out_dir: Path, rows: Sequence[dict], about: dict) -> tuple[Pat
     counts = {status: sum(row["status"] == status for row in rows) for status in (DONE, SKIPPED, FAILED)}
     document = {**about, "counts": counts, "columns": list(SUMMARY_COLUMNS), "scans": list(rows),
                 "note": "flagged_ml, findings and largest_finding_ml at the threshold in settings, on each scan's "
-                        "own grid; typicality is left empty for a scorer of whole scans"}
+                        "own grid; typicality: how unlike the model's healthy calibration scans the scan is (a robust "
+                        "z-score; above the model's limit its findings are unreliable)"}
     csv_path = write_atomically(Path(out_dir) / SUMMARY_CSV,
                                 lambda temporary: Path(temporary).write_text(_csv_text(rows)), suffix=".csv")
     text = json.dumps(document, indent=2, default=float) + "\n"

@@ -46,6 +46,8 @@ def card(path: str | os.PathLike) -> dict[str, Any]:
         "validation_best_loss": metadata.get("validation", {}).get("best_loss"),
         "default_scorer": metadata.get("default_scorer"),
         "thresholds": metadata.get("thresholds", {}),
+        "typicality": metadata.get("typicality"),
+        "calibrated_for_scanner": metadata.get("calibrated_for_scanner"),
         "results": metadata.get("results", {}),
         "limits": metadata.get("limits", []),
         "training_command": metadata.get("training_command"),

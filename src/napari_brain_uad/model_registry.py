@@ -11,6 +11,8 @@ checkpoint of their own) into a verified local file:
 - a downloadable name: the user's cache (``NAPARI_BRAIN_UAD_CACHE`` or pooch's), else a
   download with pooch, hash-checked, with a progress bar; ``NAPARI_BRAIN_UAD_OFFLINE=1``
   forbids it;
+- a name the user registered (``brain-uad calibrate --name``): their calibrated copy, listed in
+  ``user_models.json`` in the cache folder with its SHA256, and refused when the file changed;
 - anything else: a path to a checkpoint file.
 
 Checkpoints are read with ``checkpoint.read_metadata``/``models.load_model``, which never run
@@ -41,8 +43,51 @@ def registry() -> dict[str, Any]:
     return json.loads((files("napari_brain_uad.registries") / "models.json").read_text())
 
 
+USER_MODELS_FILE = "user_models.json"
+
+
 def model_names() -> list[str]:
-    return list(registry()["models"])
+    """Every model a user can pick by name: the registry's, then their own registered ones."""
+    return [*registry()["models"], *user_models()]
+
+
+def bundled_models_folder() -> Path:
+    return Path(str(files("napari_brain_uad.bundled_models")))
+
+
+def user_models() -> dict[str, dict[str, str]]:
+    """The user's registered models: name -> {"path", "sha256"} (none when nothing is registered)."""
+    index = cache_dir() / USER_MODELS_FILE
+    if not index.is_file():
+        return {}
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelUnavailable(f"{index}: the list of your registered models cannot be read ({error})") from error
+    return {name: entry for name, entry in entries.items() if name not in registry()["models"]}
+
+
+def register_user_model(name: str, path: str | os.PathLike) -> None:
+    """Let every door pick the checkpoint ``path`` by ``name`` (kept with its SHA256)."""
+    from .io import write_atomically
+
+    if not name or name in registry()["models"] or any(c in name for c in "/\\"):
+        raise ModelUnavailable(f"{name!r} cannot name your model: it is empty, has a slash, or is a registry model's name")
+    path = Path(path).resolve()
+    entries = {**user_models(), name: {"path": str(path), "sha256": file_sha256(path)}}
+    index = cache_dir() / USER_MODELS_FILE
+    index.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(entries, indent=1) + "\n"
+    write_atomically(index, lambda temporary: Path(temporary).write_text(text), suffix=".json")
+
+
+def _user_model(name: str, entry: dict[str, str]) -> Path:
+    path = Path(entry["path"])
+    if not path.is_file():
+        raise ModelUnavailable(f"model {name}: its file {path} is gone; register it again (brain-uad calibrate --name)")
+    if file_sha256(path) != entry["sha256"]:
+        raise ModelUnavailable(f"model {name}: {path} changed since it was registered; register it again")
+    return path
 
 
 def default_model_name() -> str:
@@ -57,13 +102,16 @@ def resolve_model(name_or_path: str | os.PathLike | None = None, *, progressbar:
     entries = registry()["models"]
     if text in entries:
         return _fetch(text, entries[text], progressbar)
+    mine = user_models()
+    if text in mine:
+        return _user_model(text, mine[text])
     path = Path(text).expanduser()
     if path.is_file():
         return path
     if path.exists():
         raise ModelUnavailable(f"{path}: is not a file; give a checkpoint (.safetensors) or a model name")
     raise ModelUnavailable(
-        f"{text}: no such checkpoint file, and not a model name (known: {', '.join(entries)})"
+        f"{text}: no such checkpoint file, and not a model name (known: {', '.join(model_names())})"
     )
 
 
@@ -96,6 +144,9 @@ def _cached_path(entry: dict[str, Any]) -> Path:
 def local_model_file(name: str) -> Path | None:
     """A registry model's verified local file when no download is needed (bundled, or cached),
     else None. A damaged bundled file raises :class:`ModelUnavailable`."""
+    mine = user_models()
+    if name in mine:
+        return _user_model(name, mine[name])
     entry = registry()["models"][name]
     if "file" not in entry and not _cached_path(entry).is_file():
         return None
@@ -116,5 +167,12 @@ def registry_cards() -> list[dict[str, Any]]:
             card["cached"] = cached.is_file()
             if card["cached"]:
                 card.update(model_card.card(cached))
+        cards.append(card)
+    for name, entry in user_models().items():
+        card = {"name": name, "default": False, "source": f"registered by you: {entry['path']}"}
+        try:
+            card.update(model_card.card(_user_model(name, entry)))
+        except BrainUADError as error:
+            card["error"] = str(error)
         cards.append(card)
     return cards

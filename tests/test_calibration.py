@@ -1,0 +1,107 @@
+"""Calibration on a user's own healthy scans, and the typicality every door reports (real scans)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
+from napari_brain_uad.checkpoint import read_metadata
+from napari_brain_uad.cli import main
+from napari_brain_uad.io import read_scan
+from napari_brain_uad.model_registry import ModelUnavailable, model_names, resolve_model
+from napari_brain_uad.models import load_model
+from napari_brain_uad.typicality import TYPICALITY_LIMIT, assess
+
+# Held-out healthy IXI subjects: never in the bundled models' training or validation.
+HELD_OUT = ("IXI049-HH-1358", "IXI105-HH-1471", "IXI168-HH-1607")
+
+
+@pytest.fixture
+def scanner_scans(shared_data, tmp_path):
+    """A user's folder: three healthy scans of their scanner (raw, skull on) listed with brain masks."""
+    folder = tmp_path / "my-scanner"
+    folder.mkdir()
+    lines = ["scan,brain_mask"]
+    for subject in HELD_OUT:
+        lines.append(f"{shared_data}/ixi_t1/{subject}_T1.nii.gz,{shared_data}/ixi_t1/brainmask/{subject}_brainmask.nii.gz")
+    listing = folder / "healthy.csv"
+    listing.write_text("\n".join(lines) + "\n")
+    return listing
+
+
+@pytest.fixture
+def calibrated(scanner_scans, capsys):
+    assert main(["calibrate", "--healthy", str(scanner_scans), "--name", "my-scanner", "--quiet",
+                 "--device", "cpu"]) == 0
+    return scanner_scans.parent / "ixi-t1-dae-n4-calibrated.safetensors", capsys.readouterr().err
+
+
+def test_calibrate_writes_a_copy_beside_the_data_that_every_door_can_name(calibrated, scanner_scans):
+    output, message = calibrated
+    assert output.is_file() and "--model my-scanner" in message
+    card, bundled = read_metadata(output), read_metadata(resolve_model(None))
+    healthy = card["thresholds"]["healthy-99"]
+    assert healthy["subjects"] == [f"{s}_T1" for s in HELD_OUT]
+    assert healthy["value"] != bundled["thresholds"]["healthy-99"]["value"]  # measured on the user's scans
+    assert card["thresholds"]["mslub-dice"] == bundled["thresholds"]["mslub-dice"]  # the rest kept
+    assert len(card["typicality"]["healthy_values"]) == 3 and card["typicality"]["scorer"] == card["default_scorer"]
+    assert card["calibrated_for_scanner"]["from_model"] == "ixi-t1-dae-n4"
+    assert any("user's scanner" in limit for limit in card["limits"])
+    # By name, in every door: the registry lists it and resolves it to the file.
+    assert "my-scanner" in model_names() and resolve_model("my-scanner") == output.resolve()
+    # Never over an existing file.
+    assert main(["calibrate", "--healthy", str(scanner_scans), "--quiet"]) == 2
+    # A registered file that changed is refused by name.
+    output.write_bytes(output.read_bytes() + b" ")
+    with pytest.raises(ModelUnavailable, match="changed since it was registered"):
+        resolve_model("my-scanner")
+
+
+def test_calibrate_refuses_too_few_scans_and_the_package_folder(shared_data, tmp_path, capsys):
+    one = tmp_path / "one.csv"
+    one.write_text(f"scan\n{shared_data}/ixi_t1/{HELD_OUT[0]}_T1.nii.gz\n")
+    assert main(["calibrate", "--healthy", str(one), "--quiet"]) == 2
+    assert "too few to calibrate" in capsys.readouterr().err
+    from napari_brain_uad.model_registry import bundled_models_folder
+
+    three = tmp_path / "three.csv"
+    three.write_text("scan\n" + "".join(f"{shared_data}/ixi_t1/{s}_T1.nii.gz\n" for s in HELD_OUT))
+    inside = bundled_models_folder() / "mine.safetensors"
+    assert main(["calibrate", "--healthy", str(three), "--output", str(inside), "--quiet"]) == 2
+    assert "bundled models" in capsys.readouterr().err and not inside.exists()
+
+
+def test_typicality_tells_a_healthy_scan_from_another_contrast(shared_data):
+    model, metadata = load_model(resolve_model(None))  # the default model, calibrated on IXI validation scans
+    settings = AnalysisSettings.for_model(metadata, device="cpu")
+    healthy = read_scan(shared_data / "ixi_t1" / "IXI218-HH-1815_T1.nii.gz")  # held out: never trained or calibrated on
+    healthy_mask = read_scan(shared_data / "ixi_t1" / "brainmask" / "IXI218-HH-1815_brainmask.nii.gz").data > 0
+    typical = assess(analyse_scan(healthy, model, brain_mask=healthy_mask, settings=settings).filtered, settings,
+                     metadata)
+    assert typical is not None and not typical.atypical and abs(typical.score) < TYPICALITY_LIMIT
+    # A T2 scan shown to this T1 model: unlike anything it was calibrated on, and every door says so.
+    t2 = read_scan(shared_data / "ixi002" / "T2.nii.gz")
+    t2_mask = read_scan(shared_data / "ixi002" / "T2_brainmask.nii.gz").data > 0
+    atypical = assess(analyse_scan(t2, model, brain_mask=t2_mask, settings=settings).filtered, settings, metadata)
+    assert atypical.atypical and atypical.score > typical.score + TYPICALITY_LIMIT
+    assert "calibrate the model on a few healthy scans of your scanner" in atypical.describe()
+    # Another scorer than the one calibrated: no typicality rather than a wrong one.
+    assert assess(analyse_scan(healthy, model, brain_mask=healthy_mask,
+                               settings=AnalysisSettings(scorer="ssim", device="cpu")).filtered,
+                  AnalysisSettings(scorer="ssim"), metadata) is None
+
+
+def test_score_and_cohort_report_typicality(shared_data, tmp_path, capsys):
+    scan = shared_data / "ixi002" / "T2.nii.gz"
+    assert main(["score", str(scan), "--brain-mask", str(shared_data / "ixi002" /
+                 "T2_brainmask.nii.gz"), "--out-map", str(tmp_path / "map.nii.gz"), "--quiet"]) == 0
+    assert "differs from the model's training scans" in capsys.readouterr().err
+    listing = tmp_path / "cohort.csv"
+    listing.write_text(f"id,scan,brain_mask\nt2,{scan},{shared_data}/ixi002/T2_brainmask.nii.gz\n")
+    assert main(["score", str(listing), "--out-dir", str(tmp_path / "out"), "--quiet"]) == 0
+    row = json.loads((tmp_path / "out" / "summary.json").read_text())["scans"][0]
+    assert row["typicality"] > TYPICALITY_LIMIT and "differs from the model's training scans" in row["warnings"]
+    assert np.isfinite(row["typicality"])
