@@ -265,3 +265,21 @@ def test_a_raw_clinical_scan_with_thick_slices(shared_data, tmp_path):
     assert 1100 < brain.sum() * voxel_ml < 1700
     assert out["map"].shape == brain.shape and not out["map"][~brain].any()
     assert np.count_nonzero(out["mask"]) < 0.1 * brain.sum()  # a few findings, not the whole brain
+
+
+def test_lesion_direction_uses_the_one_way_residual_and_its_threshold(shared_data, tmp_path, capsys):
+    scan = shared_data / "ixi_t1" / "IXI661-HH-2788_T1.nii.gz"
+    brain = shared_data / "ixi_t1" / "brainmask" / "IXI661-HH-2788_brainmask.nii.gz"
+    assert main(["score", str(scan), "--brain-mask", str(brain), "--lesion-direction",
+                 "--out-mask", str(tmp_path / "mask.nii.gz"), "--out-map", str(tmp_path / "map.nii.gz")]) == 0
+    assert "healthy-99-residual-dark" in capsys.readouterr().err
+    darker = nib.load(tmp_path / "map.nii.gz").get_fdata()
+    assert main(["score", str(scan), "--brain-mask", str(brain), "--out-map", str(tmp_path / "both.nii.gz"),
+                 "--quiet"]) == 0
+    both = nib.load(tmp_path / "both.nii.gz").get_fdata()
+    inside = both > 0
+    # Counting one way only: never more than both ways, and zero wherever the scan is brighter.
+    assert (darker <= both + 1e-6).all() and (darker[inside] == 0).mean() > 0.2
+    assert main(["score", str(scan), "--lesion-direction", "--scorer", "ssim", "--out-map",
+                 str(tmp_path / "x.nii.gz")]) == 2
+    assert "--lesion-direction means --scorer residual-dark" in capsys.readouterr().err

@@ -473,3 +473,11 @@ def test_directed_residuals_count_one_way_each_and_add_up_to_the_residual():
     assert SCORERS["residual-dark"].needs == "reconstruction" and SCORERS["residual-dark"].default_samples == 1
     with pytest.raises(ValueError, match="direction"):
         residual(image, reconstruction, direction="sideways")
+
+
+def test_lesion_direction_follows_the_contrast():
+    from napari_brain_uad.scoring import lesion_direction_scorer
+
+    assert lesion_direction_scorer("T1") == "residual-dark"  # most MS lesions are dark on T1
+    assert lesion_direction_scorer("flair") == lesion_direction_scorer("T2") == "residual-bright"
+    assert lesion_direction_scorer("T1c") is None and lesion_direction_scorer(None) is None

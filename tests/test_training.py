@@ -298,6 +298,33 @@ def test_augmentation_is_seeded_stays_in_model_space_and_changes_slices(ixi_trai
     assert torch.equal(nothing(slices, brain, seed=3), slices)
 
 
+def test_other_scanner_augmentation_warps_contrast_blurs_one_axis_and_adds_noise(ixi_training_slices):
+    """The augmentation for other scanners and protocols: off by default (a model trained before
+    keeps its meaning), seeded, inside [0, 1] and the brain, and each part does what it says."""
+    slices, brain = ixi_training_slices
+    protocols = SliceAugmenter(AugmentationSettings(0.0, 0.0, 0.0, 0.0, histogram_probability=1.0,
+                                                    noise_probability=1.0, resolution_probability=1.0))
+    augmented = protocols(slices, brain, seed=5)
+    assert torch.equal(augmented, protocols(slices, brain, seed=5))
+    assert augmented.min() >= 0 and augmented.max() <= 1 and not augmented[~brain].any()
+    assert (augmented - slices).abs()[brain].mean() > 0.01
+    assert AugmentationSettings().histogram_probability == AugmentationSettings().noise_probability == 0.0
+    # A lower resolution along one axis: the slice loses much more detail along it than across it.
+    from brain_uad_training.augment import RandLowResolution
+
+    coarse = RandLowResolution(prob=1.0, factor=(3.0, 3.0))
+    coarse.set_random_state(0)
+    image = slices[0]
+    blurred = coarse(image)
+    axis = coarse._axis + 1  # (C, H, W)
+
+    def roughness(tensor, dim):
+        return tensor.diff(dim=dim).abs().mean()
+    along = roughness(blurred, axis) / roughness(image, axis)
+    across = roughness(blurred, 3 - axis) / roughness(image, 3 - axis)
+    assert along < 0.7 and along < across - 0.1
+
+
 def test_ghosting_adds_shifted_copies_along_one_axis():
     image = torch.zeros(1, 64, 64)
     image[0, 25:38, 25:38] = 1.0  # a bright square in the middle (width 13: no spectral zeros on the lines)

@@ -554,3 +554,19 @@ def test_edits_of_an_earlier_scan_are_still_guarded_after_running_another(review
     closing = QCloseEvent()
     QApplication.sendEvent(widget.native.window(), closing)
     assert asked and "MSLUB T1 annotation" in asked[0] and not closing.isAccepted()
+
+
+def test_lesion_direction_switch_follows_the_models_contrast(viewer_with_widget):
+    """The default model is a T1 model: "lesion direction only" picks the residual that counts
+    darker voxels, with its own calibrated threshold; choosing another scorer switches it off."""
+    _, widget = viewer_with_widget
+    assert widget.lesion_direction.enabled and widget.scorer.value == "residual"
+    widget.lesion_direction.value = True
+    assert widget.scorer.value == "residual-dark"
+    assert "healthy-99-residual-dark" in widget.threshold_preset.choices
+    assert "healthy-99" not in widget.threshold_preset.choices  # the two-way residual's
+    widget.scorer.value = "ssim"
+    assert not widget.lesion_direction.value
+    widget.lesion_direction.value = True
+    widget.lesion_direction.value = False
+    assert widget.scorer.value == "residual"  # back to the model's default

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, help="reconstructions per scan (default 1; 10 for MHD scorers)")
     parser.add_argument("--t-test", type=int,
                         help="store this test-time noise level in the model (diffusion kinds), e.g. the best on validation")
+    parser.add_argument("--beside-default", action="store_true",
+                        help="calibrate --scorer as an option beside the model's default scorer (its thresholds "
+                        "named after it; the default scorer and typicality kept)")
     parser.add_argument("--percentile", type=float, default=HEALTHY_PERCENTILE,
                         help=f"healthy-percentile threshold (default {HEALTHY_PERCENTILE:g})")
     parser.add_argument("--healthy", nargs="+",
@@ -87,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         written = calibrate(
             arguments.model, arguments.output, scorer=arguments.scorer, samples=arguments.samples,
             t_test=arguments.t_test, percentile=arguments.percentile, healthy=healthy, lesion_cases=lesion_cases,
-            lesion_name=arguments.lesion_name, card=card, device=arguments.device, overwrite=arguments.overwrite,
-            say=say,
+            lesion_name=arguments.lesion_name, card=card, beside_default=arguments.beside_default,
+            device=arguments.device, overwrite=arguments.overwrite, say=say,
         )
         say(json.dumps({"thresholds": {name: entry["value"] for name, entry in written["thresholds"].items()},
-                        "typicality": {key: written["typicality"][key] for key in ("healthy_median", "healthy_spread")},
+                        "typicality": {key: (written.get("typicality") or {}).get(key)
+                                       for key in ("healthy_median", "healthy_spread")},
                         "dice_at_thresholds": written["calibration"]["dice_at_thresholds"]}, indent=1))
     except OutputExists as error:
         print(f"brain-uad-calibrate: error: {error} (use --overwrite to replace it)", file=sys.stderr)

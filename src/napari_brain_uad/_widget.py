@@ -91,6 +91,9 @@ class BrainUADWidget(Container):
                                       tooltip="the whole model card: what the model is and what it was trained on")
         self.model_info = Label(value="", visible=False)  # the whole card, behind "Model details"
         self.scorer = ComboBox(label="Scorer", choices=list(SCORERS), value=model_card.FALLBACK_SCORER)
+        self.lesion_direction = CheckBox(
+            text="Lesion direction only", value=False,
+            tooltip="count only deviations the model's contrast gives lesions: darker on T1, brighter on T2/FLAIR")
         self.samples = SpinBox(label="Samples (N)", min=1, max=50, value=1)
         self.noise_levels = ComboBox(label="Noise level", choices=["model's t_test", "250, 500, 750"],
                                      value="model's t_test")
@@ -112,7 +115,7 @@ class BrainUADWidget(Container):
         self.extend([
             self.worklist, self.scan, self.scan_info, self.brain_mask, self.model_choice, self.model_file, self.model_headline,
             self.model_details, self.model_info,
-            self.scorer, self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button,
+            self.scorer, self.lesion_direction, self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button,
             self.progress, self.threshold, self.threshold_preset, self.min_size_ml, self.median,
             self.review,
             self.mask, self.export_button, self.export_results_button, self.status,
@@ -130,7 +133,8 @@ class BrainUADWidget(Container):
         self.model_choice.changed.connect(self._model_changed)
         self.model_file.changed.connect(self._file_chosen)
         self.model_details.changed.connect(self._show_model_headline)
-        self.scorer.changed.connect(self._show_presets)
+        self.scorer.changed.connect(self._scorer_changed)
+        self.lesion_direction.changed.connect(self._lesion_direction_changed)
         self.threshold_preset.changed.connect(self._preset_chosen)
         self.median.changed.connect(self._median_changed)
         self.run_button.changed.connect(self.run)
@@ -260,12 +264,32 @@ class BrainUADWidget(Container):
         reconstructions), and its calibrated thresholds."""
         self.model_file.visible = self.model_choice.value == FILE_CHOICE
         self._show_model_info()
-        scorer = model_card.default_scorer(self._model_metadata)
+        directed = model_card.lesion_direction_scorer(self._model_metadata)
+        self.lesion_direction.enabled = directed is not None
+        scorer = directed if self.lesion_direction.value and directed else model_card.default_scorer(
+            self._model_metadata)
         if self._model_metadata and scorer in SCORERS and self.scorer.value != scorer:
             self.samples.value = SCORERS[scorer].default_samples
             self.scorer.value = scorer  # its presets follow
         else:
             self._show_presets()
+
+    def _scorer_changed(self, *_):
+        """A scorer chosen by hand that is not the lesion-direction one switches that option off."""
+        directed = model_card.lesion_direction_scorer(self._model_metadata)
+        if self.lesion_direction.value and self.scorer.value != directed:
+            with self.lesion_direction.changed.blocked():
+                self.lesion_direction.value = False
+        self._show_presets()
+
+    def _lesion_direction_changed(self, *_):
+        """On: the one-way residual of the model's contrast; off: back to the model's default scorer."""
+        directed = model_card.lesion_direction_scorer(self._model_metadata)
+        scorer = directed if self.lesion_direction.value and directed else model_card.default_scorer(
+            self._model_metadata)
+        if scorer in SCORERS and scorer != self.scorer.value:
+            self.samples.value = SCORERS[scorer].default_samples
+            self.scorer.value = scorer  # its presets follow
 
     def _show_model_info(self):
         """The chosen model's card, as the "Model details" switch has it."""

@@ -59,12 +59,18 @@ def calibrate(
     percentile: float = HEALTHY_PERCENTILE,
     lesion_name: str = "lesion",
     card: dict[str, Any] | None = None,
+    beside_default: bool = False,
     device: str = "auto",
     overwrite: bool = False,
     say: Callable[[str], None] = lambda text: None,
 ) -> dict[str, Any]:
     """Write a copy of ``model_path`` at ``output`` with its thresholds, typicality and card;
     returns the card written.
+
+    ``beside_default``: ``scorer`` is calibrated as an option beside the model's default one
+    (e.g. the lesion-direction residual): its thresholds are named after it
+    (``healthy-99-residual-dark``), and the default scorer, its typicality and the calibration
+    record stay as they are.
 
     ``healthy`` scans (no lesion masks) give the ``healthy-<percentile>`` threshold and the
     typicality record; ``lesion_cases`` (with lesion masks) the ``<lesion_name>-dice`` one and
@@ -99,7 +105,10 @@ def calibrate(
     subjects = [case.label for case in healthy]
     value, record = healthy_percentile_threshold(healthy_maps, percentile=percentile)
     record["subjects"] = subjects
-    healthy_name = healthy_threshold_name(percentile)
+    if beside_default and settings.scorer == metadata.get("default_scorer"):
+        raise SettingsError(f"{settings.scorer} is the model's default scorer; calibrate it without beside_default")
+    suffix = settings.scorer if beside_default else None
+    healthy_name = healthy_threshold_name(percentile, suffix)
     thresholds: dict[str, Any] = {healthy_name: stored_entry(value, settings, record)}
 
     lesion_results = []
@@ -112,7 +121,7 @@ def calibrate(
                                               [truth for _, truth in analysed], min_size_voxels=float(np.max(sizes)))
         record["cases"] = [str(case.image) for case in lesion_cases]
         record["note"] = "tuned on the cases it is scored on: an optimistic upper bound, not a held-out result"
-        thresholds[dice_threshold_name(lesion_name)] = stored_entry(value, settings, record)
+        thresholds[dice_threshold_name(lesion_name, suffix)] = stored_entry(value, settings, record)
         for name, entry in thresholds.items():
             dices = [evaluate_analysis(analysis, truth, threshold=entry["value"]).dice for analysis, truth in analysed]
             lesion_results.append({"threshold": name, "dice_per_case": dices, "mean_dice": float(np.mean(dices))})
@@ -120,16 +129,17 @@ def calibrate(
     written = {key: value for key, value in metadata.items() if key != "format_version"}
     written["training"] = {**written.get("training", {}),
                            "settings": portable_settings(written.get("training", {}).get("settings", {}))}
-    written["default_scorer"] = settings.scorer
     # Thresholds stored before for other scorers or lesion sets stay; those measured here replace theirs.
     written["thresholds"] = {**(metadata.get("thresholds") or {}), **thresholds}
-    written["typicality"] = healthy_record(healthy_maps, settings, subjects)
-    if not lesion_cases:  # the Dice measured at an earlier calibration still holds for the thresholds it names
-        lesion_results = (metadata.get("calibration") or {}).get("dice_at_thresholds") or []
-    written["calibration"] = {"settings": {key: thresholds[healthy_name][key]
-                                           for key in ("scorer", "samples", "noise_levels", "median", "seed")},
-                              "source_checkpoint": (metadata.get("calibration") or {}).get("source_checkpoint")
-                              or Path(model_path).name, "dice_at_thresholds": lesion_results}
+    if not beside_default:
+        written["default_scorer"] = settings.scorer
+        written["typicality"] = healthy_record(healthy_maps, settings, subjects)
+        if not lesion_cases:  # the Dice measured at an earlier calibration still holds for the thresholds it names
+            lesion_results = (metadata.get("calibration") or {}).get("dice_at_thresholds") or []
+        written["calibration"] = {"settings": {key: thresholds[healthy_name][key]
+                                               for key in ("scorer", "samples", "noise_levels", "median", "seed")},
+                                  "source_checkpoint": (metadata.get("calibration") or {}).get("source_checkpoint")
+                                  or Path(model_path).name, "dice_at_thresholds": lesion_results}
     written.update(card or {})
     save_checkpoint(output, state, written, overwrite=overwrite)
     return written

@@ -120,6 +120,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a model name (see `brain-uad models`) or a checkpoint file "
                         "(default: the bundled model)")
     parser.add_argument("--scorer", choices=list(SCORERS), help="anomaly score (default: the model's, else ssim-ens)")
+    parser.add_argument("--lesion-direction", action="store_true",
+                        help="count only deviations the model's contrast gives lesions (darker on T1, brighter on "
+                        "T2/FLAIR): the one-way residual, with its own stored threshold")
     parser.add_argument("--samples", type=int, default=None, help="reconstructions with fresh noise (default 1; 10 for MHD)")
     parser.add_argument("--noise-levels", type=int, nargs="+", help="noise level(s) t; several are averaged")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
@@ -265,8 +268,20 @@ def _model_and_settings(arguments):
 
     model_path = resolve_model(arguments.model, progressbar=not arguments.quiet)
     metadata = read_metadata(model_path)
+    scorer = arguments.scorer
+    if getattr(arguments, "lesion_direction", False):
+        from .model_card import lesion_direction_scorer
+
+        directed = lesion_direction_scorer(metadata)
+        modality = (metadata.get("model_space") or {}).get("modality", "unknown")
+        if directed is None:
+            raise SettingsError(f"--lesion-direction: lesions have no single direction in the model's contrast "
+                                f"({modality})")
+        if scorer is not None and scorer != directed:
+            raise SettingsError(f"--lesion-direction means --scorer {directed} for a {modality} model, not {scorer}")
+        scorer = directed
     settings = AnalysisSettings.for_model(
-        metadata, scorer=arguments.scorer, samples=arguments.samples, device=arguments.device, seed=arguments.seed,
+        metadata, scorer=scorer, samples=arguments.samples, device=arguments.device, seed=arguments.seed,
         noise_levels=tuple(arguments.noise_levels) if arguments.noise_levels else None)
     return model_path, metadata, settings
 

@@ -65,6 +65,14 @@ def summary(metadata: Mapping[str, Any]) -> str:
             f"{in_plane}{n4}\ntrained on: {data.get('description') or 'not described'}")
 
 
+def lesion_direction_scorer(metadata: Mapping[str, Any]) -> str | None:
+    """The residual that counts only the lesion direction of the model's contrast (``scoring``'s
+    rule: darker on T1, brighter on T2 and FLAIR), or None."""
+    from .scoring import lesion_direction_scorer as for_modality
+
+    return for_modality((metadata.get("model_space") or {}).get("modality"))
+
+
 def guess_modality(*names: str) -> str | None:
     """The contrast a file or layer name suggests (``T1``, ``T1c``, ``T2``, ``FLAIR``), or None."""
     text = " ".join(names).lower()

@@ -59,6 +59,7 @@ __all__ = [
     "residual",
     "s_mean",
     "score",
+    "lesion_direction_scorer",
     "scorer_names",
     "ssim_ens",
     "ssim_map",
@@ -671,6 +672,20 @@ SCORERS: Mapping[str, Scorer] = MappingProxyType(
     }
 )
 """Every scorer by name, in a fixed order (read-only)."""
+
+
+# Which way lesions go in each contrast (most MS lesions: dark on T1, bright on T2 and FLAIR),
+# and the one-way residual that counts only that way. Contrasts not listed (T1c: enhancing
+# lesions are bright, necrosis dark) have none: both ways count.
+LESION_DIRECTION_OF_MODALITY = {"T1": "darker", "T2": "brighter", "FLAIR": "brighter"}
+_DIRECTED_RESIDUAL = {"darker": "residual-dark", "brighter": "residual-bright"}
+
+
+def lesion_direction_scorer(modality: str | None) -> str | None:
+    """The residual that counts only the lesion direction of ``modality`` (a model's contrast),
+    or None when the contrast has no single lesion direction."""
+    direction = LESION_DIRECTION_OF_MODALITY.get(str(modality or "").upper())
+    return _DIRECTED_RESIDUAL.get(direction) if direction else None
 
 
 def scorer_names(needs: str | None = None) -> list[str]:

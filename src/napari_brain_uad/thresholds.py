@@ -42,12 +42,14 @@ HEALTHY_METHOD = "healthy-percentile"
 DICE_METHOD = "greedy-dice"
 
 
-def healthy_threshold_name(percentile: float = HEALTHY_PERCENTILE) -> str:
-    return f"healthy-{float(percentile):g}"
+def healthy_threshold_name(percentile: float = HEALTHY_PERCENTILE, scorer: str | None = None) -> str:
+    """``healthy-99``; for a scorer calibrated beside the model's default one, ``healthy-99-<scorer>``
+    (names are unique in a card, and each says which scorer it is for)."""
+    return f"healthy-{float(percentile):g}" + (f"-{scorer}" if scorer else "")
 
 
-def dice_threshold_name(lesion_set: str) -> str:
-    return f"{lesion_set}-dice"
+def dice_threshold_name(lesion_set: str, scorer: str | None = None) -> str:
+    return f"{lesion_set}-dice" + (f"-{scorer}" if scorer else "")
 
 
 def stored_entry(value: float, settings, record: Mapping[str, Any]) -> dict[str, Any]:
