@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_brain_uad.worklist import NOT_RUN, REVIEWED, RUN
+from napari_brain_uad.worklist import EXPORTED, NOT_RUN, REVIEWED, RUN
 
 SUBJECTS = ("IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236")
 WAIT_MS = 240_000
@@ -38,7 +39,7 @@ def _open_viewer(make_napari_viewer):
 def _settled(widget, qtbot):
     """Wait for every worker of the worklist (restore, background run) to end."""
     panel = widget.worklist
-    qtbot.waitUntil(lambda: widget._worker is None and panel._restoring is None and panel._background is None,
+    qtbot.waitUntil(lambda: widget._worker is None and not panel.busy,
                     timeout=WAIT_MS)
 
 
@@ -56,7 +57,8 @@ def _a_threshold_with_findings(widget):
     raise AssertionError("no threshold gives two findings to review")
 
 
-def test_worklist_of_three_scans_survives_closing_and_reopening(make_napari_viewer, qtbot, worklist_csv, monkeypatch):
+def test_worklist_of_three_scans_survives_closing_and_reopening(make_napari_viewer, qtbot, worklist_csv, monkeypatch,
+                                                                 tmp_path):
     viewer, widget = _open_viewer(make_napari_viewer)
     panel = widget.worklist
     panel.open(worklist_csv)
@@ -120,3 +122,10 @@ def test_worklist_of_three_scans_survives_closing_and_reopening(make_napari_view
     assert widget.session.threshold == threshold_2
     assert [(f.number, f.status) for f in widget.review.findings] == decisions_2
     assert not widget.review.unsaved  # all of it is in the session: closing need not ask
+
+    # Exporting the scan's mask marks it exported; the file holds exactly the user's mask.
+    written = widget.export_mask(tmp_path / "second.nii.gz")
+    assert panel.worklist.status(second) == EXPORTED
+    geometry = viewer.layers[second].metadata["nifti"]
+    np.testing.assert_array_equal(np.asarray(nib.load(written).dataobj),
+                                  geometry.to_source(viewer.layers[f"{second} annotation"].data))

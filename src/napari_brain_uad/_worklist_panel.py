@@ -67,7 +67,7 @@ class WorklistPanel(Container):
         self.current: str | None = None  # the id of the scan in view
         self._scan_layer_id = None  # its scan layer's unique id
         self._shown: str | None = None  # the id whose session the dock shows (None: not run yet)
-        self._restoring = None
+        self._restores = 0  # restores in flight (the user may move on while one reads)
         self._background = None
         self._background_id: str | None = None
         self._background_cancel = threading.Event()
@@ -167,7 +167,8 @@ class WorklistPanel(Container):
         self.refresh_table()
         if self.worklist.has_results(entry_id):
             self._owner.status.value = f"{entry_id}: restoring its saved session…"
-            self._restoring = start_restore(
+            self._restores += 1
+            start_restore(
                 self.worklist, entry_id, done=lambda restored: self._restored(entry_id, scan_layer, restored),
                 failed=lambda message: self._restore_failed(entry_id, message), finished=self._restore_finished)
         elif self._background_id == entry_id:
@@ -217,7 +218,12 @@ class WorklistPanel(Container):
             napari.utils.notifications.show_warning(message)
 
     def _restore_finished(self) -> None:
-        self._restoring = None
+        self._restores -= 1
+
+    @property
+    def busy(self) -> bool:
+        """Whether a saved scan is being read back or the next scan analysed in the background."""
+        return self._restores > 0 or self._background is not None
 
     def _leave_unsaved(self, action: str) -> bool:
         answer = QMessageBox.question(
@@ -315,10 +321,11 @@ class WorklistPanel(Container):
 
     def _background_done(self, entry_id: str, finished: bool) -> None:
         self.refresh_table()
-        if finished and entry_id == self.current and self._shown is None and self._restoring is None:
+        if finished and entry_id == self.current and self._shown is None and not self._restores:
             layer = next((l for l in self._viewer.layers if l.unique_id == self._scan_layer_id), None)
             if layer is not None:
-                self._restoring = start_restore(
+                self._restores += 1
+                start_restore(
                     self.worklist, entry_id, done=lambda restored: self._restored(entry_id, layer, restored),
                     failed=lambda message: self._restore_failed(entry_id, message), finished=self._restore_finished)
 
