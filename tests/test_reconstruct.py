@@ -128,6 +128,7 @@ def test_every_kind_reconstructs_a_volume_through_the_same_door(ixi_training_sli
         "ae": {"channels": [8, 16, 16, 32], "latent_size": 16},
         "vae": {"channels": [8, 16, 16, 32], "latent_size": 16},
         "dae": {"channels": [8, 16, 16, 32], "num_res_units": 1},
+        "vae3d": {"channels": [4, 8, 8, 8], "latent_size": 16},
     }
     volume = np.moveaxis(ixi_training_slices[0][:6, 0].numpy(), 0, -1)  # (96, 96, 6)
     for kind, model_class in MODEL_KINDS.items():

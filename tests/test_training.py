@@ -38,6 +38,7 @@ SMALL_MODELS = {
     "ae": {"channels": [16, 32, 32, 64], "latent_size": 64},
     "vae": {"channels": [16, 32, 32, 64], "latent_size": 64},
     "dae": {"channels": [16, 32, 32, 64], "num_res_units": 1},
+    "vae3d": {"channels": [4, 8, 8, 8], "latent_size": 32},
 }
 
 
@@ -91,8 +92,10 @@ def test_every_registered_kind_has_a_small_training_config():
 
 @pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
 def test_every_kind_trains_on_real_slices_and_its_validation_loss_falls(kind, tmp_path, ixi_folder, ixi_scans):
-    config = small_config(tmp_path, ixi_folder, kind=kind, model=SMALL_MODELS[kind], steps=25, batch_size=8,
-                          validate_every=25, validation_slices=16)
+    volumetric = MODEL_KINDS[kind].volumetric  # whole volumes: fewer per step, no slice augmentation
+    config = small_config(tmp_path, ixi_folder, kind=kind, model=SMALL_MODELS[kind], steps=25,
+                          batch_size=2 if volumetric else 8, validate_every=25, validation_slices=16,
+                          augment=not volumetric)
     result = fit(config, show_progress=False, scans=ixi_scans)
     (first_step, first), (last_step, last) = result.validation_history[0], result.validation_history[-1]
     assert (first_step, last_step) == (0, 25)

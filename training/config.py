@@ -40,11 +40,11 @@ class TrainingConfig:
     data_description: str = ""
     data_licence: str = ""
     steps: int = 3000
-    batch_size: int = 32  # per process
+    batch_size: int = 32  # per process; slices, or volumes for a volumetric kind
     learning_rate: float = 1e-4
     seed: int = 0
     validation_fraction: float = 0.1
-    validation_slices: int = 64
+    validation_slices: int = 64  # for a volumetric kind (vae3d): validation volumes (all, if fewer)
     validate_every: int = 100
     augment: bool = True
     pretrain_encoder_steps: int = 0  # cDDPM: masked pre-training of the context encoder first
@@ -65,6 +65,11 @@ class TrainingConfig:
             raise ConfigError(f"'pretrain_encoder_steps' must be 0 or more, not {self.pretrain_encoder_steps}")
         if self.pretrain_encoder_steps and self.kind != "cddpm":
             raise ConfigError("'pretrain_encoder_steps' applies to the cddpm kind only (it has the context encoder)")
+        if self.augment and MODEL_KINDS[self.kind].volumetric:
+            raise ConfigError(
+                f"the {self.kind} kind trains on whole volumes, and the augmentation works on slices; "
+                "set augment = false (--no-augment)"
+            )
         if not self.learning_rate > 0:
             raise ConfigError(f"'learning_rate' must be positive, not {self.learning_rate}")
         if not 0 <= self.validation_fraction < 1:

@@ -6,6 +6,8 @@ Subjects, not slices, are split into training and validation, so no subject's an
 into its own validation. Training slices are drawn uniformly with replacement from the slices
 that hold brain, as the papers do; the draw for step k depends only on (seed, k, rank), so a
 fixed seed gives the same run and a resumed run continues exactly where it stopped.
+Volumetric kinds (the 3D VAE) get whole volumes instead (:class:`VolumeSampler`), drawn the
+same way.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from napari_brain_uad.errors import BrainUADError
 from napari_brain_uad.io import ScanError, ScanWarning, read_nifti
+from napari_brain_uad.models.vae3d import centre_along_depth
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -214,3 +217,49 @@ def validation_slices(scans: Sequence[ModelSpaceScan], count: int) -> tuple[torc
     count = min(count, len(sampler))
     chosen = sampler.index[np.linspace(0, len(sampler) - 1, count).round().astype(int)]
     return sampler.gather(chosen)
+
+
+class VolumeSampler:
+    """Batches of whole training volumes for volumetric kinds, drawn uniformly with replacement.
+
+    Each volume is (1, X, Y, ``depth``): the scan's axial slices centred in a block of ``depth``
+    slices (the model's own block, ``models.vae3d.centre_along_depth``), so volumes of brains
+    of different heights stack into one batch. As for slices, ``batch(step, rank)`` depends only
+    on the seed, the step and the rank.
+    """
+
+    def __init__(self, scans: Sequence[ModelSpaceScan], seed: int, depth: int):
+        if not scans:
+            raise TrainingDataError("no training scans")
+        self.scans = list(scans)
+        self.seed = int(seed)
+        self.depth = int(depth)
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def draw(self, step: int, rank: int, batch_size: int, stream: int = 0) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, stream, step, rank])
+        return rng.integers(0, len(self.scans), size=batch_size)
+
+    def gather(self, chosen: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, X, Y, depth) float32 volumes and bool brain masks."""
+        images, masks = [], []
+        for number in chosen:
+            scan = self.scans[int(number)]
+            # Stored as (Z, X, Y) slices; the model takes (X, Y, Z).
+            image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(scan.image, 0, -1)))
+            mask = torch.from_numpy(np.ascontiguousarray(np.moveaxis(scan.brain_mask, 0, -1)))
+            images.append(centre_along_depth(image, self.depth)[0])
+            masks.append(centre_along_depth(mask, self.depth)[0])
+        return torch.stack(images)[:, None], torch.stack(masks)[:, None]
+
+    def batch(self, step: int, rank: int, batch_size: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gather(self.draw(step, rank, batch_size, stream))
+
+
+def validation_volumes(scans: Sequence[ModelSpaceScan], count: int, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``count`` validation volumes spread evenly over the validation scans, as (B, 1, X, Y, depth)."""
+    count = min(count, len(scans))
+    chosen = np.unique(np.linspace(0, len(scans) - 1, count).round().astype(int))
+    return VolumeSampler(scans, seed=0, depth=depth).gather(chosen)

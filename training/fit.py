@@ -1,7 +1,8 @@
 """The training loop: healthy slices in, versioned checkpoints out.
 
 ``fit(config)`` reads the scans into model space, splits subjects into training and
-validation, and runs Adam on the model's own training loss. It writes into the output folder:
+validation, and runs Adam on the model's own training loss: on batches of slices, or of whole
+volumes for a volumetric kind (the 3D VAE). It writes into the output folder:
 
 - ``last.safetensors``: the model after the latest validation (or the stop), loadable by the
   plugin like any checkpoint;
@@ -36,7 +37,16 @@ from napari_brain_uad.models import ReconstructionModel, build_model, load_model
 from . import distributed
 from .augment import SliceAugmenter
 from .config import ConfigError, TrainingConfig
-from .data import ModelSpaceScan, SliceSampler, find_scans, load_model_space, split_subjects, validation_slices
+from .data import (
+    ModelSpaceScan,
+    SliceSampler,
+    VolumeSampler,
+    find_scans,
+    load_model_space,
+    split_subjects,
+    validation_slices,
+    validation_volumes,
+)
 from .pretrain_encoder import pretrain_encoder_masked
 
 BEST, LAST, STATE, LOG = "best.safetensors", "last.safetensors", "training_state.safetensors", "log.jsonl"
@@ -111,12 +121,17 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
             validation_scans = load_model_space(validation_pairs, spec, advance)
     else:
         training_scans, validation_scans = scans
-    sampler = SliceSampler(training_scans, config.seed)
-    validation = validation_slices(validation_scans, config.validation_slices) if validation_scans else None
-    augmenter = SliceAugmenter(config.augmentation_settings()) if config.augment else None
-
     torch.manual_seed(config.seed)  # the same initial weights for the same seed, on every rank
     model = build_model(config.kind, config.model, spec).to(processes.device)
+    if model.volumetric:
+        # Whole volumes per step; the config refuses slice augmentation for these kinds.
+        sampler = VolumeSampler(training_scans, config.seed, model.depth_slices)
+        validation = (validation_volumes(validation_scans, config.validation_slices, model.depth_slices)
+                      if validation_scans else None)
+    else:
+        sampler = SliceSampler(training_scans, config.seed)
+        validation = validation_slices(validation_scans, config.validation_slices) if validation_scans else None
+    augmenter = SliceAugmenter(config.augmentation_settings()) if config.augment else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     start_step, best_loss, best_step, history = 0, math.inf, None, []
     if resume:
@@ -133,7 +148,7 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         "validation_subjects": [scan.subject for scan in validation_scans],
         "description": config.data_description,
         "licence": config.data_licence,
-        "training_slices": len(sampler),
+        ("training_volumes" if model.volumetric else "training_slices"): len(sampler),
     }
     log = _Log(output / LOG, start_step, enabled=processes.is_main)
 

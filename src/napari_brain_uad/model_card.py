@@ -23,7 +23,8 @@ FALLBACK_SCORER = "ssim-ens"
 # Words in file or layer names that name a contrast; T1c before T1, so the longer word wins.
 _MODALITY_WORDS = {"FLAIR": ("flair",), "T1c": ("t1c", "t1ce", "t1post", "t1gd"), "T2": ("t2",), "T1": ("t1",)}
 
-_TRAINING_DATA_SHOWN = ("description", "licence", "training_subjects", "validation_subjects", "training_slices")
+_TRAINING_DATA_SHOWN = ("description", "licence", "training_subjects", "validation_subjects", "training_slices",
+                        "training_volumes")
 
 
 def default_scorer(metadata: Mapping[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """Step 3 of the data flow: pseudo-healthy reconstructions of a model-space volume.
 
 The volume's axial slices go through the model in batches on the chosen device; N samples
-with fresh noise each (for Mahalanobis scoring). Long work reports progress through a callback
+with fresh noise each (for Mahalanobis scoring). A volumetric model (the 3D VAE) gets the
+whole volume at once instead of its slices. Long work reports progress through a callback
 and stops when a cancel callback says so; no Qt here, the widget turns these into a progress
 bar and a Cancel button. A GPU that runs out of memory gets smaller batches, then the CPU.
 """
@@ -52,6 +53,8 @@ def reconstruct_volume(
     larger batches are slower per slice).
     ``progress(done, total)`` is called after each batch (total = samples × slices);
     ``cancelled()`` is checked before each batch and raises :class:`Cancelled` when true.
+    A volumetric model (``model.volumetric``, e.g. the 3D VAE) takes the whole volume at once:
+    ``batch_size`` does not apply, progress counts samples and cancel is polled between them.
     """
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim != 3:
@@ -66,6 +69,8 @@ def reconstruct_volume(
     generator_device = "cpu" if device.type == "mps" else device
     generator = torch.Generator(device=generator_device)
     generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+    if model.volumetric:
+        return _reconstruct_whole_volume(model, volume, samples, t, device, generator, seed, progress, cancelled)
 
     slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, 2, 0)))[:, None]  # (Z, 1, X, Y)
     jobs = [(sample, start) for sample in range(samples) for start in range(0, slices.shape[0], batch_size)]
@@ -82,6 +87,21 @@ def reconstruct_volume(
         if progress is not None:
             progress(done, total)
     return np.moveaxis(out[:, :, 0], 1, -1)  # (samples, X, Y, Z)
+
+
+def _reconstruct_whole_volume(model, volume, samples, t, device, generator, seed, progress, cancelled):
+    """The volumetric path: each sample is the whole volume (1, 1, X, Y, Z) through the model."""
+    whole = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
+    out = np.empty((samples, *volume.shape), dtype=np.float32)
+    model.eval()
+    for sample in range(samples):
+        if cancelled is not None and cancelled():
+            raise Cancelled("reconstruction cancelled")
+        result, device, generator = _run_batch(model, whole, t, device, generator, seed)
+        out[sample] = result[0, 0]
+        if progress is not None:
+            progress(sample + 1, samples)
+    return out
 
 
 def _run_batch(model, batch, t, device, generator, seed):

@@ -20,6 +20,7 @@ from .base import ModelConfig, ReconstructionModel
 from .ddpm import DDPM, DDPMConfig, noise_levels
 from .cddpm import CDDPM, CDDPMConfig
 from .pddpm import PDDPM, PDDPMConfig
+from .vae3d import VAE3D, VAE3DConfig
 
 MODEL_KINDS: dict[str, type[ReconstructionModel]] = {
     DDPM.kind: DDPM,
@@ -28,6 +29,7 @@ MODEL_KINDS: dict[str, type[ReconstructionModel]] = {
     AE.kind: AE,
     VAE.kind: VAE,
     DAE.kind: DAE,
+    VAE3D.kind: VAE3D,
 }
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "DAEConfig",
     "VAE",
     "VAEConfig",
+    "VAE3D",
+    "VAE3DConfig",
     "CDDPM",
     "CDDPMConfig",
     "DDPM",

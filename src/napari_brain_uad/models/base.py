@@ -58,6 +58,9 @@ class ReconstructionModel(torch.nn.Module):
     config_class: ClassVar[type[ModelConfig]]
     uses_noise_level: ClassVar[bool] = False
     samples_differ: ClassVar[bool] = False
+    # True for kinds that take whole model-space volumes (B, 1, X, Y, Z) instead of slices:
+    # reconstruction and training then hand them volumes (see models.vae3d).
+    volumetric: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__()
