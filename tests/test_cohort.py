@@ -18,6 +18,7 @@ import pytest
 from napari_brain_uad.cli import main
 from napari_brain_uad.cohort import SUMMARY_COLUMNS, read_summary_csv, scan_outputs
 from napari_brain_uad.scan_list import ScanEntry, read_scan_sources
+from napari_brain_uad.typicality import TYPICALITY_LIMIT
 
 # Healthy IXI T1 scans (120x120x90, 2 mm, skull on) with their brain masks: no brain extraction.
 SUBJECTS = ("IXI012-HH-1211", "IXI013-HH-1212")
@@ -69,7 +70,8 @@ def test_a_broken_scan_fails_alone_and_the_exit_status_says_so(csv_cohort, share
         assert 1200 < row["brain_ml"] < 2000  # the brain masks given
         # healthy scans at the healthy threshold: a few small findings, far below 1 % of the brain
         assert 0 <= row["flagged_ml"] < 0.01 * row["brain_ml"] and row["findings"] >= 0
-        assert row["largest_finding_ml"] <= row["flagged_ml"] and row["typicality"] is None
+        assert row["largest_finding_ml"] <= row["flagged_ml"]
+        assert row["typicality"] < TYPICALITY_LIMIT  # healthy scans of the training scanner: typical
     document = json.loads((out / "summary.json").read_text())
     assert document["counts"] == {"done": 2, "skipped": 0, "failed": 1}
     assert document["columns"] == list(SUMMARY_COLUMNS) and len(document["scans"]) == 3
