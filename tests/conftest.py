@@ -123,3 +123,52 @@ def _small_cddpm_config():
 
 
 SMALL_CDDPM = _small_cddpm_config()
+
+
+# ---------------------------------------------------------------- healthy scans as training takes them
+
+# Three healthy IXI subjects (training scanner) for the tests that train or list scans.
+IXI_THREE = ("IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236")
+
+
+@pytest.fixture(scope="session")
+def ixi_folder(tmp_path_factory):
+    """Three healthy IXI subjects as a folder of scans plus a folder of brain masks (links)."""
+    ixi = SHARED_DATA / "ixi_t1"
+    if not ixi.is_dir():
+        pytest.skip(f"healthy IXI scans not found in {ixi}")
+    root = tmp_path_factory.mktemp("ixi")
+    (root / "scans").mkdir()
+    (root / "masks").mkdir()
+    for subject in IXI_THREE:
+        (root / "scans" / f"{subject}_T1.nii.gz").symlink_to(ixi / f"{subject}_T1.nii.gz")
+        (root / "masks" / f"{subject}_brainmask.nii.gz").symlink_to(ixi / "brainmask" / f"{subject}_brainmask.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ixi_scans(ixi_folder):
+    """The three subjects in model space: two for training, one for validation."""
+    from brain_uad_training.data import find_scans, load_model_space
+    from napari_brain_uad.preprocess import ModelSpaceSpec
+
+    loaded = load_model_space(find_scans(ixi_folder / "scans", ixi_folder / "masks"), ModelSpaceSpec())
+    return loaded[:2], loaded[2:]
+
+
+@pytest.fixture
+def ixi_worklist_csv(shared_data, tmp_path):
+    """A CSV list of the three subjects' scans (skull on) with their brain masks, as a user keeps
+    one; the files are copies, so a test may change or break one."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["id,scan,brain_mask"]
+    for subject in IXI_THREE:
+        shutil.copy(shared_data / "ixi_t1" / f"{subject}_T1.nii.gz", data / f"{subject}.nii.gz")
+        shutil.copy(shared_data / "ixi_t1" / "brainmask" / f"{subject}_brainmask.nii.gz", data / f"{subject}_brain.nii.gz")
+        lines.append(f"{subject},data/{subject}.nii.gz,data/{subject}_brain.nii.gz")
+    listing = tmp_path / "worklist.csv"
+    listing.write_text("\n".join(lines) + "\n")
+    return listing

@@ -42,28 +42,6 @@ SMALL_MODELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def ixi_folder(tmp_path_factory):
-    """Three healthy IXI subjects as a folder of scans plus a folder of brain masks (links)."""
-    if not IXI.is_dir():
-        pytest.skip(f"healthy IXI scans not found in {IXI}")
-    root = tmp_path_factory.mktemp("ixi")
-    (root / "scans").mkdir()
-    (root / "masks").mkdir()
-    for subject in SUBJECTS:
-        (root / "scans" / f"{subject}_T1.nii.gz").symlink_to(IXI / f"{subject}_T1.nii.gz")
-        (root / "masks" / f"{subject}_brainmask.nii.gz").symlink_to(IXI / "brainmask" / f"{subject}_brainmask.nii.gz")
-    return root
-
-
-@pytest.fixture(scope="module")
-def ixi_scans(ixi_folder):
-    """The three subjects in model space: two for training, one for validation."""
-    pairs = find_scans(ixi_folder / "scans", ixi_folder / "masks")
-    loaded = load_model_space(pairs, ModelSpaceSpec())
-    return loaded[:2], loaded[2:]
-
-
 def small_config(tmp_path, ixi_folder, **changes) -> TrainingConfig:
     values = dict(
         data=str(ixi_folder / "scans"),

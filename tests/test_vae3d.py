@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from brain_uad_training import ConfigError, TrainingConfig, fit
 from brain_uad_training.config import read_config_file
-from brain_uad_training.data import VolumeSampler, find_scans, load_model_space, validation_volumes
+from brain_uad_training.data import VolumeSampler, validation_volumes
 from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
 from napari_brain_uad.io import ScanWarning, read_nifti
 from napari_brain_uad.models import MODEL_KINDS, VAE3D, VAE3DConfig, build_model, load_model
@@ -23,13 +23,12 @@ from napari_brain_uad.models.vae3d import (
     multi_cube_region,
     random_half_volume_region,
 )
-from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
+from napari_brain_uad.preprocess import to_model_space
 from napari_brain_uad.reconstruct import Cancelled, reconstruct_volume
 
 from conftest import REPOSITORY, SHARED_DATA
 
 IXI = SHARED_DATA / "ixi_t1"
-SUBJECTS = ("IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236")
 GRID = (64, 64, 64)
 # A network small enough to train for a few steps in seconds on two CPU threads.
 TINY = {"channels": [4, 8, 8, 8], "latent_size": 32}
@@ -37,27 +36,6 @@ TINY = {"channels": [4, 8, 8, 8], "latent_size": 32}
 
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def ixi_folder(tmp_path_factory):
-    """Three healthy IXI subjects as a folder of scans plus a folder of brain masks (links)."""
-    if not IXI.is_dir():
-        pytest.skip(f"healthy IXI scans not found in {IXI}")
-    root = tmp_path_factory.mktemp("ixi3d")
-    (root / "scans").mkdir()
-    (root / "masks").mkdir()
-    for subject in SUBJECTS:
-        (root / "scans" / f"{subject}_T1.nii.gz").symlink_to(IXI / f"{subject}_T1.nii.gz")
-        (root / "masks" / f"{subject}_brainmask.nii.gz").symlink_to(IXI / "brainmask" / f"{subject}_brainmask.nii.gz")
-    return root
-
-
-@pytest.fixture(scope="module")
-def ixi_scans(ixi_folder):
-    """The three subjects in model space: two for training, one for validation."""
-    loaded = load_model_space(find_scans(ixi_folder / "scans", ixi_folder / "masks"), ModelSpaceSpec())
-    return loaded[:2], loaded[2:]
 
 
 @pytest.fixture(scope="module")

@@ -15,23 +15,7 @@ from napari_brain_uad.io import ScanError
 from napari_brain_uad.model_registry import default_model_name
 from napari_brain_uad.worklist import EXPORTED, FAILED, NOT_RUN, REVIEWED, RUN, Worklist, model_file_sha256
 
-SUBJECTS = ("IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236")
-
-
-@pytest.fixture
-def three_scans(shared_data, tmp_path):
-    """A CSV worklist of three healthy IXI scans (skull on, brain masks given), files copied so
-    a test may change one."""
-    data = tmp_path / "data"
-    data.mkdir()
-    lines = ["id,scan,brain_mask"]
-    for subject in SUBJECTS:
-        shutil.copy(shared_data / "ixi_t1" / f"{subject}_T1.nii.gz", data / f"{subject}.nii.gz")
-        shutil.copy(shared_data / "ixi_t1" / "brainmask" / f"{subject}_brainmask.nii.gz", data / f"{subject}_brain.nii.gz")
-        lines.append(f"{subject},data/{subject}.nii.gz,data/{subject}_brain.nii.gz")
-    listing = tmp_path / "worklist.csv"
-    listing.write_text("\n".join(lines) + "\n")
-    return listing
+from conftest import IXI_THREE as SUBJECTS
 
 
 def _no_network(monkeypatch):
@@ -42,9 +26,9 @@ def _no_network(monkeypatch):
     monkeypatch.setattr("napari_brain_uad.analysis.reconstruct_volume", refuse)
 
 
-def test_session_survives_reopening_without_the_network(three_scans, monkeypatch):
-    work = Worklist.open(three_scans)
-    assert work.folder == three_scans.parent / "worklist.brain-uad-session"
+def test_session_survives_reopening_without_the_network(ixi_worklist_csv, monkeypatch):
+    work = Worklist.open(ixi_worklist_csv)
+    assert work.folder == ixi_worklist_csv.parent / "worklist.brain-uad-session"
     assert [work.status(entry.id) for entry in work.entries] == [NOT_RUN] * 3
     first = SUBJECTS[0]
     work.run(first, default_model_name())
@@ -63,7 +47,7 @@ def test_session_survives_reopening_without_the_network(three_scans, monkeypatch
     work.set_current(first)
 
     _no_network(monkeypatch)
-    again = Worklist.open(three_scans)
+    again = Worklist.open(ixi_worklist_csv)
     assert again.current == first
     assert [again.status(entry.id) for entry in again.entries] == [REVIEWED, NOT_RUN, NOT_RUN]
     back = again.restore(first, model_sha256=model_file_sha256(default_model_name()))
@@ -76,8 +60,8 @@ def test_session_survives_reopening_without_the_network(three_scans, monkeypatch
     assert again.restore(SUBJECTS[1]) is None  # never run: nothing to restore
 
 
-def test_status_follows_exports_and_later_edits(three_scans):
-    work = Worklist.open(three_scans)
+def test_status_follows_exports_and_later_edits(ixi_worklist_csv):
+    work = Worklist.open(ixi_worklist_csv)
     scan = SUBJECTS[0]
     work.run(scan, default_model_name())
     restored = work.restore(scan)
@@ -94,23 +78,23 @@ def test_status_follows_exports_and_later_edits(three_scans):
     assert work.status(scan) == REVIEWED  # an edit since the export
 
 
-def test_changed_scan_is_not_given_old_results(three_scans):
-    work = Worklist.open(three_scans)
+def test_changed_scan_is_not_given_old_results(ixi_worklist_csv):
+    work = Worklist.open(ixi_worklist_csv)
     scan = SUBJECTS[0]
     work.run(scan, default_model_name())
     with pytest.raises(StaleResults, match="model file changed"):
         work.restore(scan, model_sha256="0" * 64)
     path = work.entry(scan).scan
-    other = three_scans.parent / "data" / f"{SUBJECTS[1]}.nii.gz"
+    other = ixi_worklist_csv.parent / "data" / f"{SUBJECTS[1]}.nii.gz"
     shutil.copy(other, path)  # the file now holds another subject
     with pytest.raises(StaleResults, match="scan changed"):
         work.restore(scan)
 
 
-def test_failed_scan_is_recorded_and_others_go_on(three_scans):
-    broken = three_scans.parent / "data" / f"{SUBJECTS[1]}.nii.gz"
+def test_failed_scan_is_recorded_and_others_go_on(ixi_worklist_csv):
+    broken = ixi_worklist_csv.parent / "data" / f"{SUBJECTS[1]}.nii.gz"
     broken.write_bytes(b"not a scan at all")
-    work = Worklist.open(three_scans)
+    work = Worklist.open(ixi_worklist_csv)
     with pytest.raises(ScanError):
         work.run(SUBJECTS[1], default_model_name())
     assert work.status(SUBJECTS[1]) == FAILED
@@ -119,8 +103,8 @@ def test_failed_scan_is_recorded_and_others_go_on(three_scans):
     assert work.next_to_run(SUBJECTS[0]).id == SUBJECTS[2]  # a failed scan is not run again by itself
 
 
-def test_crash_in_the_middle_of_a_save_leaves_the_previous_session(three_scans, monkeypatch):
-    work = Worklist.open(three_scans)
+def test_crash_in_the_middle_of_a_save_leaves_the_previous_session(ixi_worklist_csv, monkeypatch):
+    work = Worklist.open(ixi_worklist_csv)
     scan = SUBJECTS[0]
     work.run(scan, default_model_name())
     restored = work.restore(scan)
@@ -144,7 +128,7 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_session(three_scans, 
 
     assert (work.folder / "worklist.json").read_text() == saved_list
     assert not [p for p in work.scan_folder(scan).iterdir() if p.name.startswith(".")]  # no temporary left
-    back = Worklist.open(three_scans).restore(scan)
+    back = Worklist.open(ixi_worklist_csv).restore(scan)
     assert back.annotation[60, 60, 45] == 1 and back.annotation[61, 60, 45] == 0  # the previous save, whole
 
     def crash_writing_json(self, text, *args, **kwargs):

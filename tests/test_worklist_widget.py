@@ -3,31 +3,14 @@ the viewer closed and opened again, every decision still there and no network ru
 
 from __future__ import annotations
 
-import shutil
-
 import nibabel as nib
 import numpy as np
 import pytest
 
 from napari_brain_uad.worklist import EXPORTED, NOT_RUN, REVIEWED, RUN
 
-SUBJECTS = ("IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236")
+from conftest import IXI_THREE as SUBJECTS
 WAIT_MS = 240_000
-
-
-@pytest.fixture
-def worklist_csv(shared_data, tmp_path):
-    """Three healthy IXI scans (skull on) with their brain masks, listed in a CSV."""
-    data = tmp_path / "data"
-    data.mkdir()
-    lines = ["id,scan,brain_mask"]
-    for subject in SUBJECTS:
-        shutil.copy(shared_data / "ixi_t1" / f"{subject}_T1.nii.gz", data / f"{subject}.nii.gz")
-        shutil.copy(shared_data / "ixi_t1" / "brainmask" / f"{subject}_brainmask.nii.gz", data / f"{subject}_brain.nii.gz")
-        lines.append(f"{subject},data/{subject}.nii.gz,data/{subject}_brain.nii.gz")
-    path = tmp_path / "worklist.csv"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _open_viewer(make_napari_viewer):
@@ -57,11 +40,11 @@ def _a_threshold_with_findings(widget):
     raise AssertionError("no threshold gives two findings to review")
 
 
-def test_worklist_of_three_scans_survives_closing_and_reopening(make_napari_viewer, qtbot, worklist_csv, monkeypatch,
+def test_worklist_of_three_scans_survives_closing_and_reopening(make_napari_viewer, qtbot, ixi_worklist_csv, monkeypatch,
                                                                  tmp_path):
     viewer, widget = _open_viewer(make_napari_viewer)
     panel = widget.worklist
-    panel.open(worklist_csv)
+    panel.open(ixi_worklist_csv)
     first, second, third = SUBJECTS
     assert panel.current == first and _statuses(panel) == [NOT_RUN] * 3
     assert widget.scan.value.name == first and widget.brain_mask.value.name == f"{first} brain"
@@ -108,7 +91,7 @@ def test_worklist_of_three_scans_survives_closing_and_reopening(make_napari_view
     monkeypatch.setattr("napari_brain_uad.models.load_model", refuse)
     viewer, widget = _open_viewer(make_napari_viewer)
     panel = widget.worklist
-    panel.open(worklist_csv)
+    panel.open(ixi_worklist_csv)
     _settled(widget, qtbot)
     assert panel.current == third and _statuses(panel) == [REVIEWED, REVIEWED, RUN]
     panel.go_to(first)

@@ -199,14 +199,19 @@ class VAEConfig(ModelConfig):
     loss: str = "l1"
 
     def __post_init__(self):
-        _check_encoder_layout(self.channels, self.strides)
-        if self.latent_size < 1:
-            raise ValueError(f"latent_size must be at least 1, not {self.latent_size}")
-        if self.num_res_units < 0:
-            raise ValueError(f"num_res_units must be 0 or more, not {self.num_res_units}")
-        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, not {self.beta!r}")
-        _check_loss(self.loss)
+        check_vae_settings(self)
+
+
+def check_vae_settings(config) -> None:
+    """What every VAE's settings must satisfy, 2D or 3D (``models.vae3d`` adds its grid's)."""
+    _check_encoder_layout(config.channels, config.strides)
+    if config.latent_size < 1:
+        raise ValueError(f"latent_size must be at least 1, not {config.latent_size}")
+    if config.num_res_units < 0:
+        raise ValueError(f"num_res_units must be 0 or more, not {config.num_res_units}")
+    if not (isinstance(config.beta, (int, float)) and math.isfinite(config.beta) and config.beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, not {config.beta!r}")
+    _check_loss(config.loss)
 
 
 class VAE(ReconstructionModel):

@@ -46,7 +46,7 @@ from monai.networks.nets import VarAutoEncoder
 from ..io import ScanWarning
 from ..noise import gaussian_noise
 from ..preprocess import ModelSpaceSpec
-from .autoencoders import _check_encoder_layout, _check_loss, kl_divergence, reconstruction_error
+from .autoencoders import check_vae_settings, kl_divergence, reconstruction_error
 from .base import ModelConfig, ReconstructionModel, random_integers, random_uniform
 
 ERASING_MODES = ("cube", "multi-cube", "half-volume", "none")
@@ -86,14 +86,7 @@ class VAE3DConfig(ModelConfig):
     keep_input_detail: bool = True
 
     def __post_init__(self):
-        _check_encoder_layout(self.channels, self.strides)
-        if self.latent_size < 1:
-            raise ValueError(f"latent_size must be at least 1, not {self.latent_size}")
-        if self.num_res_units < 0:
-            raise ValueError(f"num_res_units must be 0 or more, not {self.num_res_units}")
-        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, not {self.beta!r}")
-        _check_loss(self.loss)
+        check_vae_settings(self)
         if self.depth_slices < 1:
             raise ValueError(f"depth_slices must be at least 1, not {self.depth_slices}")
         if not (isinstance(self.downsample, (int, float)) and self.downsample >= 1):
