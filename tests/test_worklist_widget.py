@@ -112,3 +112,19 @@ def test_worklist_of_three_scans_survives_closing_and_reopening(make_napari_view
     geometry = viewer.layers[second].metadata["nifti"]
     np.testing.assert_array_equal(np.asarray(nib.load(written).dataobj),
                                   geometry.to_source(viewer.layers[f"{second} annotation"].data))
+
+
+def test_opening_another_worklist_replaces_the_scan_in_view(make_napari_viewer, ixi_worklist_csv, shared_data,
+                                                            tmp_path):
+    viewer, widget = _open_viewer(make_napari_viewer)
+    panel = widget.worklist
+    panel.open(ixi_worklist_csv)
+    assert SUBJECTS[0] in viewer.layers and f"{SUBJECTS[0]} brain" in viewer.layers
+    bids = tmp_path / "bids"
+    (bids / "sub-01" / "anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    (bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz").symlink_to(shared_data / "ixi_t1" / "IXI661-HH-2788_T1.nii.gz")
+    panel.open(bids)
+    assert [layer.name for layer in viewer.layers] == ["sub-01_T1w"]  # one scan in view, the new list's
+    assert panel.current == "sub-01_T1w" and widget.scan.value.name == "sub-01_T1w"
+    assert "not run yet" in widget.status.value

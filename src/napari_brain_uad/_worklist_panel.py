@@ -92,6 +92,9 @@ class WorklistPanel(Container):
             return self.worklist
         worklist = Worklist.open(source, folder=folder)
         self._stop_background()
+        if self.current is not None:  # the previous list's scan in view: saved above, so its layers go
+            self._remove_layers(self.current)
+            self._owner.clear_results()
         self.worklist, self.current, self._shown = worklist, None, None
         for widget in (self.table, self.previous_button, self.next_button):
             widget.visible = True
