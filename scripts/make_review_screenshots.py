@@ -26,7 +26,7 @@ def wait_for(condition, seconds: float = 300.0) -> None:
     while not condition():
         QApplication.processEvents()
         if time.monotonic() > deadline:
-            raise SystemExit("timed out waiting for the analysis")
+            raise SystemExit("timed out waiting for the viewer to finish its work")
         time.sleep(0.05)
 
 

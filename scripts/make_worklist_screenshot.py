@@ -21,19 +21,12 @@ from pathlib import Path
 import napari
 from qtpy.QtWidgets import QApplication
 
+from make_review_screenshots import wait_for  # this folder is on the path when run as a script
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 DOCS = REPOSITORY / "docs"
 DATA = Path(os.environ.get("NAPARI_BRAIN_UAD_DATA", REPOSITORY.parent / "shared" / "data"))
 SUBJECTS = ("IXI049-HH-1358", "IXI105-HH-1471", "IXI168-HH-1607")  # held out from every bundled model
-
-
-def wait_for(condition, seconds: float = 300.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        QApplication.processEvents()
-        if time.monotonic() > deadline:
-            raise SystemExit("timed out waiting for the worklist")
-        time.sleep(0.05)
 
 
 def main() -> int:

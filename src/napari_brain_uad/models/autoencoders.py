@@ -214,7 +214,42 @@ def check_vae_settings(config) -> None:
     _check_loss(config.loss)
 
 
-class VAE(ReconstructionModel):
+def variational_network(spatial_dims: int, in_shape: Sequence[int], config) -> VarAutoEncoder:
+    """Every VAE's network, 2D or 3D (MONAI's VarAutoEncoder: strided convolutions down, transposed
+    convolutions up). Its output is unbounded: reconstructions are clamped instead (see AE.forward)."""
+    return VarAutoEncoder(
+        spatial_dims=spatial_dims,
+        in_shape=(1, *in_shape),
+        out_channels=1,
+        latent_size=config.latent_size,
+        channels=config.channels,
+        strides=config.strides,
+        num_res_units=config.num_res_units,
+        use_sigmoid=False,
+    )
+
+
+class VariationalCoding:
+    """What every VAE (2D slices, 3D volumes) does with its latent code; ``self.network`` is a
+    :func:`variational_network`."""
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, each (B, latent_size)."""
+        return self.network.encode_forward(images)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, ...) from latent codes: the decoder's unbounded output."""
+        return self.network.decode_forward(z, use_sigmoid=False)
+
+    def sample_latent(
+        self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Reparameterisation z = mu + sigma * eps, eps ~ N(0, I) from ``generator``."""
+        eps = gaussian_noise(tuple(mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps
+
+
+class VAE(VariationalCoding, ReconstructionModel):
     """Variational autoencoder on MONAI's ``VarAutoEncoder``.
 
     MONAI's own ``forward`` samples with torch's global random generator (and, in eval mode
@@ -229,31 +264,7 @@ class VAE(ReconstructionModel):
     def __init__(self, config: VAEConfig = VAEConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__(config, spec)
         _check_slice_size(spec, config.strides, "VAE")
-        self.network = VarAutoEncoder(
-            spatial_dims=2,
-            in_shape=(1, *spec.in_plane),
-            out_channels=1,
-            latent_size=config.latent_size,
-            channels=config.channels,
-            strides=config.strides,
-            num_res_units=config.num_res_units,
-            use_sigmoid=False,  # clamped in reconstruct instead, as the AE (see AE.forward)
-        )
-
-    def encode(self, slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance, each (B, latent_size)."""
-        return self.network.encode_forward(slices)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Slices (B, 1, H, W) from latent codes: the decoder's unbounded output."""
-        return self.network.decode_forward(z, use_sigmoid=False)
-
-    def sample_latent(
-        self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Reparameterisation z = mu + sigma * eps, eps ~ N(0, I) from ``generator``."""
-        eps = gaussian_noise(tuple(mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-        return mu + torch.exp(0.5 * logvar) * eps
+        self.network = variational_network(2, spec.in_plane, config)
 
     def loss_terms(
         self, slices: torch.Tensor, generator: torch.Generator | None = None

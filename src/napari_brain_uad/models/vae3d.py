@@ -41,12 +41,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import VarAutoEncoder
 
 from ..io import ScanWarning
-from ..noise import gaussian_noise
 from ..preprocess import ModelSpaceSpec
-from .autoencoders import check_vae_settings, kl_divergence, reconstruction_error
+from .autoencoders import (
+    VariationalCoding,
+    check_vae_settings,
+    kl_divergence,
+    reconstruction_error,
+    variational_network,
+)
 from .base import ModelConfig, ReconstructionModel, random_integers, random_uniform
 
 ERASING_MODES = ("cube", "multi-cube", "half-volume", "none")
@@ -299,7 +303,7 @@ def erase_inputs(volumes: torch.Tensor, brain_mask: torch.Tensor, config: VAE3DC
 # ---------------------------------------------------------------- the model
 
 
-class VAE3D(ReconstructionModel):
+class VAE3D(VariationalCoding, ReconstructionModel):
     """3D VAE on whole model-space volumes (B, 1, X, Y, Z); see the module text for the grid."""
 
     kind = "vae3d"
@@ -310,16 +314,7 @@ class VAE3D(ReconstructionModel):
     def __init__(self, config: VAE3DConfig = VAE3DConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__(config, spec)
         self.grid = network_grid(spec, config)
-        self.network = VarAutoEncoder(
-            spatial_dims=3,
-            in_shape=(1, *self.grid),
-            out_channels=1,
-            latent_size=config.latent_size,
-            channels=config.channels,
-            strides=config.strides,
-            num_res_units=config.num_res_units,
-            use_sigmoid=False,  # clamped in reconstruct, as the 2D VAE (see AE.forward)
-        )
+        self.network = variational_network(3, self.grid, config)
 
     @property
     def depth_slices(self) -> int:
@@ -357,19 +352,6 @@ class VAE3D(ReconstructionModel):
             )
 
     # -- the VAE
-
-    def encode(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance (B, latent_size) of network-grid volumes."""
-        return self.network.encode_forward(volumes)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Network-grid volumes from latent codes: the decoder's unbounded output."""
-        return self.network.decode_forward(z, use_sigmoid=False)
-
-    def sample_latent(self, mu, logvar, generator=None) -> torch.Tensor:
-        """Reparameterisation z = mu + sigma * eps, eps ~ N(0, I) from ``generator``."""
-        eps = gaussian_noise(tuple(mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-        return mu + torch.exp(0.5 * logvar) * eps
 
     def loss_terms(self, volumes, brain_mask=None, generator=None) -> dict[str, torch.Tensor]:
         """The objective's pieces on model-space volumes: the erased input, the reconstruction
