@@ -18,7 +18,7 @@ from napari_brain_uad.io import read_nifti
 from napari_brain_uad.preprocess import to_model_space
 
 SCORER_NAMES = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens", "mhd-diag", "mhd-full",
-                "mhd-full-ssim", "mhd-diag-ssim", "s-mean")
+                "mhd-full-ssim", "mhd-diag-ssim", "s-mean", "ssim+segmentation")
 
 
 # --------------------------------------------------------------------------- data
@@ -346,9 +346,13 @@ def test_registry_lists_every_scorer_with_what_it_needs():
     assert tuple(scoring.SCORERS) == SCORER_NAMES
     for name, scorer in scoring.SCORERS.items():
         assert scorer.name == name and callable(scorer.fn) and scorer.description
-        one = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens")
+        one = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens", "ssim+segmentation")
         assert scorer.needs == ("reconstruction" if name in one else "samples")
-    assert scoring.scorer_names("reconstruction") == ["residual", "residual-dark", "residual-bright", "ssim", "ssim-ens"]
+    assert scoring.scorer_names("reconstruction") == ["residual", "residual-dark", "residual-bright", "ssim", "ssim-ens",
+                                                      "ssim+segmentation"]
+    # A model without a segmentation map is not offered SADM's scorer.
+    assert "ssim+segmentation" not in scoring.scorer_names(maps=())
+    assert "ssim+segmentation" in scoring.scorer_names(maps=("segmentation",))
     with pytest.raises(TypeError):
         scoring.SCORERS["new"] = scoring.SCORERS["ssim"]  # read-only
 
@@ -388,15 +392,18 @@ def test_numpy_in_numpy_out_and_torch_in_torch_out(name):
     needs = scoring.SCORERS[name].needs
     first, second = (image, reference) if needs == "reconstruction" else (anomalous, samples)
     first, second = first.astype(np.float32), second.astype(np.float32)
-    as_numpy = scoring.score(name, first, second)
+    maps = {map_name: np.full(first.shape, 0.25, np.float32) for map_name in scoring.SCORERS[name].needs_maps}
+    as_numpy = scoring.score(name, first, second, maps=maps)
     assert isinstance(as_numpy, np.ndarray) and as_numpy.dtype == np.float32 and as_numpy.shape == first.shape
-    as_torch = scoring.score(name, torch.from_numpy(first), torch.from_numpy(second))
+    as_torch = scoring.score(name, torch.from_numpy(first), torch.from_numpy(second),
+                             maps={key: torch.from_numpy(value) for key, value in maps.items()})
     assert isinstance(as_torch, torch.Tensor) and as_torch.dtype == torch.float32 and as_torch.device.type == "cpu"
     np.testing.assert_allclose(as_torch.numpy(), as_numpy, atol=1e-6)
-    as_float64 = scoring.score(name, first.astype(np.float64), second.astype(np.float64))
+    as_float64 = scoring.score(name, first.astype(np.float64), second.astype(np.float64), maps=maps)
     assert as_float64.dtype == np.float64
     # A 2D slice works the same way.
-    slice_score = scoring.score(name, first[:, :, 2], second[..., 2])
+    slice_score = scoring.score(name, first[:, :, 2], second[..., 2],
+                                maps={key: value[:, :, 2] for key, value in maps.items()})
     assert slice_score.shape == first.shape[:2]
 
 
@@ -407,9 +414,11 @@ def test_gpu_tensors_stay_on_the_gpu(name):
     anomalous, samples = _samples_around(image, 3)
     needs = scoring.SCORERS[name].needs
     first, second = (image, reference) if needs == "reconstruction" else (anomalous, samples)
-    on_gpu = scoring.score(name, torch.from_numpy(first).cuda(), torch.from_numpy(second).cuda())
+    maps = {map_name: np.full(first.shape, 0.25) for map_name in scoring.SCORERS[name].needs_maps}
+    on_gpu = scoring.score(name, torch.from_numpy(first).cuda(), torch.from_numpy(second).cuda(),
+                           maps={key: torch.from_numpy(value).cuda() for key, value in maps.items()})
     assert on_gpu.device.type == "cuda"
-    np.testing.assert_allclose(on_gpu.cpu().numpy(), scoring.score(name, first, second), atol=1e-9)
+    np.testing.assert_allclose(on_gpu.cpu().numpy(), scoring.score(name, first, second, maps=maps), atol=1e-9)
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -481,3 +490,21 @@ def test_lesion_direction_follows_the_contrast():
     assert lesion_direction_scorer("T1") == "residual-dark"  # most MS lesions are dark on T1
     assert lesion_direction_scorer("flair") == lesion_direction_scorer("T2") == "residual-bright"
     assert lesion_direction_scorer("T1c") is None and lesion_direction_scorer(None) is None
+
+
+def test_sadm_score_adds_the_segmentation_to_the_ssim_dissimilarity():
+    image, reconstruction = _pair((20, 20, 6))
+    segmentation = np.random.default_rng(4).random(image.shape)
+    mask = np.zeros(image.shape, bool)
+    mask[3:17, 3:17] = True
+    dissimilarity = 1 - scoring.ssim_map(image, reconstruction, sigma=1.0, mask=mask)
+    maps = {"segmentation": segmentation}
+    summed = scoring.score("ssim+segmentation", image, reconstruction, mask=mask, maps=maps)
+    np.testing.assert_allclose(summed, np.where(mask, dissimilarity + segmentation, 0), atol=1e-12)
+    # The thesis's weighted form: beta * (1 - SSIM) + (1 - beta) * segmentation.
+    weighted = scoring.score("ssim+segmentation", image, reconstruction, mask=mask, maps=maps, weight=0.3)
+    np.testing.assert_allclose(weighted, np.where(mask, 0.3 * dissimilarity + 0.7 * segmentation, 0), atol=1e-12)
+    with pytest.raises(ValueError, match="segmentation map"):
+        scoring.score("ssim+segmentation", image, reconstruction)
+    with pytest.raises(ValueError, match="weight"):
+        scoring.score("ssim+segmentation", image, reconstruction, maps=maps, weight=1.5)

@@ -20,7 +20,7 @@ from brain_uad_training.cli import main as train_command
 from brain_uad_training.data import SliceSampler, find_scans, load_model_space, split_subjects
 from napari_brain_uad.checkpoint import CheckpointError, read_metadata
 from napari_brain_uad.io import read_nifti
-from napari_brain_uad.models import MODEL_KINDS, load_model
+from napari_brain_uad.models import MODEL_KINDS, build_model, load_model, save_model
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
 from napari_brain_uad.reconstruct import reconstruct_volume
 
@@ -39,7 +39,19 @@ SMALL_MODELS = {
     "vae": {"channels": [16, 32, 32, 64], "latent_size": 64},
     "dae": {"channels": [16, 32, 32, 64], "num_res_units": 1},
     "vae3d": {"channels": [4, 8, 8, 8], "latent_size": 32},
+    "sadm": {"channels": [8, 16, 32], "norm_num_groups": 4},  # on a small DAE (base_for)
+    "maediff": {"channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16, "mae_encoder_width": 32,
+                "mae_encoder_heads": 2, "mae_decoder_width": 32, "mae_decoder_heads": 2},
 }
+
+
+def base_for(kind: str, folder) -> dict:
+    """For a kind that sits on a trained model (SADM): a small saved DAE as its base."""
+    if not getattr(MODEL_KINDS[kind], "needs_base_model", False):
+        return {}
+    torch.manual_seed(0)
+    path = save_model(folder / "base.safetensors", build_model("dae", SMALL_MODELS["dae"]), overwrite=True)
+    return {"base_model": str(path)}
 
 
 def small_config(tmp_path, ixi_folder, **changes) -> TrainingConfig:
@@ -73,7 +85,7 @@ def test_every_kind_trains_on_real_slices_and_its_validation_loss_falls(kind, tm
     volumetric = MODEL_KINDS[kind].volumetric  # whole volumes: fewer per step, no slice augmentation
     config = small_config(tmp_path, ixi_folder, kind=kind, model=SMALL_MODELS[kind], steps=25,
                           batch_size=2 if volumetric else 8, validate_every=25, validation_slices=16,
-                          augment=not volumetric)
+                          augment=not volumetric, **base_for(kind, tmp_path))
     result = fit(config, show_progress=False, scans=ixi_scans)
     (first_step, first), (last_step, last) = result.validation_history[0], result.validation_history[-1]
     assert (first_step, last_step) == (0, 25)

@@ -23,7 +23,7 @@ def _no_network(monkeypatch):
         raise AssertionError("the network ran while restoring a saved session")
 
     monkeypatch.setattr("napari_brain_uad.models.load_model", refuse)
-    monkeypatch.setattr("napari_brain_uad.analysis.reconstruct_volume", refuse)
+    monkeypatch.setattr("napari_brain_uad.analysis.reconstruct_volume_with_maps", refuse)
 
 
 def test_session_survives_reopening_without_the_network(ixi_worklist_csv, monkeypatch):

@@ -18,6 +18,7 @@ from napari_brain_uad.errors import BrainUADError, OutputExists, internal_error_
 from napari_brain_uad.models import MODEL_KINDS
 
 from .config import TrainingConfig, read_config_file
+from .pretrain_denoise import PRETRAIN_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="optimizer steps (default 3000)")
     parser.add_argument("--batch-size", type=int, help="slices per step and process (default 32)")
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate (default 1e-4)")
+    parser.add_argument("--gradient-clip-norm", type=float, help="largest gradient norm per step (default: no clipping)")
     parser.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
     parser.add_argument("--validation-fraction", type=float, help="share of subjects held out for validation (default 0.1)")
     parser.add_argument("--validation-slices", type=int, help="validation slices (default 64)")
@@ -52,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="no augmentation")
     parser.add_argument("--pretrain-encoder-steps", type=int,
                         help="cddpm: steps of masked pre-training of the context encoder first (default 0)")
+    parser.add_argument("--pretrain", choices=PRETRAIN_MODES,
+                        help="ADDP denoising pre-training first (sadm, ae, dae): decoder only, or encoder and decoder")
+    parser.add_argument("--pretrain-steps", type=int, help="steps of the denoising pre-training")
+    parser.add_argument("--base-model", metavar="NAME|PATH",
+                        help="sadm: the trained reconstruction model it sits on, frozen (a model name or a checkpoint)")
     parser.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, ... (default auto)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from napari_brain_uad.errors import BrainUADError
-from napari_brain_uad.models import MODEL_KINDS
+from napari_brain_uad.models import MODEL_KINDS, ReconstructionModel
 from napari_brain_uad.preprocess import ModelSpaceSpec
 
 from .augment import AugmentationSettings
+from .pretrain_denoise import PRETRAIN_MODES
 
 
 class ConfigError(BrainUADError, ValueError):
@@ -42,12 +43,21 @@ class TrainingConfig:
     steps: int = 3000
     batch_size: int = 32  # per process; slices, or volumes for a volumetric kind
     learning_rate: float = 1e-4
+    # Largest gradient norm per step (None: no clipping). A spike in one step of a small batch
+    # can otherwise throw a VAE's KL term off for good (the first vae3d run did).
+    gradient_clip_norm: float | None = None
     seed: int = 0
     validation_fraction: float = 0.1
     validation_slices: int = 64  # for a volumetric kind (vae3d): validation volumes (all, if fewer)
     validate_every: int = 100
     augment: bool = True
     pretrain_encoder_steps: int = 0  # cDDPM: masked pre-training of the context encoder first
+    # ADDP's denoising pre-training before the kind's own training: "denoise-decoder" or
+    # "denoise-encoder-decoder" for pretrain_steps steps (SADM's U-Net, the AE and the DAE)
+    pretrain: str | None = None
+    pretrain_steps: int = 0
+    # SADM: the trained reconstruction model it sits on, frozen (a model name or a checkpoint path)
+    base_model: str | None = None
     augmentation: dict = field(default_factory=dict)  # AugmentationSettings probabilities
     device: str = "auto"
 
@@ -65,6 +75,22 @@ class TrainingConfig:
             raise ConfigError(f"'pretrain_encoder_steps' must be 0 or more, not {self.pretrain_encoder_steps}")
         if self.pretrain_encoder_steps and self.kind != "cddpm":
             raise ConfigError("'pretrain_encoder_steps' applies to the cddpm kind only (it has the context encoder)")
+        if self.pretrain is not None:
+            if self.pretrain not in PRETRAIN_MODES:
+                raise ConfigError(f"unknown 'pretrain' {self.pretrain!r}; known: {', '.join(PRETRAIN_MODES)}")
+            if self.pretrain_steps < 1:
+                raise ConfigError("'pretrain' needs 'pretrain_steps' (--pretrain-steps) of at least 1")
+            if MODEL_KINDS[self.kind].denoising_parts is ReconstructionModel.denoising_parts:
+                raise ConfigError(f"the {self.kind} kind has no encoder-decoder network for denoising pre-training "
+                                  "(sadm, ae and dae have)")
+        elif self.pretrain_steps:
+            raise ConfigError("'pretrain_steps' needs 'pretrain' (denoise-decoder or denoise-encoder-decoder)")
+        needs_base = getattr(MODEL_KINDS[self.kind], "needs_base_model", False)
+        if needs_base and not self.base_model:
+            raise ConfigError(f"the {self.kind} kind sits on a trained reconstruction model: give 'base_model' "
+                              "(--base-model NAME|PATH, e.g. ixi-t1-dae-n4)")
+        if self.base_model and not needs_base:
+            raise ConfigError(f"'base_model' applies to kinds that sit on another model (sadm), not {self.kind}")
         if self.augment and MODEL_KINDS[self.kind].volumetric:
             raise ConfigError(
                 f"the {self.kind} kind trains on whole volumes, and the augmentation works on slices; "
@@ -72,6 +98,8 @@ class TrainingConfig:
             )
         if not self.learning_rate > 0:
             raise ConfigError(f"'learning_rate' must be positive, not {self.learning_rate}")
+        if self.gradient_clip_norm is not None and not self.gradient_clip_norm > 0:
+            raise ConfigError(f"'gradient_clip_norm' must be positive, not {self.gradient_clip_norm}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"'validation_fraction' must be in [0, 1), not {self.validation_fraction}")
         try:

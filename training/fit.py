@@ -32,6 +32,9 @@ from tqdm.auto import tqdm
 
 import napari_brain_uad
 from napari_brain_uad.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from napari_brain_uad.downloads import file_sha256
+from napari_brain_uad.errors import BrainUADError
+from napari_brain_uad.model_registry import resolve_model
 from napari_brain_uad.models import ReconstructionModel, build_model, load_model, save_model
 
 from . import distributed
@@ -47,6 +50,7 @@ from .data import (
     validation_slices,
     validation_volumes,
 )
+from .pretrain_denoise import pretrain_denoising
 from .pretrain_encoder import pretrain_encoder_masked
 
 BEST, LAST, STATE, LOG = "best.safetensors", "last.safetensors", "training_state.safetensors", "log.jsonl"
@@ -122,7 +126,8 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
     else:
         training_scans, validation_scans = scans
     torch.manual_seed(config.seed)  # the same initial weights for the same seed, on every rank
-    model = build_model(config.kind, config.model, spec).to(processes.device)
+    model, base_description = _build_model(config, spec)
+    model = model.to(processes.device)
     if model.volumetric:
         # Whole volumes per step; the config refuses slice augmentation for these kinds.
         sampler = VolumeSampler(training_scans, config.seed, model.depth_slices)
@@ -132,12 +137,14 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         sampler = SliceSampler(training_scans, config.seed)
         validation = validation_slices(validation_scans, config.validation_slices) if validation_scans else None
     augmenter = SliceAugmenter(config.augmentation_settings()) if config.augment else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    # Only what trains: a frozen part (SADM's base model) has no gradients and no Adam moments.
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     start_step, best_loss, best_step, history = 0, math.inf, None, []
     if resume:
         start_step, best_loss, best_step, history = _restore(output, config, model, optimizer, processes.device)
     elif config.pretrain_encoder_steps:
         _pretrain_encoder(model, sampler, config, processes, show)
+    pretrain_losses = _pretrain_denoising(model, sampler, config, processes, show) if config.pretrain and not resume else []
     loss_of = _LossOf(model)
     if processes.distributed:
         device_ids = [processes.device.index] if processes.device.type == "cuda" else None
@@ -149,8 +156,11 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         "description": config.data_description,
         "licence": config.data_licence,
         ("training_volumes" if model.volumetric else "training_slices"): len(sampler),
+        **base_description,
     }
     log = _Log(output / LOG, start_step, enabled=processes.is_main)
+    for number, loss in enumerate(pretrain_losses, start=1):
+        log.write({"step": 0, "pretrain_step": number, "pretrain_loss": loss})
 
     def checkpoint(step: int, finished: bool) -> None:
         nonlocal best_loss, best_step
@@ -187,6 +197,8 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
             loss = loss_of(slices, brain_mask, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.gradient_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip_norm)
             optimizer.step()
             step += 1
             if on_step is not None:
@@ -212,6 +224,41 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         best_validation_loss=None if best_step is None else best_loss,
         validation_history=list(history),
     )
+
+
+def _build_model(config: TrainingConfig, spec) -> tuple[ReconstructionModel, dict[str, Any]]:
+    """A fresh model of the config's kind; a kind that sits on a trained model (SADM) gets that
+    model's network and weights as its frozen base, and the card records which file it was."""
+    if not config.base_model:
+        return build_model(config.kind, config.model, spec), {}
+    try:
+        path = resolve_model(config.base_model)
+        base, _ = load_model(path)
+    except (BrainUADError, CheckpointError, OSError) as error:
+        raise ConfigError(f"base model {config.base_model}: {error}") from None
+    if base.spec.to_dict() != spec.to_dict():
+        raise ConfigError(f"base model {config.base_model} works in another model space ({base.spec.to_dict()}) "
+                          f"than this run ({spec.to_dict()}); set the run's spacing, slice size, modality and "
+                          "bias correction to the base model's")
+    hyperparameters = {**config.model, "base_kind": base.kind, "base_hyperparameters": base.config.to_dict()}
+    model = build_model(config.kind, hyperparameters, spec)
+    model.load_base(base)
+    return model, {"base_model": {"name": config.base_model, "kind": base.kind, "sha256": file_sha256(path)}}
+
+
+def _pretrain_denoising(model, sampler, config, processes, show) -> list[float]:
+    """ADDP's denoising pre-training on the training slices (the same on every process); its
+    losses, for the run's log."""
+    generator = _generator(processes.device, _seed_of(config.seed, 5))
+    batches = (sampler.batch(step, 0, config.batch_size, stream=2)[0].to(processes.device)
+               for step in range(config.pretrain_steps))
+    with tqdm(total=config.pretrain_steps, desc=f"pre-training ({config.pretrain})", unit="step",
+              disable=not show) as bar:
+        def on_step(step, loss):
+            bar.update(1)
+
+        return pretrain_denoising(model, batches, mode=config.pretrain, learning_rate=config.learning_rate,
+                           generator=generator, on_step=on_step)
 
 
 def _pretrain_encoder(model, sampler, config, processes, show) -> None:

@@ -446,6 +446,9 @@ class BrainUADWidget(Container):
         if analysis.spread is not None:
             self._replace(f"{name} spread", "image", geometry.to_display(analysis.spread), colormap="viridis",
                           blending="additive", visible=False, **placement)
+        for map_name, values in analysis.model_maps.items():  # SADM's segmentation, PHANES's mask, ...
+            self._replace(f"{name} {map_name}", "image", geometry.to_display(values), colormap="magma",
+                          blending="additive", visible=False, **placement)
         self._show_brain(scan_layer, analysis, placement)
         self.review.show(session, scan_layer, placement, annotation=annotation)
         with self.min_size_ml.changed.blocked(), self.median.changed.blocked():
@@ -573,7 +576,8 @@ class BrainUADWidget(Container):
         return written
 
     def export_results(self, folder: str | Path, *, overwrite: bool = False) -> list[Path]:
-        """Write the anomaly map and the reconstruction (and the spread) on the scan's own grid."""
+        """Write the anomaly map and the reconstruction (and the spread, and the model's extra
+        maps) on the scan's own grid."""
         from .io import save_source_array
 
         if self.session is None:
@@ -582,9 +586,9 @@ class BrainUADWidget(Container):
         folder = Path(folder)
         stem = scan_stem(analysis.scan.path)
         written = []
-        for suffix, array in (("anomaly_map", analysis.anomaly_map),
-                              ("reconstruction", analysis.reconstruction),
-                              ("spread", analysis.spread)):
+        arrays = [("anomaly_map", analysis.anomaly_map), ("reconstruction", analysis.reconstruction),
+                  ("spread", analysis.spread), *analysis.model_maps.items()]
+        for suffix, array in arrays:
             if array is not None:
                 written.append(save_source_array(array, analysis.scan.geometry, folder / f"{stem}_{suffix}.nii.gz",
                                                  kind="image", overwrite=overwrite))

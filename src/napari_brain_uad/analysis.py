@@ -24,7 +24,7 @@ from .model_card import FALLBACK_SCORER, default_scorer
 from .models import ReconstructionModel
 from .postprocess import MIN_COMPONENT_VOXELS, FilteredMap, prepare
 from .preprocess import ModelSpaceVolume, to_model_space
-from .reconstruct import Cancelled, pick_device, reconstruct_volume
+from .reconstruct import Cancelled, pick_device, reconstruct_volume_with_maps
 from .scoring import SCORERS, ensemble_mean, score
 
 # Share of the progress bar each stage takes (reconstruction dominates).
@@ -89,6 +89,10 @@ class ScanAnalysis:
     filtered: FilteredMap = field(repr=False)  # native grid, median-filtered and eroded
     model_voxel_ml: float = 0.008
     brain: BrainMask | None = field(default=None, repr=False)  # the mask found for the scan, and its source
+    # The kind's extra maps (``ReconstructionModel.extra_maps``: SADM's segmentation, PHANES's
+    # mask), mean over the N samples, in model space and on the native grid (0 outside the brain).
+    model_maps_model_space: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    model_maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def default_min_size_ml(self) -> float:
@@ -141,6 +145,12 @@ def analyse_scan(
             "reconstructs the same way every time; pick a scorer that needs one reconstruction "
             "(residual, ssim, ssim-ens) or a diffusion model"
         )
+    missing_maps = [name for name in SCORERS[settings.scorer].needs_maps if name not in model.extra_maps]
+    if missing_maps:
+        raise SettingsError(
+            f"scorer {settings.scorer} needs the model's {', '.join(missing_maps)} map, which a {model.kind} model "
+            "does not make; pick another scorer"
+        )
     report = _Progress(progress)
 
     def check_cancel():
@@ -157,7 +167,7 @@ def analyse_scan(
     check_cancel()
 
     report.start("reconstruction")
-    reconstructions = reconstruct_volume(
+    reconstructions, sample_maps = reconstruct_volume_with_maps(
         model,
         volume.image,
         samples=settings.samples,
@@ -174,15 +184,16 @@ def analyse_scan(
     needs_samples = SCORERS[settings.scorer].needs_samples
     mean_reconstruction = ensemble_mean(list(reconstructions)) if len(reconstructions) > 1 else reconstructions[0]
     other = reconstructions if needs_samples else mean_reconstruction
-    score_map = np.asarray(score(settings.scorer, volume.image, other, volume.brain_mask, **settings.scorer_parameters),
-                           dtype=np.float32)
+    model_maps = {name: values.mean(axis=0).astype(np.float32) for name, values in sample_maps.items()}
+    score_map = np.asarray(score(settings.scorer, volume.image, other, volume.brain_mask, maps=model_maps,
+                                 **settings.scorer_parameters), dtype=np.float32)
     score_map = np.where(volume.brain_mask, score_map, np.float32(0))
     spread = reconstructions.std(axis=0).astype(np.float32) if len(reconstructions) > 1 else None
     check_cancel()
     analysis = analysis_from_model_space(
         scan, volume, brain, settings, score_map=score_map, mean_reconstruction=np.asarray(mean_reconstruction),
-        spread=spread, model_voxel_ml=float(model.spec.spacing_mm) ** 3 / 1000.0, report=report,
-        check_cancel=check_cancel)
+        spread=spread, model_voxel_ml=float(model.spec.spacing_mm) ** 3 / 1000.0, model_maps=model_maps,
+        report=report, check_cancel=check_cancel)
     report.start("done")
     return analysis
 
@@ -197,6 +208,7 @@ def analysis_from_model_space(
     mean_reconstruction: np.ndarray,
     spread: np.ndarray | None,
     model_voxel_ml: float,
+    model_maps: dict[str, np.ndarray] | None = None,
     report: "_Progress | None" = None,
     check_cancel: Callable[[], None] | None = None,
 ) -> ScanAnalysis:
@@ -225,6 +237,9 @@ def analysis_from_model_space(
         # Spread in scan intensities, so it reads in the same units as the reconstruction.
         spread_scan_units = volume.to_scan_intensities(spread, difference=True)
         spread_native = np.where(native_brain, transform.to_native(spread_scan_units), np.float32(0)).astype(np.float32)
+    model_maps = dict(model_maps or {})
+    native_maps = {name: np.where(native_brain, transform.to_native(values), np.float32(0)).astype(np.float32)
+                   for name, values in model_maps.items()}
     return ScanAnalysis(
         scan=scan,
         settings=settings,
@@ -239,6 +254,8 @@ def analysis_from_model_space(
         filtered=filtered,
         model_voxel_ml=model_voxel_ml,
         brain=brain,
+        model_maps_model_space=model_maps,
+        model_maps=native_maps,
     )
 
 

@@ -41,6 +41,10 @@ class StaleResults(BrainUADError):
     """Saved results no longer match the scan or the model (or cannot be read); run again."""
 
 
+# Arrays named "model_map_<name>" hold the model kind's extra maps (SADM's segmentation, ...).
+_MAP_PREFIX = "model_map_"
+
+
 def scan_sha256(path: str | os.PathLike) -> str:
     """SHA256 of a scan as stored: a NIfTI file's bytes, or for a DICOM folder every file's
     name and bytes in name order (a file added, removed or changed changes it)."""
@@ -80,6 +84,8 @@ def save_analysis(analysis: ScanAnalysis, path: str | os.PathLike, *, scan_sha25
         arrays["bias_field"] = volume.bias_field
     if analysis.spread_model_space is not None:
         arrays["spread"] = analysis.spread_model_space
+    for name, values in analysis.model_maps_model_space.items():
+        arrays[_MAP_PREFIX + name] = values
     return write_atomically(Path(path), lambda temporary: np.savez_compressed(temporary, **arrays), suffix=".npz")
 
 
@@ -120,7 +126,8 @@ def load_analysis(path: str | os.PathLike, scan: NiftiVolume, *, scan_sha256: st
     analysis = analysis_from_model_space(
         scan, volume, brain, AnalysisSettings(**settings_values), score_map=arrays["score"],
         mean_reconstruction=arrays["reconstruction"], spread=arrays.get("spread"),
-        model_voxel_ml=float(record["model_voxel_ml"]))
+        model_voxel_ml=float(record["model_voxel_ml"]),
+        model_maps={name[len(_MAP_PREFIX):]: values for name, values in arrays.items() if name.startswith(_MAP_PREFIX)})
     return analysis, record["model_metadata"]
 
 

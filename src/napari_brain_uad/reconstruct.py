@@ -45,6 +45,25 @@ def reconstruct_volume(
     progress: Callable[[int, int], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> np.ndarray:
+    """Reconstructions of a model-space volume; see :func:`reconstruct_volume_with_maps`."""
+    reconstructions, _ = reconstruct_volume_with_maps(
+        model, volume, samples=samples, t=t, batch_size=batch_size, device=device, seed=seed, progress=progress,
+        cancelled=cancelled)
+    return reconstructions
+
+
+def reconstruct_volume_with_maps(
+    model: ReconstructionModel,
+    volume: np.ndarray,
+    *,
+    samples: int = 1,
+    t: int | Sequence[int] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    seed: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Reconstructions of a model-space volume (X, Y, Z), as (samples, X, Y, Z) float32 in [0, 1].
 
     ``t`` is the noise level of diffusion models (default: the model's ``t_test``); several
@@ -55,6 +74,7 @@ def reconstruct_volume(
     ``cancelled()`` is checked before each batch and raises :class:`Cancelled` when true.
     A volumetric model (``model.volumetric``, e.g. the 3D VAE) takes the whole volume at once:
     ``batch_size`` does not apply, progress counts samples and cancel is polled between them.
+    The second value holds the model's ``extra_maps`` in the same layout (empty for most kinds).
     """
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim != 3:
@@ -75,46 +95,54 @@ def reconstruct_volume(
     slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, 2, 0)))[:, None]  # (Z, 1, X, Y)
     jobs = [(sample, start) for sample in range(samples) for start in range(0, slices.shape[0], batch_size)]
     out = np.empty((samples, *slices.shape), dtype=np.float32)
+    maps = {name: np.empty_like(out) for name in model.extra_maps}
     total, done = samples * slices.shape[0], 0
     model.eval()
     for sample, start in jobs:
         if cancelled is not None and cancelled():
             raise Cancelled("reconstruction cancelled")
         batch = slices[start : start + batch_size]
-        result, device, generator = _run_batch(model, batch, t, device, generator, seed)
+        (result, batch_maps), device, generator = _run_batch(model, batch, t, device, generator, seed)
         out[sample, start : start + len(batch)] = result
+        for name, values in batch_maps.items():
+            maps[name][sample, start : start + len(batch)] = values
         done += len(batch)
         if progress is not None:
             progress(done, total)
-    return np.moveaxis(out[:, :, 0], 1, -1)  # (samples, X, Y, Z)
+    # (samples, X, Y, Z)
+    return np.moveaxis(out[:, :, 0], 1, -1), {name: np.moveaxis(values[:, :, 0], 1, -1) for name, values in maps.items()}
 
 
 def _reconstruct_whole_volume(model, volume, samples, t, device, generator, seed, progress, cancelled):
     """The volumetric path: each sample is the whole volume (1, 1, X, Y, Z) through the model."""
     whole = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
     out = np.empty((samples, *volume.shape), dtype=np.float32)
+    maps = {name: np.empty_like(out) for name in model.extra_maps}
     model.eval()
     for sample in range(samples):
         if cancelled is not None and cancelled():
             raise Cancelled("reconstruction cancelled")
-        result, device, generator = _run_batch(model, whole, t, device, generator, seed)
+        (result, sample_maps), device, generator = _run_batch(model, whole, t, device, generator, seed)
         out[sample] = result[0, 0]
+        for name, values in sample_maps.items():
+            maps[name][sample] = values[0, 0]
         if progress is not None:
             progress(sample + 1, samples)
-    return out
+    return out, maps
 
 
 def _run_batch(model, batch, t, device, generator, seed):
-    """One batch; on GPU out-of-memory in halves, then on the CPU as a last resort."""
+    """One batch: its reconstructions and extra maps as numpy arrays; on GPU out-of-memory in
+    halves, then on the CPU as a last resort."""
     step = len(batch)
     while True:
         try:
             model.to(device)
-            parts = [
-                model.reconstruct(batch[start : start + step].to(device), t, generator).cpu()
-                for start in range(0, len(batch), step)
-            ]
-            return torch.cat(parts).numpy(), device, generator
+            parts = [model.reconstruct_with_maps(batch[start : start + step].to(device), t, generator)
+                     for start in range(0, len(batch), step)]
+            reconstruction = torch.cat([part[0].cpu() for part in parts]).numpy()
+            maps = {name: torch.cat([part[1][name].cpu() for part in parts]).numpy() for name in model.extra_maps}
+            return (reconstruction, maps), device, generator
         except torch.OutOfMemoryError:
             if device.type == "cpu":
                 raise

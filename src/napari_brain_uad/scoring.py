@@ -61,6 +61,7 @@ __all__ = [
     "score",
     "lesion_direction_scorer",
     "scorer_names",
+    "ssim_and_segmentation",
     "ssim_ens",
     "ssim_map",
 ]
@@ -571,7 +572,9 @@ class Scorer:
 
     ``needs`` says what ``other`` is: ``"reconstruction"`` (one image of the image's shape) or
     ``"samples"`` (N ≥ 2 reconstructions stacked along a new first axis). ``params`` names the
-    keyword arguments ``fn`` accepts, with their defaults.
+    keyword arguments ``fn`` accepts, with their defaults. ``needs_maps`` names the maps a model
+    kind computes beside its reconstruction (``ReconstructionModel.extra_maps``) that ``fn``
+    takes as ``maps={name: array}``; only kinds that make them can use the scorer.
     """
 
     name: str
@@ -579,6 +582,7 @@ class Scorer:
     needs: Literal["reconstruction", "samples"]
     description: str
     params: Mapping[str, object] = field(default_factory=dict)
+    needs_maps: tuple[str, ...] = ()
 
     @property
     def needs_samples(self) -> bool:
@@ -590,14 +594,24 @@ class Scorer:
         compare several, else one."""
         return SAMPLES_FOR_DISTRIBUTION if self.needs_samples else 1
 
-    def __call__(self, image: ArrayLike, other: ArrayLike, mask: ArrayLike | None = None, **params) -> ArrayLike:
+    def usable_with(self, maps: Sequence[str]) -> bool:
+        """Whether a model that makes the maps ``maps`` can feed this scorer."""
+        return set(self.needs_maps) <= set(maps)
+
+    def __call__(self, image: ArrayLike, other: ArrayLike, mask: ArrayLike | None = None,
+                 maps: Mapping[str, ArrayLike] | None = None, **params) -> ArrayLike:
         unknown = sorted(set(params) - set(self.params))
         if unknown:
             raise ValueError(
                 f"scorer {self.name!r} does not take {', '.join(unknown)}; "
                 f"it takes {', '.join(self.params) or 'no parameters'}"
             )
-        return self.fn(image, other, mask=mask, **params)
+        if not self.needs_maps:
+            return self.fn(image, other, mask=mask, **params)
+        missing = [name for name in self.needs_maps if name not in (maps or {})]
+        if missing:
+            raise ValueError(f"scorer {self.name!r} needs the model's {', '.join(missing)} map(s)")
+        return self.fn(image, other, mask=mask, maps={name: maps[name] for name in self.needs_maps}, **params)
 
 
 def _ssim_score(image, reconstruction, mask=None, sigma=1.0, data_range=None):
@@ -619,6 +633,36 @@ def _mhd_ssim_scorer(covariance: str) -> Callable[..., ArrayLike]:
         )
 
     return fn
+
+
+def ssim_and_segmentation(
+    image: ArrayLike,
+    reconstruction: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    maps: Mapping[str, ArrayLike],
+    sigma: float = 1.0,
+    data_range: float | None = None,
+    weight: float | None = None,
+) -> ArrayLike:
+    """SADM's score: (1 − SSIM(x, x̂), window σ) + ŷ, the segmentation network's output.
+
+    ``weight`` β gives the weighted form β·(1 − SSIM) + (1 − β)·ŷ instead of the plain sum
+    (thesis sec. 8.6). 0 outside ``mask``."""
+    if weight is not None and not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be between 0 and 1, not {weight}")
+    device = _device_of(image, reconstruction)
+    dissimilarity = 1 - _as_tensor(ssim_map(image, reconstruction, sigma=sigma, data_range=data_range, mask=mask),
+                                   "ssim", device, _work_dtype(image))
+    segmentation = _as_tensor(maps["segmentation"], "segmentation", device, dissimilarity.dtype)
+    if segmentation.shape != dissimilarity.shape:
+        raise ValueError(f"segmentation has shape {tuple(segmentation.shape)}, the image {tuple(dissimilarity.shape)}")
+    combined = (dissimilarity + segmentation if weight is None
+                else weight * dissimilarity + (1 - weight) * segmentation)
+    region = _as_mask(mask, tuple(combined.shape), device)
+    if region is not None:
+        combined = torch.where(region, combined, torch.zeros((), dtype=combined.dtype, device=device))
+    return _output(combined, image)
 
 
 def _directed_residual(direction: str) -> Callable[..., ArrayLike]:
@@ -668,6 +712,11 @@ SCORERS: Mapping[str, Scorer] = MappingProxyType(
                 {**_MHD_PARAMS, **_SSIM_PARAMS},
             ),
             Scorer("s-mean", s_mean, "samples", "1 − SSIM(x, mean of the N samples)", _SSIM_PARAMS),
+            Scorer(
+                "ssim+segmentation", ssim_and_segmentation, "reconstruction",
+                "SADM: (1 − SSIM(x, x̂)) + the segmentation network's output, or β-weighted",
+                {**_SSIM_PARAMS, "weight": None}, needs_maps=("segmentation",),
+            ),
         )
     }
 )
@@ -688,9 +737,11 @@ def lesion_direction_scorer(modality: str | None) -> str | None:
     return _DIRECTED_RESIDUAL.get(direction) if direction else None
 
 
-def scorer_names(needs: str | None = None) -> list[str]:
-    """Names in :data:`SCORERS`, optionally only those needing ``"reconstruction"`` or ``"samples"``."""
-    return [name for name, scorer in SCORERS.items() if needs is None or scorer.needs == needs]
+def scorer_names(needs: str | None = None, maps: Sequence[str] | None = None) -> list[str]:
+    """Names in :data:`SCORERS`, optionally only those needing ``"reconstruction"`` or ``"samples"``,
+    and only those a model making the extra maps ``maps`` can feed (None: no filter)."""
+    return [name for name, scorer in SCORERS.items()
+            if (needs is None or scorer.needs == needs) and (maps is None or scorer.usable_with(maps))]
 
 
 def score(
@@ -698,11 +749,13 @@ def score(
     image: ArrayLike,
     reconstruction_or_samples: ArrayLike,
     mask: ArrayLike | None = None,
+    maps: Mapping[str, ArrayLike] | None = None,
     **params,
 ) -> ArrayLike:
-    """Compute the scorer ``name`` of :data:`SCORERS`: one call convention for all of them."""
+    """Compute the scorer ``name`` of :data:`SCORERS`: one call convention for all of them
+    (``maps``: the model's extra maps, for the scorers that need them)."""
     try:
         scorer = SCORERS[name]
     except KeyError:
         raise ValueError(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}") from None
-    return scorer(image, reconstruction_or_samples, mask=mask, **params)
+    return scorer(image, reconstruction_or_samples, mask=mask, maps=maps, **params)

@@ -20,16 +20,20 @@ from .base import ModelConfig, ReconstructionModel
 from .ddpm import DDPM, DDPMConfig, noise_levels
 from .cddpm import CDDPM, CDDPMConfig
 from .pddpm import PDDPM, PDDPMConfig
+from .maediff import MAEDiff, MAEDiffConfig
 from .vae3d import VAE3D, VAE3DConfig
+from .sadm import SADM, SADMConfig
 
 MODEL_KINDS: dict[str, type[ReconstructionModel]] = {
     DDPM.kind: DDPM,
     CDDPM.kind: CDDPM,
     PDDPM.kind: PDDPM,
+    MAEDiff.kind: MAEDiff,
     AE.kind: AE,
     VAE.kind: VAE,
     DAE.kind: DAE,
     VAE3D.kind: VAE3D,
+    SADM.kind: SADM,
 }
 
 __all__ = [
@@ -45,9 +49,13 @@ __all__ = [
     "CDDPMConfig",
     "DDPM",
     "DDPMConfig",
+    "MAEDiff",
+    "MAEDiffConfig",
     "MODEL_KINDS",
     "PDDPM",
     "PDDPMConfig",
+    "SADM",
+    "SADMConfig",
     "ModelConfig",
     "ReconstructionModel",
     "build_model",

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..noise import gaussian_noise
 from ..preprocess import ModelSpaceSpec
-from .base import ModelConfig, ReconstructionModel, random_integers
+from .base import DenoisingParts, ModelConfig, ReconstructionModel, random_integers
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 LATENT_KINDS = ("dense", "spatial")
@@ -138,6 +138,32 @@ class DenseLatentAutoEncoder(AutoEncoder):
         return self.decode_from_latent(self.encode_to_latent(x))
 
 
+# The submodules of MONAI's AutoEncoder (and our dense-latent one) on the encoding side.
+_AE_ENCODER_PARTS = ("encode", "intermediate", "to_latent")
+
+
+def monai_unet_part(parameter_name: str) -> str:
+    """"encoder" or "decoder": which side of MONAI's UNet a parameter of it sits on.
+
+    MONAI nests each level as Sequential(down, SkipConnection(the levels below), up), so a
+    name reads model.<0|1|2>[.submodule.<0|1|2>...]: 0 is a level's down path, 2 its up path,
+    1.submodule the levels below; the innermost submodule (no index) is the bottom block, which
+    counts as encoder."""
+    tokens = parameter_name.split(".")
+    index = 1 if tokens[0] == "model" else 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token == "0":
+            return "encoder"
+        if token == "2":
+            return "decoder"
+        if token == "1" and index + 1 < len(tokens) and tokens[index + 1] == "submodule":
+            index += 2
+            continue
+        return "encoder"  # the bottom block
+    return "encoder"
+
+
 class AE(ReconstructionModel):
     """Convolutional autoencoder: the bottleneck alone keeps it from copying anomalies."""
 
@@ -169,6 +195,11 @@ class AE(ReconstructionModel):
         loss of a small dense AE by 20 % with a sigmoid and by 59 % without.
         """
         return self.network(slices)
+
+    def denoising_parts(self) -> DenoisingParts:
+        encoder = [p for name, p in self.network.named_parameters() if name.split(".")[0] in _AE_ENCODER_PARTS]
+        decoder = [p for name, p in self.network.named_parameters() if name.split(".")[0] not in _AE_ENCODER_PARTS]
+        return DenoisingParts(self.network, encoder, decoder)
 
     def training_loss(self, slices, brain_mask=None, generator=None):
         """Reconstruction error of the clean slices (no randomness; ``brain_mask`` and ``generator`` unused)."""
@@ -444,6 +475,12 @@ class DAE(ReconstructionModel):
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
         """The U-Net's unbounded output: trained without a squashing layer, as the authors' U-Net."""
         return self.output(self.unet(slices))
+
+    def denoising_parts(self) -> DenoisingParts:
+        encoder, decoder = [], []
+        for name, parameter in self.unet.named_parameters():
+            (encoder if monai_unet_part(name) == "encoder" else decoder).append(parameter)
+        return DenoisingParts(self.forward, encoder, [*decoder, *self.output.parameters()])
 
     def training_loss(self, slices, brain_mask=None, generator=None):
         """Error between the U-Net's output on the noised slices and the clean slices (whole slice,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +44,17 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+@dataclasses.dataclass(frozen=True)
+class DenoisingParts:
+    """What ADDP's denoising pre-training (``brain_uad_training.pretrain_denoise``) needs of a
+    kind: its network as a noise predictor (B, 1, H, W) -> (B, 1, H, W), and that network's
+    parameters split into encoder and decoder."""
+
+    predict_noise: Callable[[torch.Tensor], torch.Tensor]
+    encoder: list[torch.nn.Parameter]
+    decoder: list[torch.nn.Parameter]
+
+
 class ReconstructionModel(torch.nn.Module):
     """A network that turns a (possibly anomalous) slice into a pseudo-healthy one.
 
@@ -61,6 +72,11 @@ class ReconstructionModel(torch.nn.Module):
     # True for kinds that take whole model-space volumes (B, 1, X, Y, Z) instead of slices:
     # reconstruction and training then hand them volumes (see models.vae3d).
     volumetric: ClassVar[bool] = False
+    # Names of the maps a kind computes beside its pseudo-healthy reconstruction, each of the
+    # input's shape (SADM: its segmentation network's output; PHANES: its anomaly mask and its
+    # perceptual difference). The scorers that use them say so (``scoring.Scorer.needs_maps``),
+    # and the widget shows them as layers.
+    extra_maps: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ModelConfig, spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__()
@@ -91,6 +107,20 @@ class ReconstructionModel(torch.nn.Module):
     ) -> torch.Tensor:
         """Pseudo-healthy slices (B, 1, H, W) in [0, 1]."""
         raise NotImplementedError
+
+    def reconstruct_with_maps(
+        self,
+        slices: torch.Tensor,
+        t: int | Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reconstruction and the kind's :attr:`extra_maps` (none for most kinds)."""
+        return self.reconstruct(slices, t, generator), {}
+
+    def denoising_parts(self) -> DenoisingParts | None:
+        """The network ADDP's denoising pre-training can start, or None when the kind has no
+        encoder-decoder network it fits (diffusion models already learn by denoising)."""
+        return None
 
     def metadata(self) -> dict[str, Any]:
         return {"kind": self.kind, "hyperparameters": self.config.to_dict(), "model_space": self.spec.to_dict()}

@@ -1,0 +1,249 @@
+"""SADM: Perlin noise and DRAEM-style synthetic anomalies, the Siamese U-Net's feature
+concatenation, the frozen base model, training on real slices, and a real scan analysed with
+its segmentation map (which a saved session keeps)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional
+
+from conftest import seeded, train_and_evaluate
+
+from napari_brain_uad.models import DAE, SADM, SADMConfig, build_model, load_model, save_model
+from napari_brain_uad.models.sadm import (
+    TEXTURE_AUGMENTATIONS,
+    SiameseUNet,
+    blend_anomaly,
+    perlin_noise_2d,
+    synthetic_anomalies,
+)
+from napari_brain_uad.preprocess import ModelSpaceSpec
+
+HALF_SPEC = ModelSpaceSpec(in_plane=(48, 48))
+SMALL_BASE = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "norm_num_groups": 4}
+SMALL = {"channels": [8, 16, 32], "norm_num_groups": 4}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_sadm(spec=HALF_SPEC, **changes) -> SADM:
+    return build_model("sadm", {**SMALL, "base_kind": "dae", "base_hyperparameters": SMALL_BASE, **changes}, spec)
+
+
+def half_resolution(slices, brain):
+    return functional.avg_pool2d(slices, 2), functional.max_pool2d(brain.float(), 2) > 0
+
+
+# --- synthetic anomalies -------------------------------------------------------------------
+
+
+def test_perlin_noise_is_zero_on_the_lattice_bounded_and_seeded():
+    noise = perlin_noise_2d((64, 64), (4, 8), seeded(3))
+    assert noise.shape == (64, 64)
+    # Lattice points fall on pixels every 64/4 rows and 64/8 columns: the noise is 0 there.
+    np.testing.assert_allclose(noise[::16, ::8].numpy(), 0.0, atol=1e-6)
+    assert noise.abs().max() <= 1.0 and noise.abs().max() > 0.2
+    torch.testing.assert_close(noise, perlin_noise_2d((64, 64), (4, 8), seeded(3)))
+    assert not torch.equal(noise, perlin_noise_2d((64, 64), (4, 8), seeded(4)))
+
+
+def test_perlin_noise_with_one_cell_matches_a_hand_computation():
+    generator = seeded(0)
+    angles = torch.rand((2, 2), generator=seeded(0)) * 2 * math.pi
+    noise = perlin_noise_2d((4, 4), (1, 1), generator)
+    # The pixel (2, 1): offsets fy = 0.5, fx = 0.25 inside the single cell.
+    fy, fx = 0.5, 0.25
+    fade = lambda t: 6 * t**5 - 15 * t**4 + 10 * t**3  # noqa: E731
+    g = torch.stack([torch.cos(angles), torch.sin(angles)], -1)
+    dots = {(dy, dx): float(g[dy, dx, 0] * (fy - dy) + g[dy, dx, 1] * (fx - dx)) for dy in (0, 1) for dx in (0, 1)}
+    top = dots[0, 0] * (1 - fade(fx)) + dots[0, 1] * fade(fx)
+    bottom = dots[1, 0] * (1 - fade(fx)) + dots[1, 1] * fade(fx)
+    expected = math.sqrt(2) * (top * (1 - fade(fy)) + bottom * fade(fy))
+    assert float(noise[2, 1]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_blend_matches_the_draem_formula_by_hand():
+    image = torch.tensor([[0.2, 0.4], [0.6, 0.8]])
+    texture = torch.tensor([[1.0, 0.0], [0.5, 0.1]])
+    mask = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    blended = blend_anomaly(image, texture, mask, 0.25)
+    # Inside: (1 - 0.25) * I + 0.25 * I_aug; outside: I.
+    expected = torch.tensor([[0.75 * 0.2 + 0.25 * 1.0, 0.4], [0.75 * 0.6 + 0.25 * 0.5, 0.75 * 0.8 + 0.25 * 0.1]])
+    torch.testing.assert_close(blended, expected)
+
+
+def test_texture_augmentations_stay_in_range_and_change_the_slice(ixi_training_slices):
+    image = ixi_training_slices[0][0, 0]
+    for name, augment in TEXTURE_AUGMENTATIONS.items():
+        out = augment(image, seeded(1))
+        assert out.shape == image.shape and out.min() >= 0 and out.max() <= 1, name
+        assert not torch.equal(out, image), name
+
+
+def test_synthetic_anomalies_change_only_the_brain_inside_their_mask(ixi_training_slices):
+    slices, brain = ixi_training_slices
+    config = SADMConfig(anomaly_probability=1.0)
+    anomalous, masks = synthetic_anomalies(slices, brain, config, seeded(5))
+    assert masks.shape == slices.shape and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert not (masks.bool() & ~brain).any()  # anomalies lie in the brain
+    torch.testing.assert_close(anomalous[masks == 0], slices[masks == 0])  # nothing changes outside them
+    assert (anomalous[masks == 1] != slices[masks == 1]).float().mean() > 0.5
+    shares = masks.flatten(1).sum(1) / brain.flatten(1).sum(1)
+    assert (shares > 0).sum() >= len(slices) // 2 and shares.max() < 0.6
+    # The same seed gives the same anomalies; probability 0 gives none.
+    again, again_masks = synthetic_anomalies(slices, brain, config, seeded(5))
+    torch.testing.assert_close(again, anomalous) and torch.testing.assert_close(again_masks, masks)
+    clean, empty = synthetic_anomalies(slices, brain, SADMConfig(anomaly_probability=0.0), seeded(5))
+    assert torch.equal(clean, slices) and not empty.any()
+
+
+def test_about_half_the_slices_get_an_anomaly_by_default(ixi_training_slices):
+    slices, brain = ixi_training_slices
+    _, masks = synthetic_anomalies(slices.repeat(4, 1, 1, 1), brain.repeat(4, 1, 1, 1), SADMConfig(), seeded(2))
+    with_anomaly = (masks.flatten(1).sum(1) > 0).float().mean()
+    assert 0.25 < with_anomaly < 0.75
+
+
+# --- the Siamese U-Net ---------------------------------------------------------------------
+
+
+def test_siamese_features_are_each_inputs_features_concatenated_at_every_level():
+    network = SiameseUNet([8, 16, 32], groups=4)
+    residual, image = torch.randn(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    joint = network.joint_features(residual, image)
+    alone_residual, alone_image = network.encode(residual), network.encode(image)
+    for level, (width, size) in enumerate(zip([8, 16, 32], [32, 16, 8])):
+        assert joint[level].shape == (2, 2 * width, size, size)  # the channels double
+        torch.testing.assert_close(joint[level][:, :width], alone_residual[level])
+        torch.testing.assert_close(joint[level][:, width:], alone_image[level])
+    assert network(residual, image).shape == (2, 1, 32, 32)
+    # One encoder: the same weights read both inputs.
+    assert sum(p.numel() for p in network.encoder.parameters()) == sum(
+        p.numel() for block in network.encoder for p in block.parameters())
+    with pytest.raises(ValueError, match="reads 2 images"):
+        network(image)
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+def test_the_base_model_is_frozen_and_only_the_segmenter_trains(ixi_training_slices):
+    slices, brain = half_resolution(*ixi_training_slices)
+    torch.manual_seed(0)
+    model = small_sadm()
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    segmenter_before = {k: v.clone() for k, v in model.segmenter.state_dict().items()}
+    before, after = train_and_evaluate(model, slices, brain, steps=25)
+    for key, value in model.base.state_dict().items():
+        assert torch.equal(value, base_before[key]), key
+    assert any(not torch.equal(v, segmenter_before[k]) for k, v in model.segmenter.state_dict().items())
+    assert not model.base.training  # train() keeps the frozen base in inference mode
+    # It learns to find the synthetic anomalies: the segmentation loss falls.
+    assert math.isfinite(after) and after < 0.8 * before
+
+
+def test_reconstruction_and_segmentation_average_over_the_noise_levels(ixi_training_slices):
+    slices, _ = half_resolution(*ixi_training_slices)
+    base = {"timesteps": 1000, "channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16}
+    torch.manual_seed(0)
+    model = build_model("sadm", {**SMALL, "base_kind": "ddpm", "base_hyperparameters": base}, HALF_SPEC).eval()
+    assert model.uses_noise_level and model.samples_differ
+    levels = []
+    original = model.base.reconstruct
+    model.base.reconstruct = lambda x, t, g: levels.append(t) or original(x, t, g)
+    batch = slices[:2]
+    reconstruction, maps = model.reconstruct_with_maps(batch, None, seeded(0))
+    assert levels == [250, 500, 750]  # the thesis's ensemble by default
+    segmentation = maps["segmentation"]
+    assert reconstruction.shape == segmentation.shape == batch.shape
+    assert segmentation.min() >= 0 and segmentation.max() <= 1
+    # By hand: the mean over the three levels, with the same noise draws.
+    generator = seeded(0)
+    by_hand = [original(batch, t, generator) for t in (250, 500, 750)]
+    torch.testing.assert_close(reconstruction, torch.stack(by_hand).mean(0))
+    expected = torch.stack([torch.sigmoid(model.segmenter(batch - r, batch)) for r in by_hand]).mean(0)
+    torch.testing.assert_close(segmentation, expected)
+
+
+def test_an_autoencoder_base_reconstructs_once(ixi_training_slices):
+    slices, _ = half_resolution(*ixi_training_slices)
+    model = small_sadm().eval()
+    assert not model.uses_noise_level and not model.samples_differ
+    reconstruction, maps = model.reconstruct_with_maps(slices[:2], [250, 500, 750], seeded(0))
+    torch.testing.assert_close(reconstruction, model.base.reconstruct(slices[:2]))
+
+
+def test_checkpoint_round_trip_keeps_both_stages(tmp_path, ixi_training_slices):
+    slices, _ = half_resolution(*ixi_training_slices)
+    torch.manual_seed(1)
+    model = small_sadm().eval()
+    path = save_model(tmp_path / "sadm.safetensors", model)
+    loaded, metadata = load_model(path)
+    assert metadata["kind"] == "sadm" and metadata["hyperparameters"]["base_kind"] == "dae"
+    first, first_maps = model.reconstruct_with_maps(slices[:3])
+    second, second_maps = loaded.reconstruct_with_maps(slices[:3])
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(first_maps["segmentation"], second_maps["segmentation"])
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="groups"):
+        SADMConfig(channels=(10, 20), norm_num_groups=8)
+    with pytest.raises(ValueError, match="another SADM"):
+        build_model("sadm", {"base_kind": "sadm"})
+    with pytest.raises(ValueError, match="whole volumes"):
+        build_model("sadm", {"base_kind": "vae3d"})
+    model = small_sadm()
+    other = DAE(DAE.config_class.from_dict({**SMALL_BASE, "channels": [8, 16, 16]}), HALF_SPEC)
+    with pytest.raises(ValueError, match="other hyper-parameters"):
+        model.load_base(other)
+
+
+# --- through training and analysis ---------------------------------------------------------
+
+
+def test_training_sits_on_a_saved_base_and_the_result_analyses_a_scan(ixi_scans, ixi_folder, tmp_path):
+    from brain_uad_training.config import ConfigError, TrainingConfig
+    from brain_uad_training.fit import fit
+
+    from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
+    from napari_brain_uad.analysis_cache import load_analysis, save_analysis
+    from napari_brain_uad.io import read_nifti
+
+    torch.manual_seed(0)
+    base = DAE(DAE.config_class.from_dict({**SMALL_BASE, "channels": [8, 16, 32, 32], "strides": [2, 2, 2]}))
+    base_path = save_model(tmp_path / "base.safetensors", base)
+    settings = dict(data=str(tmp_path), output=str(tmp_path / "run"), kind="sadm", steps=4, batch_size=4,
+                    validation_slices=4, validate_every=2, augment=False, model=SMALL)
+    with pytest.raises(ConfigError, match="base_model"):
+        TrainingConfig(**settings)
+    with pytest.raises(ConfigError, match="another model space"):
+        fit(TrainingConfig(**settings, base_model=str(base_path), spacing_mm=3.0), scans=ixi_scans, show_progress=False)
+    result = fit(TrainingConfig(**settings, base_model=str(base_path)), scans=ixi_scans, show_progress=False)
+    model, metadata = load_model(result.best)
+    assert metadata["training_data"]["base_model"]["kind"] == "dae"
+    torch.testing.assert_close(model.base.state_dict(), base.state_dict())  # the base came through unchanged
+
+    subject = ixi_scans[1][0].subject.removesuffix("_T1")
+    scan = read_nifti(ixi_folder / "scans" / f"{subject}_T1.nii.gz")
+    brain = read_nifti(ixi_folder / "masks" / f"{subject}_brainmask.nii.gz")
+    with pytest.raises(Exception, match="segmentation map"):
+        analyse_scan(scan, base, brain_mask=brain, settings=AnalysisSettings(scorer="ssim+segmentation", device="cpu"))
+    analysis = analyse_scan(scan, model, brain_mask=brain,
+                            settings=AnalysisSettings(scorer="ssim+segmentation", device="cpu"))
+    segmentation = analysis.model_maps["segmentation"]
+    assert segmentation.shape == scan.data.shape and segmentation.max() <= 1 and segmentation[~analysis.brain_mask].max() == 0
+    saved = save_analysis(analysis, tmp_path / "saved.npz", scan_sha256="a", model_sha256="b", model_metadata=metadata)
+    restored, _ = load_analysis(saved, scan, scan_sha256="a")
+    np.testing.assert_array_equal(restored.model_maps["segmentation"], segmentation)
+    np.testing.assert_array_equal(restored.filtered.values, analysis.filtered.values)
