@@ -42,12 +42,15 @@ from napari_brain_uad.io import read_nifti
 from napari_brain_uad.models import load_model
 from napari_brain_uad.postprocess import prepare
 from napari_brain_uad.preprocess import to_model_space
-from napari_brain_uad.reconstruct import reconstruct_volume
+from napari_brain_uad.model_card import default_scorer
+from napari_brain_uad.reconstruct import reconstruct_volume, reconstruct_volume_with_maps
 from napari_brain_uad.scoring import SCORERS, score
 from napari_brain_uad.thresholds import default_threshold
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NAPARI_BRAIN_UAD_DATA", REPOSITORY.parent / "shared" / "data"))
+# Each model is also scored with its own default scorer (SADM's ssim+segmentation, ...); scorers
+# that need maps a model does not make are skipped for it.
 SCORERS_COMPARED = ("residual", "residual-dark", "ssim", "ssim-ens", "mhd-diag", "mhd-full")
 
 
@@ -167,15 +170,19 @@ def main() -> None:
             label += f" t={'+'.join(map(str, levels))}"
         t = None if levels is None else (levels[0] if len(levels) == 1 else list(levels))
         # Mahalanobis over N reconstructions needs them to differ; an autoencoder's never do.
-        scorers = [name for name in args.scorers if not SCORERS[name].needs_samples or model.samples_differ]
+        own = [default_scorer(metadata)] if default_scorer(metadata) not in args.scorers else []
+        scorers = [name for name in [*args.scorers, *own]
+                   if (not SCORERS[name].needs_samples or model.samples_differ)
+                   and SCORERS[name].usable_with(model.extra_maps)]
         # The model's healthy-percentile threshold per scorer, where it has one: false alarms are counted at it.
         healthy_threshold = {name: default_threshold(metadata, name).value
                              for name in scorers if default_threshold(metadata, name)}
         per_set: dict[tuple[str, str], dict[str, list]] = {}
         for set_name, case_name, volume, truth in prepared:
             image, brain = volume.image, volume.brain_mask
-            one = timed(f"{label}: reconstruct x1", lambda: reconstruct_volume(model, image, samples=1, seed=0, t=t,
-                                                                     device=args.device))
+            one, model_maps = timed(f"{label}: reconstruct x1", lambda: reconstruct_volume_with_maps(
+                model, image, samples=1, seed=0, t=t, device=args.device))
+            model_maps = {name: values[0] for name, values in model_maps.items()}
             many = None
             if any(SCORERS[name].needs_samples for name in scorers):
                 many = timed(f"{label}: reconstruct x{args.samples}",
@@ -184,7 +191,8 @@ def main() -> None:
             maps = {"intensity": image, "dark": np.where(brain, 1.0 - image, 0.0).astype(np.float32)}
             for name in scorers:
                 other = many if SCORERS[name].needs_samples else one[0]
-                maps[name] = timed(name, lambda: np.asarray(score(name, image, other, brain), dtype=np.float32))
+                maps[name] = timed(name, lambda: np.asarray(score(name, image, other, brain, maps=model_maps),
+                                                            dtype=np.float32))
             for name, score_map in maps.items():
                 filtered = timed("post-process", lambda: prepare(score_map, brain))
                 entry = per_set.setdefault((set_name, name), {"cases": [], "flagged": []})

@@ -27,9 +27,14 @@ _TRAINING_DATA_SHOWN = ("description", "licence", "training_subjects", "validati
                         "training_volumes")
 
 
+# The score a kind is built for, for its uncalibrated checkpoints: SADM adds its segmentation
+# network's output to 1 - SSIM; PHANES weighs its residual by its perceptual difference.
+KIND_SCORERS = {"sadm": "ssim+segmentation", "phanes": "phanes"}
+
+
 def default_scorer(metadata: Mapping[str, Any]) -> str:
-    """The scorer the model was calibrated with, else :data:`FALLBACK_SCORER`."""
-    return metadata.get("default_scorer") or FALLBACK_SCORER
+    """The scorer the model was calibrated with, else its kind's own, else :data:`FALLBACK_SCORER`."""
+    return metadata.get("default_scorer") or KIND_SCORERS.get(metadata.get("kind")) or FALLBACK_SCORER
 
 
 def card(path: str | os.PathLike) -> dict[str, Any]:
