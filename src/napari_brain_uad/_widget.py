@@ -55,7 +55,7 @@ from .brain_mask import GIVEN
 from .errors import BrainUADError, internal_error_message
 from .io import NiftiVolume, ScanError, nifti_stem, scan_stem
 from .model_registry import default_model_name, local_model_file, model_names
-from .scoring import SCORERS
+from .scoring import SCORERS, scorer_names
 from .thresholds import stored_thresholds
 from .typicality import assess
 
@@ -264,6 +264,7 @@ class BrainUADWidget(Container):
         reconstructions), and its calibrated thresholds."""
         self.model_file.visible = self.model_choice.value == FILE_CHOICE
         self._show_model_info()
+        self._offer_scorers_of_model()
         directed = model_card.lesion_direction_scorer(self._model_metadata)
         self.lesion_direction.enabled = directed is not None
         scorer = directed if self.lesion_direction.value and directed else model_card.default_scorer(
@@ -273,6 +274,19 @@ class BrainUADWidget(Container):
             self.scorer.value = scorer  # its presets follow
         else:
             self._show_presets()
+
+    def _offer_scorers_of_model(self):
+        """Only the scorers the chosen model can feed: those needing a map the kind does not
+        make (SADM's segmentation, ...) are left out."""
+        from .models import MODEL_KINDS
+
+        kind = MODEL_KINDS.get((self._model_metadata or {}).get("kind"))
+        choices = scorer_names(maps=kind.extra_maps) if kind is not None else list(SCORERS)
+        if list(self.scorer.choices) != choices:
+            with self.scorer.changed.blocked():
+                current = self.scorer.value
+                self.scorer.choices = choices
+                self.scorer.value = current if current in choices else choices[0]
 
     def _scorer_changed(self, *_):
         """A scorer chosen by hand that is not the lesion-direction one switches that option off."""
