@@ -247,3 +247,12 @@ def test_training_sits_on_a_saved_base_and_the_result_analyses_a_scan(ixi_scans,
     restored, _ = load_analysis(saved, scan, scan_sha256="a")
     np.testing.assert_array_equal(restored.model_maps["segmentation"], segmentation)
     np.testing.assert_array_equal(restored.filtered.values, analysis.filtered.values)
+
+    # The command line takes the checkpoint too, with the kind's own scorer by default.
+    from napari_brain_uad.cli import main
+
+    out = tmp_path / "map.nii.gz"
+    assert main(["score", str(ixi_folder / "scans" / f"{subject}_T1.nii.gz"), "--model", str(result.best),
+                 "--brain-mask", str(ixi_folder / "masks" / f"{subject}_brainmask.nii.gz"), "--device", "cpu",
+                 "--out-map", str(out), "--quiet"]) == 0
+    np.testing.assert_allclose(read_nifti(out).data, analysis.anomaly_map, atol=1e-5)
