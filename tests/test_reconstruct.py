@@ -133,6 +133,8 @@ def test_every_kind_reconstructs_a_volume_through_the_same_door(ixi_training_sli
                  "base_hyperparameters": {"channels": [8, 16, 16, 32], "num_res_units": 1}},
         "maediff": {**SMALL.to_dict(), "mae_encoder_width": 32, "mae_encoder_heads": 2, "mae_decoder_width": 32,
                     "mae_decoder_heads": 2},
+        "phanes": {"channels": [8, 16, 16, 32], "latent_size": 16, "generator_channels": [8, 8, 16], "aot_blocks": 1,
+                   "discriminator_channels": [8, 8, 8, 8]},
     }
     volume = np.moveaxis(ixi_training_slices[0][:6, 0].numpy(), 0, -1)  # (96, 96, 6)
     for kind, model_class in MODEL_KINDS.items():

@@ -18,7 +18,7 @@ from napari_brain_uad.io import read_nifti
 from napari_brain_uad.preprocess import to_model_space
 
 SCORER_NAMES = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens", "mhd-diag", "mhd-full",
-                "mhd-full-ssim", "mhd-diag-ssim", "s-mean", "ssim+segmentation")
+                "mhd-full-ssim", "mhd-diag-ssim", "s-mean", "ssim+segmentation", "phanes")
 
 
 # --------------------------------------------------------------------------- data
@@ -346,10 +346,10 @@ def test_registry_lists_every_scorer_with_what_it_needs():
     assert tuple(scoring.SCORERS) == SCORER_NAMES
     for name, scorer in scoring.SCORERS.items():
         assert scorer.name == name and callable(scorer.fn) and scorer.description
-        one = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens", "ssim+segmentation")
+        one = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens", "ssim+segmentation", "phanes")
         assert scorer.needs == ("reconstruction" if name in one else "samples")
     assert scoring.scorer_names("reconstruction") == ["residual", "residual-dark", "residual-bright", "ssim", "ssim-ens",
-                                                      "ssim+segmentation"]
+                                                      "ssim+segmentation", "phanes"]
     # A model without a segmentation map is not offered SADM's scorer.
     assert "ssim+segmentation" not in scoring.scorer_names(maps=())
     assert "ssim+segmentation" in scoring.scorer_names(maps=("segmentation",))

@@ -42,6 +42,9 @@ SMALL_MODELS = {
     "sadm": {"channels": [8, 16, 32], "norm_num_groups": 4},  # on a small DAE (base_for)
     "maediff": {"channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16, "mae_encoder_width": 32,
                 "mae_encoder_heads": 2, "mae_decoder_width": 32, "mae_decoder_heads": 2},
+    # Every step of the 25-step test in stage (a), the VAE; tests/test_phanes.py trains the GAN.
+    "phanes": {"channels": [16, 32, 32, 64], "latent_size": 64, "vae_steps": 1000, "generator_channels": [8, 16, 32],
+               "aot_blocks": 1, "discriminator_channels": [8, 16, 32, 32]},
 }
 
 

@@ -139,16 +139,19 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
     augmenter = SliceAugmenter(config.augmentation_settings()) if config.augment else None
     # Only what trains: a frozen part (SADM's base model) has no gradients and no Adam moments.
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    start_step, best_loss, best_step, history = 0, math.inf, None, []
+    start_step, best_loss, best_step, history, best_stage = 0, math.inf, None, [], None
     if resume:
-        start_step, best_loss, best_step, history = _restore(output, config, model, optimizer, processes.device)
+        start_step, best_loss, best_step, history, best_stage = _restore(output, config, model, optimizer,
+                                                                         processes.device)
     elif config.pretrain_encoder_steps:
         _pretrain_encoder(model, sampler, config, processes, show)
     pretrain_losses = _pretrain_denoising(model, sampler, config, processes, show) if config.pretrain and not resume else []
     loss_of = _LossOf(model)
     if processes.distributed:
         device_ids = [processes.device.index] if processes.device.type == "cuda" else None
-        loss_of = torch.nn.parallel.DistributedDataParallel(loss_of, device_ids=device_ids)
+        # A kind trained in stages leaves some trainable parameters without gradients in each.
+        loss_of = torch.nn.parallel.DistributedDataParallel(loss_of, device_ids=device_ids,
+                                                            find_unused_parameters=hasattr(model, "stage"))
 
     description = {
         "training_subjects": [scan.subject for scan in training_scans],
@@ -163,7 +166,7 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         log.write({"step": 0, "pretrain_step": number, "pretrain_loss": loss})
 
     def checkpoint(step: int, finished: bool) -> None:
-        nonlocal best_loss, best_step
+        nonlocal best_loss, best_step, best_stage
         validation_loss = None
         if validation is not None and (not history or history[-1][0] != step):
             validation_loss = _validation_loss(model, validation, config, processes.device)
@@ -171,14 +174,17 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
             log.write({"step": step, "validation_loss": validation_loss})
         if processes.is_main:
             current = history[-1][1] if history else None
-            improved = current is not None and current < best_loss
+            # A kind trained in stages (PHANES: its VAE, then its inpainting GAN) has another loss
+            # in each; a later stage's model is the one to keep, so its first validation is the best.
+            stage = getattr(model, "stage", None)
+            improved = current is not None and (current < best_loss or stage != best_stage)
             if improved:
-                best_loss, best_step = current, step
+                best_loss, best_step, best_stage = current, step, stage
             extra = _metadata(config, description, processes, step, finished, history, best_loss, best_step)
             save_model(output / LAST, model, extra, overwrite=True)
             if improved:
                 save_model(output / BEST, model, extra, overwrite=True)
-            _save_state(output / STATE, optimizer, step, config, history, best_loss, best_step)
+            _save_state(output / STATE, optimizer, step, config, history, best_loss, best_step, best_stage)
         distributed.barrier(processes)
 
     step, stopped = start_step, False
@@ -344,7 +350,7 @@ def _metadata(config, description, processes, step, finished, history, best_loss
     }
 
 
-def _save_state(path: Path, optimizer, step, config, history, best_loss, best_step) -> None:
+def _save_state(path: Path, optimizer, step, config, history, best_loss, best_step, best_stage) -> None:
     state = optimizer.state_dict()
     tensors = {
         f"optimizer.{index}.{name}": torch.as_tensor(value)
@@ -360,6 +366,7 @@ def _save_state(path: Path, optimizer, step, config, history, best_loss, best_st
         "history": [list(entry) for entry in history],
         "best_loss": None if best_step is None else best_loss,
         "best_step": best_step,
+        "best_stage": best_stage,
     }, overwrite=True)
 
 
@@ -388,7 +395,7 @@ def _restore(output: Path, config, model, optimizer, device):
         raise ConfigError(f"{output}: the run already did {state['step']} steps, more than steps = {config.steps}")
     best_loss = math.inf if state["best_loss"] is None else float(state["best_loss"])
     history = [(int(s), float(v)) for s, v in state["history"]]
-    return int(state["step"]), best_loss, state["best_step"], history
+    return int(state["step"]), best_loss, state["best_step"], history, state.get("best_stage")
 
 
 class _Log:

@@ -56,6 +56,7 @@ __all__ = [
     "gaussian_kernel",
     "mahalanobis",
     "mhd_ssim",
+    "phanes_score",
     "residual",
     "s_mean",
     "score",
@@ -665,6 +666,27 @@ def ssim_and_segmentation(
     return _output(combined, image)
 
 
+def phanes_score(
+    image: ArrayLike,
+    reconstruction: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    maps: Mapping[str, ArrayLike],
+) -> ArrayLike:
+    """PHANES's anomaly map: |x − x_ph| · S_perc(x_ph, x), the residual to the pseudo-healthy
+    reconstruction times the model's perceptual difference map ("perceptual"). 0 outside ``mask``."""
+    device = _device_of(image, reconstruction)
+    difference = _as_tensor(residual(image, reconstruction), "residual", device, _work_dtype(image))
+    perceptual = _as_tensor(maps["perceptual"], "perceptual", device, difference.dtype)
+    if perceptual.shape != difference.shape:
+        raise ValueError(f"perceptual has shape {tuple(perceptual.shape)}, the image {tuple(difference.shape)}")
+    combined = difference * perceptual
+    region = _as_mask(mask, tuple(combined.shape), device)
+    if region is not None:
+        combined = torch.where(region, combined, torch.zeros((), dtype=combined.dtype, device=device))
+    return _output(combined, image)
+
+
 def _directed_residual(direction: str) -> Callable[..., ArrayLike]:
     def fn(image, reconstruction, mask=None):
         return residual(image, reconstruction, mask=mask, direction=direction)
@@ -716,6 +738,11 @@ SCORERS: Mapping[str, Scorer] = MappingProxyType(
                 "ssim+segmentation", ssim_and_segmentation, "reconstruction",
                 "SADM: (1 − SSIM(x, x̂)) + the segmentation network's output, or β-weighted",
                 {**_SSIM_PARAMS, "weight": None}, needs_maps=("segmentation",),
+            ),
+            Scorer(
+                "phanes", phanes_score, "reconstruction",
+                "PHANES: |x − x̂| × the model's perceptual difference map S_perc(x̂, x)",
+                {}, needs_maps=("perceptual",),
             ),
         )
     }

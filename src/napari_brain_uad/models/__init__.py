@@ -23,6 +23,7 @@ from .pddpm import PDDPM, PDDPMConfig
 from .maediff import MAEDiff, MAEDiffConfig
 from .vae3d import VAE3D, VAE3DConfig
 from .sadm import SADM, SADMConfig
+from .phanes import PHANES, PHANESConfig
 
 MODEL_KINDS: dict[str, type[ReconstructionModel]] = {
     DDPM.kind: DDPM,
@@ -34,6 +35,7 @@ MODEL_KINDS: dict[str, type[ReconstructionModel]] = {
     DAE.kind: DAE,
     VAE3D.kind: VAE3D,
     SADM.kind: SADM,
+    PHANES.kind: PHANES,
 }
 
 __all__ = [
@@ -56,6 +58,8 @@ __all__ = [
     "PDDPMConfig",
     "SADM",
     "SADMConfig",
+    "PHANES",
+    "PHANESConfig",
     "ModelConfig",
     "ReconstructionModel",
     "build_model",
