@@ -76,6 +76,27 @@ def ixi_training_slices():
 # ---------------------------------------------------------------- models trained a few steps
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One torch thread for a module's tests, restored afterwards: on a shared two-core machine
+    torch's two intra-op threads contend with other processes (a training step took 6 s with
+    two threads, 0.1 s with one). Model test modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def half_resolution(slices, brain):
+    """Slices and brain masks at half resolution (48² from 96²), for fast training tests."""
+    from torch.nn import functional
+
+    return functional.avg_pool2d(slices, 2), functional.max_pool2d(brain.float(), 2) > 0
+
+
 def seeded(seed: int):
     import torch
 

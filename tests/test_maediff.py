@@ -35,13 +35,7 @@ HALF = dict(patch_size=24, patch_stride=8, grid_size=8)
 HALF_SPEC = ModelSpaceSpec(in_plane=(48, 48))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """One intra-op thread on a shared two-core machine (see test_pddpm.py); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def randomise_zero_parameters(model: torch.nn.Module) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional
 
-from conftest import best_constant_loss, seeded, train_and_evaluate
+from conftest import best_constant_loss, half_resolution, seeded, train_and_evaluate
 
 from napari_brain_uad.models import MODEL_KINDS, PDDPM, PDDPMConfig, build_model, load_model, save_model
 from napari_brain_uad.models.base import random_integers
@@ -21,14 +21,7 @@ SMALL = dict(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=16)
 HALF_SPEC = ModelSpaceSpec(in_plane=(48, 48))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """On a shared two-core machine torch's two intra-op threads contend with other processes
-    (a training step here took 6 s with two threads, 0.1 s with one); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def randomise_zero_parameters(model: torch.nn.Module) -> None:
@@ -45,10 +38,6 @@ def small_pddpm(**changes) -> PDDPM:
     model = PDDPM(PDDPMConfig(**{**SMALL, **changes}))
     randomise_zero_parameters(model)
     return model.eval()
-
-
-def half_resolution(slices: torch.Tensor, brain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return functional.avg_pool2d(slices, 2), functional.max_pool2d(brain.float(), 2) > 0
 
 
 # --- the patch grid ---------------------------------------------------------------------------

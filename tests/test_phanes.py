@@ -15,7 +15,7 @@ from skimage import exposure
 from torch.nn import functional
 from torch.nn.utils import parametrize
 
-from conftest import seeded, train_and_evaluate
+from conftest import half_resolution, seeded, train_and_evaluate
 
 from napari_brain_uad import scoring
 from napari_brain_uad.models import PHANES, PHANESConfig, build_model, load_model, save_model
@@ -37,20 +37,11 @@ SMALL = {"channels": [8, 16, 32], "strides": [2, 2, 2], "latent_size": 32, "gene
          "ellipse_axis_std": 1.5, "ellipse_axis_min": 1.0, "discriminator_label_sigma": 3.75}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def small_phanes(spec=HALF_SPEC, **changes) -> PHANES:
     return build_model("phanes", {**SMALL, **changes}, spec)
-
-
-def half_resolution(slices, brain):
-    return functional.avg_pool2d(slices, 2), functional.max_pool2d(brain.float(), 2) > 0
 
 
 # --- the mask (stage b) --------------------------------------------------------------------

@@ -30,12 +30,7 @@ SMALL_UNET = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "n
 SMALL_SADM = {"channels": [8, 16, 32], "norm_num_groups": 4, "base_kind": "dae", "base_hyperparameters": SMALL_UNET}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def half(slices):

@@ -9,9 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional
 
-from conftest import seeded, train_and_evaluate
+from conftest import half_resolution, seeded, train_and_evaluate
 
 from napari_brain_uad.models import DAE, SADM, SADMConfig, build_model, load_model, save_model
 from napari_brain_uad.models.sadm import (
@@ -28,20 +27,11 @@ SMALL_BASE = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "n
 SMALL = {"channels": [8, 16, 32], "norm_num_groups": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def small_sadm(spec=HALF_SPEC, **changes) -> SADM:
     return build_model("sadm", {**SMALL, "base_kind": "dae", "base_hyperparameters": SMALL_BASE, **changes}, spec)
-
-
-def half_resolution(slices, brain):
-    return functional.avg_pool2d(slices, 2), functional.max_pool2d(brain.float(), 2) > 0
 
 
 # --- synthetic anomalies -------------------------------------------------------------------
