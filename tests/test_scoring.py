@@ -18,7 +18,7 @@ from napari_brain_uad.io import read_nifti
 from napari_brain_uad.preprocess import to_model_space
 
 SCORER_NAMES = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens", "mhd-diag", "mhd-full",
-                "mhd-full-ssim", "mhd-diag-ssim", "s-mean", "ssim+segmentation", "phanes")
+                "mhd-full-ssim", "mhd-diag-ssim", "s-mean", "ssim+segmentation", "residual+segmentation", "phanes")
 
 
 # --------------------------------------------------------------------------- data
@@ -346,10 +346,11 @@ def test_registry_lists_every_scorer_with_what_it_needs():
     assert tuple(scoring.SCORERS) == SCORER_NAMES
     for name, scorer in scoring.SCORERS.items():
         assert scorer.name == name and callable(scorer.fn) and scorer.description
-        one = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens", "ssim+segmentation", "phanes")
+        one = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens", "ssim+segmentation",
+               "residual+segmentation", "phanes")
         assert scorer.needs == ("reconstruction" if name in one else "samples")
     assert scoring.scorer_names("reconstruction") == ["residual", "residual-dark", "residual-bright", "ssim", "ssim-ens",
-                                                      "ssim+segmentation", "phanes"]
+                                                      "ssim+segmentation", "residual+segmentation", "phanes"]
     # A model without a segmentation map is not offered SADM's scorer.
     assert "ssim+segmentation" not in scoring.scorer_names(maps=())
     assert "ssim+segmentation" in scoring.scorer_names(maps=("segmentation",))
@@ -508,3 +509,10 @@ def test_sadm_score_adds_the_segmentation_to_the_ssim_dissimilarity():
         scoring.score("ssim+segmentation", image, reconstruction)
     with pytest.raises(ValueError, match="weight"):
         scoring.score("ssim+segmentation", image, reconstruction, maps=maps, weight=1.5)
+    # With the residual in place of 1 - SSIM (for a base whose residual works better).
+    error = np.abs(image - reconstruction)
+    np.testing.assert_allclose(scoring.score("residual+segmentation", image, reconstruction, mask=mask, maps=maps),
+                               np.where(mask, error + segmentation, 0), atol=1e-12)
+    np.testing.assert_allclose(
+        scoring.score("residual+segmentation", image, reconstruction, mask=mask, maps=maps, weight=0.8),
+        np.where(mask, 0.8 * error + 0.2 * segmentation, 0), atol=1e-12)

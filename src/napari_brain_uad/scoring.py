@@ -62,6 +62,7 @@ __all__ = [
     "score",
     "lesion_direction_scorer",
     "scorer_names",
+    "residual_and_segmentation",
     "ssim_and_segmentation",
     "ssim_ens",
     "ssim_map",
@@ -650,16 +651,36 @@ def ssim_and_segmentation(
 
     ``weight`` β gives the weighted form β·(1 − SSIM) + (1 − β)·ŷ instead of the plain sum
     (thesis sec. 8.6). 0 outside ``mask``."""
+    dissimilarity = 1 - _as_tensor(ssim_map(image, reconstruction, sigma=sigma, data_range=data_range, mask=mask),
+                                   "ssim", _device_of(image, reconstruction), _work_dtype(image))
+    return _plus_segmentation(dissimilarity, image, mask, maps, weight)
+
+
+def residual_and_segmentation(
+    image: ArrayLike,
+    reconstruction: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    maps: Mapping[str, ArrayLike],
+    weight: float | None = None,
+) -> ArrayLike:
+    """SADM's combination with the residual |x − x̂| in place of 1 − SSIM: for a base model
+    whose residual ranks lesions better than its SSIM (our DAE). 0 outside ``mask``."""
+    error = _as_tensor(residual(image, reconstruction), "residual", _device_of(image, reconstruction),
+                       _work_dtype(image))
+    return _plus_segmentation(error, image, mask, maps, weight)
+
+
+def _plus_segmentation(unsupervised: torch.Tensor, image, mask, maps, weight) -> ArrayLike:
+    """unsupervised + ŷ, or β·unsupervised + (1 − β)·ŷ; 0 outside ``mask``."""
     if weight is not None and not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be between 0 and 1, not {weight}")
-    device = _device_of(image, reconstruction)
-    dissimilarity = 1 - _as_tensor(ssim_map(image, reconstruction, sigma=sigma, data_range=data_range, mask=mask),
-                                   "ssim", device, _work_dtype(image))
-    segmentation = _as_tensor(maps["segmentation"], "segmentation", device, dissimilarity.dtype)
-    if segmentation.shape != dissimilarity.shape:
-        raise ValueError(f"segmentation has shape {tuple(segmentation.shape)}, the image {tuple(dissimilarity.shape)}")
-    combined = (dissimilarity + segmentation if weight is None
-                else weight * dissimilarity + (1 - weight) * segmentation)
+    device = unsupervised.device
+    segmentation = _as_tensor(maps["segmentation"], "segmentation", device, unsupervised.dtype)
+    if segmentation.shape != unsupervised.shape:
+        raise ValueError(f"segmentation has shape {tuple(segmentation.shape)}, the image {tuple(unsupervised.shape)}")
+    combined = (unsupervised + segmentation if weight is None
+                else weight * unsupervised + (1 - weight) * segmentation)
     region = _as_mask(mask, tuple(combined.shape), device)
     if region is not None:
         combined = torch.where(region, combined, torch.zeros((), dtype=combined.dtype, device=device))
@@ -738,6 +759,11 @@ SCORERS: Mapping[str, Scorer] = MappingProxyType(
                 "ssim+segmentation", ssim_and_segmentation, "reconstruction",
                 "SADM: (1 − SSIM(x, x̂)) + the segmentation network's output, or β-weighted",
                 {**_SSIM_PARAMS, "weight": None}, needs_maps=("segmentation",),
+            ),
+            Scorer(
+                "residual+segmentation", residual_and_segmentation, "reconstruction",
+                "SADM with the residual: |x − x̂| + the segmentation network's output, or β-weighted",
+                {"weight": None}, needs_maps=("segmentation",),
             ),
             Scorer(
                 "phanes", phanes_score, "reconstruction",
