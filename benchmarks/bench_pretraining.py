@@ -16,7 +16,8 @@ anomalies, after ``--pretrain-steps`` steps of
 - ``denoise-decoder`` (DPD: encoder frozen at its initial weights, decoder predicts the noise),
 - ``denoise-encoder-decoder`` (DPED: the whole U-Net predicts the noise),
 
-on the same scans. Scored on synthetic anomalies (fixed seed) in slices of held-out validation
+on the same scans (``--variants`` picks some; ``--variants none --steps N`` with N = steps +
+pre-training steps gives the reference the same number of steps in all). Scored on synthetic anomalies (fixed seed) in slices of held-out validation
 subjects: pooled AUPRC and best Dice of the segmentation output alone, and the validation BCE.
 Every variant starts from the same initial weights (same seed).
 """
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--variants", nargs="+", default=["none", *VARIANTS[1:]], choices=["none", *VARIANTS[1:]],
+                        help="which pre-trainings to compare (none: the reference)")
     parser.add_argument("--output", default="/tmp/bench_pretraining")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -76,7 +79,7 @@ def main() -> None:
     anomalous, truth = synthetic_anomalies(slices, brain, SADMConfig(channels=tuple(args.channels)), generator)
 
     results = []
-    for variant in VARIANTS:
+    for variant in [None if choice == "none" else choice for choice in args.variants]:
         name = variant or "none (reference)"
         config = TrainingConfig(
             data=str(DATA), output=f"{args.output}/{variant or 'none'}", kind="sadm", base_model=args.base_model,
