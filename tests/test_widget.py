@@ -570,3 +570,34 @@ def test_lesion_direction_switch_follows_the_models_contrast(viewer_with_widget)
     widget.lesion_direction.value = True
     widget.lesion_direction.value = False
     assert widget.scorer.value == "residual"  # back to the model's default
+
+
+def test_a_model_with_its_own_maps_shows_them_and_brings_its_scorer(viewer_with_widget, qtbot, tmp_path):
+    """PHANES (untrained, small): its pseudo-healthy image is the reconstruction layer, and its
+    mask and perceptual map come as layers of their own; a model without those maps is not
+    offered the scorer that needs them."""
+    import torch
+
+    from napari_brain_uad.models import build_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model("phanes", {"channels": [16, 32, 32, 64], "latent_size": 64, "generator_channels": [8, 16, 32],
+                                   "aot_blocks": 1, "discriminator_channels": [8, 16, 32, 32]})
+    checkpoint = save_model(tmp_path / "phanes.safetensors", model)
+    viewer, widget = viewer_with_widget
+    viewer.open_sample("napari-brain-uad", "mslub-patient26")
+    widget.scan.value = viewer.layers["MSLUB T1"]
+    widget.model_choice.value = FILE_CHOICE
+    widget.model_file.value = str(checkpoint)
+    assert widget.scorer.value == "phanes" and "phanes" in widget.scorer.choices
+    run_and_wait(widget, qtbot)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    scan = viewer.layers["MSLUB T1"]
+    for name in ("reconstruction", "mask", "perceptual"):
+        layer = viewer.layers[f"MSLUB T1 {name}"]
+        assert layer.data.shape == scan.data.shape
+        np.testing.assert_array_equal(layer.scale, scan.scale)
+    mask = viewer.layers["MSLUB T1 mask"].data
+    assert mask.min() >= 0 and mask.max() <= 1
+    widget.model_choice.value = default_model_name()  # the DAE makes no such maps
+    assert "phanes" not in widget.scorer.choices and widget.scorer.value == "residual"
