@@ -296,7 +296,9 @@ def test_whole_volume_reconstruction_reports_progress_per_sample_and_can_be_canc
 def test_the_cpu_config_is_valid_and_slice_augmentation_is_refused(tmp_path):
     values = read_config_file(REPOSITORY / "training" / "configs" / "ixi-t1-vae3d-cpu.toml")
     config = TrainingConfig.from_dict({**values, "output": str(tmp_path)})
-    assert config.kind == "vae3d" and config.bias_correction == "n4" and config.learning_rate == 1e-3
+    assert config.kind == "vae3d" and config.bias_correction == "n4"
+    # 2e-4 with clipping: at the paper's 1e-3 with batches of 4 the first full run diverged.
+    assert config.learning_rate == 2e-4 and config.gradient_clip_norm == 1.0
     assert build_model(config.kind, config.model, config.model_space_spec()).grid == GRID
     with pytest.raises(ConfigError, match="augment = false"):
         TrainingConfig.from_dict({**values, "output": str(tmp_path), "augment": True})
