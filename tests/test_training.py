@@ -50,7 +50,7 @@ SMALL_MODELS = {
 
 def base_for(kind: str, folder) -> dict:
     """For a kind that sits on a trained model (SADM): a small saved DAE as its base."""
-    if not getattr(MODEL_KINDS[kind], "needs_base_model", False):
+    if not MODEL_KINDS[kind].needs_base_model:
         return {}
     torch.manual_seed(0)
     path = save_model(folder / "base.safetensors", build_model("dae", SMALL_MODELS["dae"]), overwrite=True)

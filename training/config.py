@@ -85,7 +85,7 @@ class TrainingConfig:
                                   "(sadm, ae and dae have)")
         elif self.pretrain_steps:
             raise ConfigError("'pretrain_steps' needs 'pretrain' (denoise-decoder or denoise-encoder-decoder)")
-        needs_base = getattr(MODEL_KINDS[self.kind], "needs_base_model", False)
+        needs_base = MODEL_KINDS[self.kind].needs_base_model
         if needs_base and not self.base_model:
             raise ConfigError(f"the {self.kind} kind sits on a trained reconstruction model: give 'base_model' "
                               "(--base-model NAME|PATH, e.g. ixi-t1-dae-n4)")

@@ -151,7 +151,7 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         device_ids = [processes.device.index] if processes.device.type == "cuda" else None
         # A kind trained in stages leaves some trainable parameters without gradients in each.
         loss_of = torch.nn.parallel.DistributedDataParallel(loss_of, device_ids=device_ids,
-                                                            find_unused_parameters=hasattr(model, "stage"))
+                                                            find_unused_parameters=model.stage is not None)
 
     description = {
         "training_subjects": [scan.subject for scan in training_scans],
@@ -176,7 +176,7 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
             current = history[-1][1] if history else None
             # A kind trained in stages (PHANES: its VAE, then its inpainting GAN) has another loss
             # in each; a later stage's model is the one to keep, so its first validation is the best.
-            stage = getattr(model, "stage", None)
+            stage = model.stage
             improved = current is not None and (current < best_loss or stage != best_stage)
             if improved:
                 best_loss, best_step, best_stage = current, step, stage
@@ -260,11 +260,8 @@ def _pretrain_denoising(model, sampler, config, processes, show) -> list[float]:
                for step in range(config.pretrain_steps))
     with tqdm(total=config.pretrain_steps, desc=f"pre-training ({config.pretrain})", unit="step",
               disable=not show) as bar:
-        def on_step(step, loss):
-            bar.update(1)
-
         return pretrain_denoising(model, batches, mode=config.pretrain, learning_rate=config.learning_rate,
-                           generator=generator, on_step=on_step)
+                                  generator=generator, on_step=lambda step, loss: bar.update(1))
 
 
 def _pretrain_encoder(model, sampler, config, processes, show) -> None:

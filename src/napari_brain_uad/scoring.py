@@ -54,6 +54,7 @@ __all__ = [
     "Scorer",
     "ensemble_mean",
     "gaussian_kernel",
+    "mirrored_indices",
     "mahalanobis",
     "mhd_ssim",
     "phanes_score",
@@ -179,7 +180,7 @@ def gaussian_kernel(
     return (weights / weights.sum()).to(dtype=dtype, device=device)
 
 
-def _symmetric_indices(length: int, radius: int, device: torch.device) -> torch.Tensor:
+def mirrored_indices(length: int, radius: int, device: torch.device) -> torch.Tensor:
     """Indices padding an axis by ``radius`` mirrored about the edge (d c b a | a b c d | d c b a),
     scipy.ndimage's 'reflect' mode, so border values match skimage and scipy too. The modulo
     makes it valid when the radius exceeds the axis length (thin volumes)."""
@@ -204,7 +205,7 @@ def _filter_axis(values: torch.Tensor, kernel: list[float], axis: int) -> torch.
     radius = (len(kernel) - 1) // 2
     length = values.shape[axis]
     if radius > length:  # mirrored more than once (a very thin axis): gather a padded copy
-        padded = values.index_select(axis, _symmetric_indices(length, radius, values.device))
+        padded = values.index_select(axis, mirrored_indices(length, radius, values.device))
         filtered = padded.narrow(axis, radius, length) * kernel[radius]
         for offset in range(1, radius + 1):
             filtered.add_(padded.narrow(axis, radius - offset, length), alpha=kernel[radius + offset])

@@ -77,6 +77,9 @@ class ReconstructionModel(torch.nn.Module):
     # perceptual difference). The scorers that use them say so (``scoring.Scorer.needs_maps``),
     # and the widget shows them as layers.
     extra_maps: ClassVar[tuple[str, ...]] = ()
+    # True for kinds that sit on another trained model, frozen (SADM): training needs its
+    # ``base_model``.
+    needs_base_model: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__()
@@ -117,6 +120,12 @@ class ReconstructionModel(torch.nn.Module):
         """The reconstruction and the kind's :attr:`extra_maps` (none for most kinds)."""
         return self.reconstruct(slices, t, generator), {}
 
+    @property
+    def stage(self) -> str | None:
+        """The training stage of a kind trained in stages (PHANES: "vae", then "inpainting"), or
+        None. Each stage has its own loss; training keeps the best model of the latest stage."""
+        return None
+
     def denoising_parts(self) -> DenoisingParts | None:
         """The network ADDP's denoising pre-training can start, or None when the kind has no
         encoder-decoder network it fits (diffusion models already learn by denoising)."""
@@ -135,6 +144,11 @@ def random_uniform(shape, generator, device, low=0.0, high=1.0) -> torch.Tensor:
 def random_integers(low, high, shape, generator, device) -> torch.Tensor:
     values = torch.randint(low, high, shape, generator=generator, device=_generator_device(generator, device))
     return values.to(device)
+
+
+def random_permutation(count: int, generator, device) -> torch.Tensor:
+    """A random order of 0 … count − 1 from ``generator`` (which may live on another device)."""
+    return torch.randperm(count, generator=generator, device=_generator_device(generator, device)).to(device)
 
 
 def _generator_device(generator: torch.Generator | None, device) -> torch.device:

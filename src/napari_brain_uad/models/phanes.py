@@ -84,6 +84,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from ..noise import gaussian_noise
 from ..preprocess import ModelSpaceSpec
+from ..scoring import gaussian_kernel, mirrored_indices
 from .autoencoders import VAEConfig, VariationalCoding, kl_divergence, reconstruction_error, variational_network
 from .base import ModelConfig, ReconstructionModel, random_uniform
 
@@ -209,30 +210,17 @@ class PHANESConfig(ModelConfig):
 # --------------------------------------------------------------------------- image operations
 
 
-def _gaussian_weights(sigma: float, truncate: float, device, dtype) -> torch.Tensor:
-    radius = int(truncate * float(sigma) + 0.5)
-    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
-    weights = torch.exp(-0.5 * (x / float(sigma)) ** 2)
-    return (weights / weights.sum()).to(dtype)
-
-
-def _reflect_index(length: int, radius: int, device) -> torch.Tensor:
-    """Indices that pad an axis by ``radius`` on each side as scipy's mode "reflect" (d c b a | a b c d)."""
-    index = torch.arange(-radius, length + radius, device=device) % (2 * length)
-    return torch.where(index >= length, 2 * length - 1 - index, index)
-
-
 def gaussian_blur(images: torch.Tensor, sigma: float, mode: str = "reflect", truncate: float = 4.0) -> torch.Tensor:
     """Each 2D image of (B, C, H, W) smoothed by a Gaussian of ``sigma`` pixels, as
     ``scipy.ndimage.gaussian_filter(image, sigma)`` (mode "reflect", truncate 4) or with zeros
     outside (mode "constant")."""
-    weights = _gaussian_weights(sigma, truncate, images.device, images.dtype)
+    weights = gaussian_kernel(sigma, truncate, dtype=images.dtype, device=images.device)
     radius = (len(weights) - 1) // 2
     batch, channels, height, width = images.shape
     flat = images.reshape(batch * channels, 1, height, width)
     if mode == "reflect":
-        flat = flat[:, :, _reflect_index(height, radius, images.device)]
-        flat = flat[:, :, :, _reflect_index(width, radius, images.device)]
+        flat = flat[:, :, mirrored_indices(height, radius, images.device)]
+        flat = flat[:, :, :, mirrored_indices(width, radius, images.device)]
         padding = 0
     elif mode == "constant":
         padding = radius

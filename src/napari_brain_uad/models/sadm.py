@@ -44,7 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..preprocess import ModelSpaceSpec
-from .base import DenoisingParts, ModelConfig, ReconstructionModel, random_integers, random_uniform
+from .base import (
+    DenoisingParts,
+    ModelConfig,
+    ReconstructionModel,
+    random_integers,
+    random_permutation,
+    random_uniform,
+)
 
 __all__ = [
     "SADM",
@@ -210,17 +217,13 @@ def synthetic_anomalies(
             mask &= brain_mask[index, 0].bool()
         image = slices[index, 0]
         texture = image
-        order = torch.randperm(len(names), generator=generator, device=_generator_device(generator, device))
+        order = random_permutation(len(names), generator, device)
         for choice in order[: config.augmentations_per_texture].tolist():
             texture = TEXTURE_AUGMENTATIONS[names[choice]](texture, generator)
         opacity = float(random_uniform((1,), generator, device, *config.opacity))
         anomalous[index, 0] = blend_anomaly(image, texture, mask, opacity)
         masks[index, 0] = mask.to(slices.dtype)
     return anomalous, masks
-
-
-def _generator_device(generator, device):
-    return torch.device(device) if generator is None else generator.device
 
 
 # --------------------------------------------------------------------------- Siamese U-Net
