@@ -39,10 +39,10 @@ from scipy import ndimage
 
 from napari_brain_uad.evaluation import evaluate_filtered, flagged_fraction, pooled
 from napari_brain_uad.io import read_nifti
+from napari_brain_uad.model_card import default_scorer
 from napari_brain_uad.models import load_model
 from napari_brain_uad.postprocess import prepare
 from napari_brain_uad.preprocess import to_model_space
-from napari_brain_uad.model_card import default_scorer
 from napari_brain_uad.reconstruct import reconstruct_volume, reconstruct_volume_with_maps
 from napari_brain_uad.scoring import SCORERS, score
 from napari_brain_uad.thresholds import default_threshold

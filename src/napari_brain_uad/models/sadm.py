@@ -52,6 +52,7 @@ from .base import (
     random_permutation,
     random_uniform,
 )
+from .ddpm import noise_levels
 
 __all__ = [
     "SADM",
@@ -337,11 +338,11 @@ class SADM(ReconstructionModel):
         self.base.load_state_dict(base.state_dict())
 
     def _levels(self, t) -> list[int | None]:
+        """The base's noise levels to average over (default: the test ensemble), checked against
+        its schedule; one pass without a level for a base that has none."""
         if not self.base.uses_noise_level:
             return [None]
-        if t is None:
-            return list(self.config.t_test)
-        return [int(t)] if isinstance(t, (int, float)) else [int(level) for level in t]
+        return noise_levels(self.config.t_test if t is None else t, self.base.config)
 
     def segmentation_logits(self, slices: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         if self.config.use_residual:
