@@ -139,7 +139,8 @@ def healthy_cases(model_path: str | Path, data: Sequence[str] | None = None, bra
             raise SettingsError(f"only {len(scans)} of the {len(subjects)} validation subjects were found in "
                                 f"{settings['data']}")
     scans = scans[:limit] if limit else scans
-    return [LabelledCase(pair.image, None, pair.brain_mask, name=pair.subject) for pair in scans]
+    # A scan's exclusion mask (its lesions) goes in as the case's truth: calibration leaves it out.
+    return [LabelledCase(pair.image, pair.exclude_mask, pair.brain_mask, name=pair.subject) for pair in scans]
 
 
 if __name__ == "__main__":

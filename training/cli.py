@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Distributed: torchrun --nproc_per_node=N -m brain_uad_training [the same flags]",
     )
     parser.add_argument("--config", help="TOML or JSON file of settings (flags override it)")
-    parser.add_argument("--data", nargs="+", help="folder of healthy NIfTI scans, a CSV (image,brain_mask), or files")
+    parser.add_argument("--data", nargs="+",
+                        help="folder of healthy NIfTI scans, a CSV (image,brain_mask[,exclude_mask]), or files")
     parser.add_argument("--brain-masks", help="folder of brain masks named <subject>_*.nii.gz (omit for skull-stripped scans)")
     parser.add_argument("--exclude-subjects", nargs="+", metavar="PREFIX",
                         help="leave out scans whose names start with these (e.g. a healthy test set)")
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation-fraction", type=float, help="share of subjects held out for validation (default 0.1)")
     parser.add_argument("--validation-slices", type=int, help="validation slices (default 64)")
     parser.add_argument("--validate-every", type=int, help="steps between validations and checkpoints (default 100)")
+    parser.add_argument("--thick-slice-probability", type=float,
+                        help="share of training slices made 2 to --thickest-slice slices thick (default 0)")
+    parser.add_argument("--thickest-slice", type=int, help="thickest simulated slice, in model-space slices (default 4)")
+    parser.add_argument("--exclude-dilation-mm", type=float,
+                        help="growth of the training list's exclusion masks before training (default 4)")
     parser.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="no augmentation")
     parser.add_argument("--pretrain-encoder-steps", type=int,
                         help="cddpm: steps of masked pre-training of the context encoder first (default 0)")

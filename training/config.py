@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_brain_uad.brain_mask import EXCLUSION_GROWTH_MM
 from napari_brain_uad.errors import BrainUADError
 from napari_brain_uad.models import MODEL_KINDS, ReconstructionModel
 from napari_brain_uad.preprocess import ModelSpaceSpec
@@ -59,6 +60,12 @@ class TrainingConfig:
     # SADM: the trained reconstruction model it sits on, frozen (a model name or a checkpoint path)
     base_model: str | None = None
     augmentation: dict = field(default_factory=dict)  # AugmentationSettings probabilities
+    # Thick clinical slices: with this probability a training slice is the mean of 2 up to
+    # thickest_slice model-space slices (at 2 mm, 4 to 8 mm), as a 2D acquisition looks there.
+    thick_slice_probability: float = 0.0
+    thickest_slice: int = 4
+    # Exclusion masks (the training list's exclude_mask column) are grown by this much.
+    exclude_dilation_mm: float = EXCLUSION_GROWTH_MM
     device: str = "auto"
 
     def __post_init__(self):
@@ -100,6 +107,14 @@ class TrainingConfig:
             raise ConfigError(f"'learning_rate' must be positive, not {self.learning_rate}")
         if self.gradient_clip_norm is not None and not self.gradient_clip_norm > 0:
             raise ConfigError(f"'gradient_clip_norm' must be positive, not {self.gradient_clip_norm}")
+        if not 0.0 <= self.thick_slice_probability <= 1.0:
+            raise ConfigError(f"'thick_slice_probability' must be between 0 and 1, not {self.thick_slice_probability}")
+        if self.thickest_slice < 1:
+            raise ConfigError(f"'thickest_slice' must be at least 1 slice, not {self.thickest_slice}")
+        if self.thick_slice_probability and MODEL_KINDS[self.kind].volumetric:
+            raise ConfigError(f"thick-slice augmentation works on slices; the {self.kind} kind trains on volumes")
+        if not self.exclude_dilation_mm >= 0:
+            raise ConfigError(f"'exclude_dilation_mm' must be 0 or more, not {self.exclude_dilation_mm}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"'validation_fraction' must be in [0, 1), not {self.validation_fraction}")
         try:

@@ -8,6 +8,13 @@ that hold brain, as the papers do; the draw for step k depends only on (seed, k,
 fixed seed gives the same run and a resumed run continues exactly where it stopped.
 Volumetric kinds (the 3D VAE) get whole volumes instead (:class:`VolumeSampler`), drawn the
 same way.
+
+Brains are found by the rule every door of the plugin uses (``brain_mask.find_brain``: the
+given mask, else a skull-stripped scan's own voxels, else extraction), so a raw scan with the
+skull on trains on its brain, not its head. A scan may also come with an *exclusion* mask (a
+column ``exclude_mask`` of the training list): voxels a model must not learn as normal — a
+patient's lesions, or an automatic segmenter's white-matter hyperintensities — are dilated and
+left out of the training loss, so a clinic can train on its own patients' scans.
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ from __future__ import annotations
 import csv
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from napari_brain_uad.brain_mask import EXCLUSION_GROWTH_MM, find_brain, grown_mask
 from napari_brain_uad.errors import BrainUADError
 from napari_brain_uad.io import ScanError, ScanWarning, read_nifti
 from napari_brain_uad.models.vae3d import centre_along_depth
@@ -38,14 +46,17 @@ class TrainingDataError(BrainUADError, ValueError):
 
 @dataclass(frozen=True)
 class ScanPair:
-    """One healthy scan and its brain mask (None: the scan is skull-stripped)."""
+    """One training scan, its brain mask (None: found as the plugin finds it) and the mask of
+    voxels to leave out of training (None: every brain voxel is healthy)."""
 
     image: Path
     brain_mask: Path | None
+    exclude_mask: Path | None = None
+    name: str | None = None  # the subject's name, when the file's own name does not tell it
 
     @property
     def subject(self) -> str:
-        return nifti_stem(self.image)
+        return self.name or nifti_stem(self.image)
 
 
 @dataclass
@@ -53,6 +64,7 @@ class ModelSpaceScan:
     subject: str
     image: np.ndarray  # (Z, H, W) float32 in [0, 1]: axial slices in model space
     brain_mask: np.ndarray  # (Z, H, W) bool
+    exclude: np.ndarray | None = None  # (Z, H, W) bool: voxels left out of the loss (dilated)
 
 
 def nifti_stem(path: Path) -> str:
@@ -67,12 +79,12 @@ def find_scans(data: str | Path | Sequence[str | Path], brain_masks: str | Path 
     """The healthy scans of a training run, each with its brain mask.
 
     ``data`` is a folder of NIfTI files, a list of NIfTI paths, or a CSV file with columns
-    ``image`` and (optionally) ``brain_mask``. ``brain_masks`` is a folder where the mask of
+    ``image`` and (optionally) ``brain_mask`` and ``exclude_mask``. ``brain_masks`` is a folder where the mask of
     ``<subject>_<anything>.nii.gz`` is the file named ``<subject>_<anything else>.nii.gz`` (or
-    has the scan's own name). Without masks the scans must be skull-stripped.
+    has the scan's own name). Without masks the brain is found as the plugin finds it.
     """
     if isinstance(data, (str, Path)) and Path(data).suffix.lower() == ".csv":
-        return _scans_from_csv(Path(data))
+        return _named_by_folder_when_needed(_scans_from_csv(Path(data)))
     if isinstance(data, (str, Path)):
         folder = Path(data)
         if not folder.is_dir():
@@ -88,8 +100,24 @@ def find_scans(data: str | Path | Sequence[str | Path], brain_masks: str | Path 
             if not image.is_file():
                 raise TrainingDataError(f"{image}: file not found")
     if brain_masks is None:
-        return [ScanPair(image, None) for image in images]
-    return [ScanPair(image, _matching_mask(image, Path(brain_masks))) for image in images]
+        return _named_by_folder_when_needed([ScanPair(image, None) for image in images])
+    return _named_by_folder_when_needed([ScanPair(image, _matching_mask(image, Path(brain_masks))) for image in images])
+
+
+def _named_by_folder_when_needed(pairs: list[ScanPair]) -> list[ScanPair]:
+    """Scans stored one folder per subject under one file name (``Subj1/FLAIR.nii.gz``) are named
+    after their folder, so that subjects stay apart in the split and in the model card."""
+    stems = [pair.subject for pair in pairs]
+    if len(set(stems)) == len(stems):
+        return pairs
+    named = [replace(pair, name=pair.name or f"{pair.image.parent.name}_{nifti_stem(pair.image)}") for pair in pairs]
+    seen: dict[str, Path] = {}
+    for pair in named:
+        if pair.subject in seen:
+            raise TrainingDataError(f"{seen[pair.subject]} and {pair.image} would both be subject {pair.subject!r}; "
+                                    "give each scan its own name (a 'subject' column in a CSV list)")
+        seen[pair.subject] = pair.image
+    return named
 
 
 def _matching_mask(image: Path, mask_folder: Path) -> Path:
@@ -115,17 +143,24 @@ def _scans_from_csv(path: Path) -> list[ScanPair]:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or "image" not in rows[0]:
-        raise TrainingDataError(f"{path}: a CSV with a header row naming the columns 'image' and 'brain_mask' is needed")
+        raise TrainingDataError(f"{path}: a CSV with a header row naming the columns 'image' and 'brain_mask' "
+                                "(and optionally 'exclude_mask') is needed")
+
+    def optional_path(row: dict, column: str) -> Path | None:
+        # Relative paths in the CSV are relative to the CSV, so a data folder can move whole.
+        text = (row.get(column) or "").strip()
+        return (path.parent / text).resolve() if text else None
+
     pairs = []
     for row in rows:
-        # Relative paths in the CSV are relative to the CSV, so a data folder can move whole.
-        image = (path.parent / row["image"]).resolve()
-        mask_text = (row.get("brain_mask") or "").strip()
-        mask = (path.parent / mask_text).resolve() if mask_text else None
-        for file in (image, mask):
+        pair = ScanPair(optional_path(row, "image"), optional_path(row, "brain_mask"),
+                        optional_path(row, "exclude_mask"), (row.get("subject") or "").strip() or None)
+        if pair.image is None:
+            raise TrainingDataError(f"{path}: a row has no 'image'")
+        for file in (pair.image, pair.brain_mask, pair.exclude_mask):
             if file is not None and not file.is_file():
                 raise TrainingDataError(f"{path}: {file}: file not found")
-        pairs.append(ScanPair(image, mask))
+        pairs.append(pair)
     return pairs
 
 
@@ -148,8 +183,13 @@ def load_model_space(
     scans: Sequence[ScanPair],
     spec: ModelSpaceSpec,
     progress: Callable[[int, int], None] | None = None,
+    exclude_dilation_mm: float = EXCLUSION_GROWTH_MM,
 ) -> list[ModelSpaceScan]:
-    """Every scan in model space, as stacks of axial slices (read once, kept in memory)."""
+    """Every scan in model space, as stacks of axial slices (read once, kept in memory).
+
+    The brain is found as every door of the plugin finds it; an exclusion mask is brought into
+    model space (any overlap with a model-space voxel counts), grown by ``exclude_dilation_mm``
+    and kept inside the brain."""
     loaded = []
     for index, pair in enumerate(scans):
         try:
@@ -158,18 +198,44 @@ def load_model_space(
                 # training set of hundreds they would drown the progress bar.
                 warnings.simplefilter("ignore", ScanWarning)
                 scan = read_nifti(pair.image)
-                mask = read_nifti(pair.brain_mask).data > 0 if pair.brain_mask is not None else None
-                volume = to_model_space(scan, brain_mask=mask, spec=spec)
-        except ScanError as error:
-            raise TrainingDataError(str(error)) from None
+                given = read_nifti(pair.brain_mask) if pair.brain_mask is not None else None
+                brain = find_brain(scan, given)
+                volume = to_model_space(scan, brain_mask=brain.mask, spec=spec)
+                exclude = None
+                if pair.exclude_mask is not None:
+                    exclude = _exclusion_in_model_space(read_nifti(pair.exclude_mask), scan, volume,
+                                                        exclude_dilation_mm)
+        except (ScanError, BrainUADError) as error:
+            raise TrainingDataError(f"{pair.image}: {error}") from None
         loaded.append(ModelSpaceScan(
             subject=pair.subject,
             image=np.ascontiguousarray(np.moveaxis(volume.image, 2, 0)),
             brain_mask=np.ascontiguousarray(np.moveaxis(volume.brain_mask, 2, 0)),
+            exclude=None if exclude is None else np.ascontiguousarray(np.moveaxis(exclude, 2, 0)),
         ))
         if progress is not None:
             progress(index + 1, len(scans))
     return loaded
+
+
+def _exclusion_in_model_space(mask, scan, volume, dilation_mm: float) -> np.ndarray:
+    """A native exclusion mask as model-space booleans (X, Y, Z), grown by ``dilation_mm``."""
+    if mask.data.shape != scan.data.shape or not np.allclose(mask.geometry.affine, scan.geometry.affine, atol=1e-3):
+        raise TrainingDataError(f"{mask.path}: the exclusion mask is not on the grid of {scan.path} "
+                                "(shape or affine differs)")
+    # Any overlap counts: a lesion a quarter of a model-space voxel wide still taints that voxel.
+    exclude = volume.transform.to_model((mask.data > 0).astype(np.float32), antialias=False) > 0.01
+    return grown_mask(exclude, volume.transform.spacing_mm, dilation_mm) & volume.brain_mask
+
+
+def thick_slice(stack: np.ndarray, z: int, width: int) -> np.ndarray:
+    """Slice ``z`` of a (Z, H, W) stack as a slice ``width`` model-space slices thick shows it:
+    the mean of that many neighbours (partial volume, as a 4–8 mm clinical slice looks once
+    resampled to model space), the stack's edges repeated."""
+    if width <= 1:
+        return stack[z]
+    rows = np.clip(np.arange(z - (width - 1) // 2, z - (width - 1) // 2 + width), 0, len(stack) - 1)
+    return stack[rows].mean(axis=0, dtype=np.float32)
 
 
 class SliceSampler:
@@ -177,13 +243,18 @@ class SliceSampler:
 
     ``batch(step, rank)`` depends only on the seed, the step and the rank: each process of a
     distributed run gets its own slices, and a resumed run draws what the first one would have.
+    With ``thick_slices`` (probability, widest width in slices) a drawn slice is, with that
+    probability, replaced by the mean of 2 up to that many neighbouring slices, so the model
+    learns what thick clinical slices look like in model space.
     """
 
-    def __init__(self, scans: Sequence[ModelSpaceScan], seed: int, min_brain_fraction: float = MIN_BRAIN_FRACTION):
+    def __init__(self, scans: Sequence[ModelSpaceScan], seed: int, min_brain_fraction: float = MIN_BRAIN_FRACTION,
+                 thick_slices: tuple[float, int] = (0.0, 1)):
         if not scans:
             raise TrainingDataError("no training scans")
         self.scans = list(scans)
         self.seed = int(seed)
+        self.thick_probability, self.thickest = float(thick_slices[0]), int(thick_slices[1])
         index = []
         for scan_number, scan in enumerate(self.scans):
             area = scan.brain_mask.shape[1] * scan.brain_mask.shape[2]
@@ -196,27 +267,63 @@ class SliceSampler:
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def has_exclusions(self) -> bool:
+        return any(scan.exclude is not None for scan in self.scans)
+
     def draw(self, step: int, rank: int, batch_size: int, stream: int = 0) -> np.ndarray:
         """Indices for one step; ``stream`` separates uses (0: training, 1: encoder pre-training)."""
         rng = np.random.default_rng([self.seed, stream, step, rank])
         return self.index[rng.integers(0, len(self.index), size=batch_size)]
 
-    def gather(self, chosen: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def widths(self, step: int, rank: int, batch_size: int, stream: int = 0) -> np.ndarray:
+        """How many slices thick each slice of the step is made (1: as it is)."""
+        if self.thick_probability <= 0 or self.thickest < 2:
+            return np.ones(batch_size, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, stream, step, rank, 1])
+        thick = rng.random(batch_size) < self.thick_probability
+        return np.where(thick, rng.integers(2, self.thickest + 1, size=batch_size), 1)
+
+    def gather(self, chosen: np.ndarray, widths: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, H, W) float32 slices and bool brain masks for (scan, slice) pairs."""
-        images = np.stack([self.scans[s].image[z] for s, z in chosen])[:, None]
+        widths = np.ones(len(chosen), dtype=np.int64) if widths is None else widths
         masks = np.stack([self.scans[s].brain_mask[z] for s, z in chosen])[:, None]
-        return torch.from_numpy(images), torch.from_numpy(masks)
+        # A thick slice's neighbours reach past its own brain outline; model space is 0 outside the brain.
+        images = np.stack([thick_slice(self.scans[s].image, z, w) for (s, z), w in zip(chosen, widths)])[:, None]
+        return torch.from_numpy(images * masks), torch.from_numpy(masks)
+
+    def excluded(self, chosen: np.ndarray, widths: np.ndarray | None = None) -> torch.Tensor | None:
+        """(B, 1, H, W) bool: the voxels of each slice left out of the loss (for a thick slice,
+        those of any slice it averages), or None when no scan has an exclusion mask."""
+        if not self.has_exclusions:
+            return None
+        widths = np.ones(len(chosen), dtype=np.int64) if widths is None else widths
+        rows = []
+        for (s, z), w in zip(chosen, widths):
+            scan = self.scans[s]
+            if scan.exclude is None:
+                rows.append(np.zeros(scan.brain_mask.shape[1:], dtype=bool))
+            else:
+                rows.append(thick_slice(scan.exclude.astype(np.float32), z, w) > 0)
+        return torch.from_numpy(np.stack(rows)[:, None])
 
     def batch(self, step: int, rank: int, batch_size: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gather(self.draw(step, rank, batch_size, stream))
+        chosen = self.draw(step, rank, batch_size, stream)
+        return self.gather(chosen, self.widths(step, rank, batch_size, stream))
+
+    def training_batch(self, step: int, rank: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The step's slices, brain masks and excluded voxels (None: nothing excluded)."""
+        chosen, widths = self.draw(step, rank, batch_size), self.widths(step, rank, batch_size)
+        return (*self.gather(chosen, widths), self.excluded(chosen, widths))
 
 
-def validation_slices(scans: Sequence[ModelSpaceScan], count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed set of up to ``count`` brain-holding slices spread evenly over the validation scans."""
+def validation_slices(scans: Sequence[ModelSpaceScan], count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A fixed set of up to ``count`` brain-holding slices spread evenly over the validation
+    scans: slices, brain masks and excluded voxels (None: nothing excluded)."""
     sampler = SliceSampler(scans, seed=0)
     count = min(count, len(sampler))
     chosen = sampler.index[np.linspace(0, len(sampler) - 1, count).round().astype(int)]
-    return sampler.gather(chosen)
+    return (*sampler.gather(chosen), sampler.excluded(chosen))
 
 
 class VolumeSampler:

@@ -35,7 +35,7 @@ from napari_brain_uad.checkpoint import CheckpointError, load_checkpoint, save_c
 from napari_brain_uad.downloads import file_sha256
 from napari_brain_uad.errors import BrainUADError
 from napari_brain_uad.model_registry import resolve_model
-from napari_brain_uad.models import ReconstructionModel, build_model, load_model, save_model
+from napari_brain_uad.models import MODEL_KINDS, ReconstructionModel, build_model, load_model, save_model
 
 from . import distributed
 from .augment import SliceAugmenter
@@ -78,8 +78,10 @@ class _LossOf(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, slices, brain_mask, generator):
-        return self.model.training_loss(slices, brain_mask, generator)
+    def forward(self, slices, brain_mask, generator, excluded=None):
+        if excluded is None:  # kinds without exclusion support keep their own signature
+            return self.model.training_loss(slices, brain_mask, generator)
+        return self.model.training_loss(slices, brain_mask, generator, excluded=excluded)
 
 
 def fit(
@@ -121,8 +123,8 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         with tqdm(total=len(pairs), desc="scans to model space", unit="scan", disable=not show) as bar:
             def advance(done, total):
                 bar.update(1)
-            training_scans = load_model_space(training_pairs, spec, advance)
-            validation_scans = load_model_space(validation_pairs, spec, advance)
+            training_scans = load_model_space(training_pairs, spec, advance, config.exclude_dilation_mm)
+            validation_scans = load_model_space(validation_pairs, spec, advance, config.exclude_dilation_mm)
     else:
         training_scans, validation_scans = scans
     torch.manual_seed(config.seed)  # the same initial weights for the same seed, on every rank
@@ -134,8 +136,13 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         validation = (validation_volumes(validation_scans, config.validation_slices, model.depth_slices)
                       if validation_scans else None)
     else:
-        sampler = SliceSampler(training_scans, config.seed)
+        sampler = SliceSampler(training_scans, config.seed,
+                               thick_slices=(config.thick_slice_probability, config.thickest_slice))
         validation = validation_slices(validation_scans, config.validation_slices) if validation_scans else None
+    if any(scan.exclude is not None for scan in [*training_scans, *validation_scans]) and not model.excludes_voxels:
+        kinds = ", ".join(name for name, kind in MODEL_KINDS.items() if kind.excludes_voxels)
+        raise ConfigError(f"the training list has exclusion masks, but the {config.kind} kind cannot leave voxels "
+                          f"out of its loss (kinds that can: {kinds}); remove the exclude_mask column or pick one")
     augmenter = SliceAugmenter(config.augmentation_settings()) if config.augment else None
     # Only what trains: a frozen part (SADM's base model) has no gradients and no Adam moments.
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
@@ -195,12 +202,18 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
             checkpoint(0, finished=False)
         while step < config.steps:
             model.train()
-            slices, brain_mask = sampler.batch(step, processes.rank, config.batch_size)
+            if model.volumetric:
+                slices, brain_mask = sampler.batch(step, processes.rank, config.batch_size)
+                excluded = None
+            else:
+                slices, brain_mask, excluded = sampler.training_batch(step, processes.rank, config.batch_size)
             if augmenter is not None:
                 slices = augmenter(slices, brain_mask, _seed_of(config.seed, step, processes.rank, 1))
             slices, brain_mask = slices.to(processes.device), brain_mask.to(processes.device)
+            if excluded is not None:
+                excluded = excluded.to(processes.device)
             generator = _generator(processes.device, _seed_of(config.seed, step, processes.rank, 2))
-            loss = loss_of(slices, brain_mask, generator)
+            loss = loss_of(slices, brain_mask, generator, excluded)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.gradient_clip_norm is not None:
@@ -314,13 +327,15 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 def _validation_loss(model, validation, config: TrainingConfig, device) -> float:
     """The training loss on fixed healthy validation slices with fixed random draws, so that
     numbers from different steps compare the model, not the luck of the draw."""
-    slices, brain_mask = validation
+    slices, brain_mask, *rest = validation
+    excluded = rest[0] if rest else None
     model.eval()
     total = 0.0
     for start in range(0, len(slices), config.batch_size):
         part = slice(start, start + config.batch_size)
         generator = _generator(device, _seed_of(config.seed, start, 3))
-        loss = model.training_loss(slices[part].to(device), brain_mask[part].to(device), generator)
+        arguments = {} if excluded is None else {"excluded": excluded[part].to(device)}
+        loss = model.training_loss(slices[part].to(device), brain_mask[part].to(device), generator, **arguments)
         total += float(loss) * len(slices[part])
     model.train()
     return total / len(slices)

@@ -36,6 +36,11 @@ LARGEST_BRAIN_ML = 2500.0
 SHORTEST_BRAIN_MM = 90.0
 
 GIVEN, SKULL_STRIPPED, EXTRACTED = "given", "skull-stripped", "extracted"
+# Voxels a model must not learn or be calibrated on as normal (a patient's lesions in a training
+# or calibration scan, given as an exclusion mask) are grown by this much first: automatic
+# lesion masks miss the lesions' faint rims, and a 2 mm model-space voxel straddles the edge of a
+# native one.
+EXCLUSION_GROWTH_MM = 4.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,18 @@ def find_brain(
             found = BrainMask(mask, EXTRACTED, float(np.count_nonzero(mask)) * per_voxel, EXTRACTOR)
     check_brain_size(found, scan)
     return found
+
+
+def grown_mask(mask: np.ndarray, spacing_mm, grow_mm: float = EXCLUSION_GROWTH_MM) -> np.ndarray:
+    """``mask`` grown by ``grow_mm`` in every direction, in mm on a grid of ``spacing_mm`` (a
+    number, or one per axis: thick slices grow by fewer voxels along the slice axis)."""
+    mask = np.asarray(mask, dtype=bool)
+    if grow_mm <= 0 or not mask.any():
+        return mask.copy()
+    from scipy import ndimage
+
+    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (mask.ndim,))
+    return ndimage.distance_transform_edt(~mask, sampling=spacing) <= grow_mm
 
 
 def extent_mm(mask: np.ndarray, spacing) -> list[float]:

@@ -20,6 +20,7 @@ the scan's own grid (``thresholds``, ``typicality``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from .analysis import AnalysisSettings
+from .brain_mask import grown_mask
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import OutputExists, SettingsError
 from .evaluation import LabelledCase, analyse_cases, evaluate_analysis
-from .postprocess import min_size_in_voxels
+from .postprocess import FilteredMap, min_size_in_voxels
 from .thresholds import (
     HEALTHY_PERCENTILE,
     dice_threshold_name,
@@ -72,8 +74,10 @@ def calibrate(
     (``healthy-99-residual-dark``), and the default scorer, its typicality and the calibration
     record stay as they are.
 
-    ``healthy`` scans (no lesion masks) give the ``healthy-<percentile>`` threshold and the
-    typicality record; ``lesion_cases`` (with lesion masks) the ``<lesion_name>-dice`` one and
+    ``healthy`` scans give the ``healthy-<percentile>`` threshold and the typicality record; a
+    healthy case's ``truth``, when it has one, is an exclusion mask (a patient's lesions, an
+    automatic segmenter's WMH): those voxels, grown by ``brain_mask.EXCLUSION_GROWTH_MM``, are
+    left out; ``lesion_cases`` (with lesion masks) the ``<lesion_name>-dice`` one and
     the Dice of every threshold on them. ``t_test`` stores a new test-time noise level in a
     diffusion model first. ``card``: entries to add to (or replace in) the card.
     """
@@ -100,7 +104,7 @@ def calibrate(
     def announce(what):
         return lambda index, count, case: say(f"{what} {index + 1}/{count}: {case.label}")
 
-    healthy_maps = [analysis.filtered for _, analysis, _ in
+    healthy_maps = [outside_exclusion(analysis.filtered, excluded) for _, analysis, excluded in
                     analyse_cases(healthy, model, settings, announce=announce("healthy"))]
     subjects = [case.label for case in healthy]
     value, record = healthy_percentile_threshold(healthy_maps, percentile=percentile)
@@ -143,6 +147,17 @@ def calibrate(
     written.update(card or {})
     save_checkpoint(output, state, written, overwrite=overwrite)
     return written
+
+
+def outside_exclusion(filtered: FilteredMap, excluded: np.ndarray | None) -> FilteredMap:
+    """The filtered map of a calibration scan with its excluded voxels (grown) taken out of the
+    region its thresholds and typicality are measured in."""
+    if excluded is None or not excluded.any():
+        return filtered
+    region = filtered.region & ~grown_mask(excluded, filtered.spacing_mm)
+    if not region.any():
+        raise SettingsError("a calibration scan's exclusion mask covers its whole brain")
+    return replace(filtered, region=region)
 
 
 def calibrate_for_scanner(

@@ -40,11 +40,16 @@ LATENT_KINDS = ("dense", "spatial")
 NOISE_REGIONS = ("foreground", "brain", "everywhere")
 
 
-def reconstruction_error(predicted: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean per-pixel l1 or squared error: per pixel, so that its scale does not depend on the slice size."""
-    if loss == "l1":
-        return F.l1_loss(predicted, target)
-    return F.mse_loss(predicted, target)
+def reconstruction_error(predicted: torch.Tensor, target: torch.Tensor, loss: str,
+                         excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean per-pixel l1 or squared error: per pixel, so that its scale does not depend on the
+    slice size. Pixels marked in ``excluded`` (bool, the target's shape) count for nothing: the
+    mean is over the others."""
+    if excluded is None:
+        return F.l1_loss(predicted, target) if loss == "l1" else F.mse_loss(predicted, target)
+    error = (predicted - target).abs() if loss == "l1" else (predicted - target).square()
+    kept = (~excluded.to(device=error.device, dtype=torch.bool)).to(error.dtype)
+    return (error * kept).sum() / kept.sum().clamp_min(1.0)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -169,6 +174,7 @@ class AE(ReconstructionModel):
 
     kind = "ae"
     config_class = AEConfig
+    excludes_voxels = True
     uses_noise_level = False
 
     def __init__(self, config: AEConfig = AEConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
@@ -201,9 +207,10 @@ class AE(ReconstructionModel):
         decoder = [p for name, p in self.network.named_parameters() if name.split(".")[0] not in _AE_ENCODER_PARTS]
         return DenoisingParts(self.network, encoder, decoder)
 
-    def training_loss(self, slices, brain_mask=None, generator=None):
-        """Reconstruction error of the clean slices (no randomness; ``brain_mask`` and ``generator`` unused)."""
-        return reconstruction_error(self(slices), slices, self.config.loss)
+    def training_loss(self, slices, brain_mask=None, generator=None, excluded=None):
+        """Reconstruction error of the clean slices outside ``excluded`` (no randomness;
+        ``brain_mask`` and ``generator`` unused)."""
+        return reconstruction_error(self(slices), slices, self.config.loss, excluded)
 
     @torch.no_grad()
     def reconstruct(self, slices, t=None, generator=None):
@@ -290,6 +297,7 @@ class VAE(VariationalCoding, ReconstructionModel):
 
     kind = "vae"
     config_class = VAEConfig
+    excludes_voxels = True
     uses_noise_level = False
 
     def __init__(self, config: VAEConfig = VAEConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
@@ -298,21 +306,22 @@ class VAE(VariationalCoding, ReconstructionModel):
         self.network = variational_network(2, spec.in_plane, config)
 
     def loss_terms(
-        self, slices: torch.Tensor, generator: torch.Generator | None = None
+        self, slices: torch.Tensor, generator: torch.Generator | None = None, excluded: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """The pieces of the training objective: reconstruction error, KL, and mu/logvar."""
+        """The pieces of the training objective: reconstruction error (outside ``excluded``),
+        KL, and mu/logvar."""
         mu, logvar = self.encode(slices)
         reconstruction = self.decode(self.sample_latent(mu, logvar, generator))
         return {
-            "reconstruction": reconstruction_error(reconstruction, slices, self.config.loss),
+            "reconstruction": reconstruction_error(reconstruction, slices, self.config.loss, excluded),
             "kl": kl_divergence(mu, logvar),
             "mu": mu,
             "logvar": logvar,
         }
 
-    def training_loss(self, slices, brain_mask=None, generator=None):
-        """Reconstruction error + beta * KL (``brain_mask`` unused)."""
-        terms = self.loss_terms(slices, generator)
+    def training_loss(self, slices, brain_mask=None, generator=None, excluded=None):
+        """Reconstruction error outside ``excluded`` + beta * KL (``brain_mask`` unused)."""
+        terms = self.loss_terms(slices, generator, excluded)
         return terms["reconstruction"] + self.config.beta * terms["kl"]
 
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
@@ -426,6 +435,7 @@ class DAE(ReconstructionModel):
 
     kind = "dae"
     config_class = DAEConfig
+    excludes_voxels = True
     uses_noise_level = False
 
     def __init__(self, config: DAEConfig = DAEConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
@@ -482,11 +492,11 @@ class DAE(ReconstructionModel):
             (encoder if monai_unet_part(name) == "encoder" else decoder).append(parameter)
         return DenoisingParts(self.forward, encoder, [*decoder, *self.output.parameters()])
 
-    def training_loss(self, slices, brain_mask=None, generator=None):
+    def training_loss(self, slices, brain_mask=None, generator=None, excluded=None):
         """Error between the U-Net's output on the noised slices and the clean slices (whole slice,
-        so that the background is reconstructed as background too)."""
+        so that the background is reconstructed as background too), outside ``excluded``."""
         noised = self.add_training_noise(slices, brain_mask, generator)
-        return reconstruction_error(self(noised), slices, self.config.loss)
+        return reconstruction_error(self(noised), slices, self.config.loss, excluded)
 
     @torch.no_grad()
     def reconstruct(self, slices, t=None, generator=None):

@@ -80,6 +80,9 @@ class ReconstructionModel(torch.nn.Module):
     # True for kinds that sit on another trained model, frozen (SADM): training needs its
     # ``base_model``.
     needs_base_model: ClassVar[bool] = False
+    # True for kinds whose training loss can leave voxels out (``training_loss(excluded=...)``):
+    # lesions in a patient's training scan, marked by an exclusion mask.
+    excludes_voxels: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__()
@@ -93,12 +96,14 @@ class ReconstructionModel(torch.nn.Module):
         slices: torch.Tensor,
         brain_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        excluded: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scalar loss on a batch of healthy slices (B, 1, H, W) in [0, 1].
 
         ``brain_mask`` (B, 1, H, W, bool) marks the brain (for masking strategies that work
         on a fraction of it); ``generator`` draws every random number, so a seeded generator
-        gives the same loss.
+        gives the same loss. ``excluded`` (B, 1, H, W, bool) marks voxels the loss must ignore;
+        only kinds with :attr:`excludes_voxels` accept it.
         """
         raise NotImplementedError
 
