@@ -27,6 +27,18 @@ def _offline_samples(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("NAPARI_BRAIN_UAD_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture
+def flair_model(monkeypatch) -> str:
+    """A registry whose FLAIR model is ``flair-test``: the bundled DAE without bias correction
+    under another name (no FLAIR model is bundled yet); T1 keeps its model, the default."""
+    from napari_brain_uad import model_registry
+
+    registry = model_registry.registry()
+    monkeypatch.setitem(registry["models"], "flair-test", registry["models"]["ixi-t1-dae"])
+    monkeypatch.setitem(registry, "default_by_contrast", {**registry["default_by_contrast"], "FLAIR": "flair-test"})
+    return "flair-test"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():

@@ -283,3 +283,117 @@ def test_lesion_direction_uses_the_one_way_residual_and_its_threshold(shared_dat
     assert main(["score", str(scan), "--lesion-direction", "--scorer", "ssim", "--out-map",
                  str(tmp_path / "x.nii.gz")]) == 2
     assert "--lesion-direction means --scorer residual-dark" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the model for the scan's contrast
+
+
+@pytest.fixture
+def loaded_models(monkeypatch):
+    """The checkpoint files the command loads, in order. The analysis stops with a settings
+    error right after the model is loaded, so no network runs: these tests are about which model."""
+    from pathlib import Path
+
+    from napari_brain_uad import analysis, evaluation, models
+    from napari_brain_uad.errors import SettingsError
+
+    loaded = []
+    load = models.load_model
+
+    def recording(path, *args, **kwargs):
+        loaded.append(Path(path))
+        return load(path, *args, **kwargs)
+
+    def stop(*args, **kwargs):
+        raise SettingsError("stopped before the network ran")
+
+    monkeypatch.setattr(models, "load_model", recording)
+    monkeypatch.setattr(analysis, "analyse_scan", stop)
+    monkeypatch.setattr(evaluation, "analyse_scan", stop)
+    return loaded
+
+
+def small_scan(path):
+    return write_nifti(path, np.random.default_rng(0).random((16, 16, 16)).astype(np.float32))
+
+
+def test_score_picks_the_model_of_the_scans_contrast_and_says_so(flair_model, loaded_models, tmp_path, capsys):
+    from napari_brain_uad.model_registry import resolve_model
+
+    scan = small_scan(tmp_path / "sub-01_FLAIR.nii.gz")
+    code = main(["score", str(scan), "--out-map", str(tmp_path / "map.nii.gz"), "--quiet"])
+    error = capsys.readouterr().err
+    assert code == 2 and "stopped before the network ran" in error
+    assert "brain-uad: FLAIR scan: using flair-test (picked by contrast; --model NAME|PATH picks another)" in error
+    assert loaded_models == [resolve_model(flair_model)]
+
+    t1 = small_scan(tmp_path / "T1W.nii.gz")
+    assert main(["score", str(t1), "--out-map", str(tmp_path / "map.nii.gz"), "--quiet"]) == 2
+    assert "T1 scan: using ixi-t1-dae-n4 (picked by contrast" in capsys.readouterr().err
+    assert loaded_models[-1] == resolve_model("ixi-t1-dae-n4")
+
+
+def test_a_model_the_user_names_always_wins(flair_model, loaded_models, tmp_path, capsys):
+    from napari_brain_uad.model_registry import resolve_model
+
+    scan = small_scan(tmp_path / "sub-01_FLAIR.nii.gz")
+    assert main(["score", str(scan), "--model", "ixi-t1-dae-n4", "--out-map", str(tmp_path / "map.nii.gz"),
+                 "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "picked by contrast" not in error
+    assert "looks like FLAIR but the model was trained on T1" in error  # the user's choice, warned about
+    assert loaded_models == [resolve_model("ixi-t1-dae-n4")]
+
+
+def test_each_scan_of_a_cohort_gets_its_own_contrasts_model(flair_model, loaded_models, tmp_path, capsys):
+    from napari_brain_uad.cohort import read_summary_csv
+    from napari_brain_uad.model_registry import resolve_model
+
+    scans = [small_scan(tmp_path / name) for name in ("a_FLAIR.nii.gz", "b_T1.nii.gz", "c_t2f.nii.gz")]
+    out = tmp_path / "out"
+    code = main(["score", *map(str, scans), "--out-dir", str(out), "--quiet"])
+    error = capsys.readouterr().err
+    assert code == 2  # every scan stopped before the network
+    assert "brain-uad: 2 FLAIR scans: using flair-test (picked by contrast" in error
+    assert "brain-uad: T1 scan: using ixi-t1-dae-n4 (picked by contrast" in error
+    rows = read_summary_csv(out / "summary.csv")
+    assert [row["model"] for row in rows] == ["flair-test", "ixi-t1-dae-n4", "flair-test"]
+    assert all("stopped before the network ran" in row["error"] for row in rows)
+    assert sorted(loaded_models) == sorted([resolve_model(flair_model), resolve_model("ixi-t1-dae-n4")])  # once each
+    document = json.loads((out / "summary.json").read_text())
+    assert [model["model"] for model in document["models"]] == ["flair-test", "ixi-t1-dae-n4"]
+
+    # --model: one model for every scan, whatever their contrast.
+    again = tmp_path / "again"
+    assert main(["score", *map(str, scans), "--out-dir", str(again), "--model", "ixi-t1-dae", "--quiet"]) == 2
+    assert "picked by contrast" not in capsys.readouterr().err
+    assert {row["model"] for row in read_summary_csv(again / "summary.csv")} == {"ixi-t1-dae"}
+
+
+def test_cohort_workers_load_each_scans_model(flair_model, loaded_models, tmp_path, monkeypatch):
+    """What a worker process does with a scan, here in this process: its own job's model."""
+    from napari_brain_uad import cohort
+    from napari_brain_uad.analysis import AnalysisSettings
+    from napari_brain_uad.model_registry import resolve_model
+    from napari_brain_uad.scan_list import ScanEntry
+
+    monkeypatch.setattr(cohort, "_worker", {})
+    jobs = [cohort.CohortJob(model_path=resolve_model(name), model_sha256=name, model_metadata={},
+                             settings=AnalysisSettings(), out_dir=tmp_path, model_name=name)
+            for name in ("ixi-t1-dae-n4", flair_model)]
+    cohort._start_worker(jobs, None)
+    scan = small_scan(tmp_path / "x_FLAIR.nii.gz")
+    row = cohort._score_in_worker(ScanEntry("x_FLAIR", scan), 1)
+    assert row["model"] == flair_model and loaded_models == [resolve_model(flair_model)]
+
+
+def test_evaluate_picks_each_scans_model(flair_model, loaded_models, tmp_path, capsys):
+    from napari_brain_uad.model_registry import resolve_model
+
+    flair, t1 = small_scan(tmp_path / "FLAIR.nii.gz"), small_scan(tmp_path / "T1.nii.gz")
+    lesions = write_nifti(tmp_path / "lesions.nii.gz", np.zeros((16, 16, 16), np.uint8))
+    assert main(["evaluate", "--images", str(flair), str(t1), "--masks", str(lesions), str(lesions), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "FLAIR scan: using flair-test (picked by contrast" in error
+    assert "T1 scan: using ixi-t1-dae-n4 (picked by contrast" in error
+    assert loaded_models == [resolve_model(flair_model)]  # the FLAIR group first; it stopped there

@@ -395,3 +395,15 @@ def test_brain_uad_score_reads_a_dicom_folder_and_writes_on_its_grid(shared_data
     score_map = np.asarray(nib.load(outputs["map"]).dataobj)
     brain = np.asarray(nib.load(shared_data / "ixi_t1/brainmask/IXI661-HH-2788_brainmask.nii.gz").dataobj) > 0
     assert score_map[brain].any() and not score_map[~brain].any()  # scored inside the brain only
+
+
+def test_the_series_description_tells_the_contrast(two_series):
+    """The model for a DICOM scan is picked by its SeriesDescription (the folder's name says nothing here)."""
+    from napari_brain_uad.model_registry import read_scan_contrast, scan_contrast
+
+    assert dicom.folder_series_description(two_series) == "ixi test series"  # the largest, as read
+    assert scan_contrast(two_series) is None
+    assert scan_contrast(two_series, series_uid=SERIES_UIDS["flair"]) == "FLAIR"
+    assert dicom.folder_series_description(two_series, "1.2.3") == ""  # reading it says why
+    volume = read_quietly(two_series, series_uid=SERIES_UIDS["flair"])
+    assert read_scan_contrast(volume.geometry) == "FLAIR"  # from the header, as a napari layer carries it

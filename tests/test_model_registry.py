@@ -98,3 +98,82 @@ def test_offline_without_a_cached_copy_says_so(monkeypatch):
                         {"url": "http://127.0.0.1:9/x.safetensors", "sha256": "2" * 64, "filename": "x.safetensors"})
     with pytest.raises(ModelUnavailable, match="downloads are off"):
         resolve_model("remote-only")
+
+
+# ---------------------------------------------------------------- the model for a scan's contrast
+
+
+@pytest.mark.parametrize("name, contrast", [
+    ("FLAIR.nii.gz", "FLAIR"),
+    ("sub-01_FLAIR.nii.gz", "FLAIR"),
+    ("t2f", "FLAIR"),  # BraTS 2023
+    ("AX T2 FLAIR", "FLAIR"),  # a DICOM SeriesDescription: FLAIR, though it says T2
+    ("AXT2FLAIR", "FLAIR"),
+    ("t2_tirm_tra_dark-fluid", "FLAIR"),
+    ("T1 FLAIR", "T1"),  # a T1-weighted FLAIR is a T1 sequence
+    ("T1W", "T1"),
+    ("t1n", "T1"),  # BraTS 2023's native T1
+    ("sub-01_T1w.nii.gz", "T1"),
+    ("IXI661-HH-2788_T1.nii.gz", "T1"),
+    ("sag_3D_MPRAGE", "T1"),
+    ("t1c.nii.gz", "T1c"),
+    ("AX T1 +C", "T1c"),
+    ("T2W.nii.gz", "T2"),
+    ("t2_tse_tra", "T2"),
+    ("T2*", None),  # gradient echo: another contrast than T2
+    ("patient01.nii.gz", None),
+    ("brain", None),
+    ("", None),
+])
+def test_the_contrast_a_name_says(name, contrast):
+    assert model_registry.guess_contrast(name) == contrast
+
+
+def test_the_first_name_that_tells_a_contrast_decides():
+    assert model_registry.guess_contrast("scan", "AX FLAIR", "t1_folder") == "FLAIR"
+    assert model_registry.guess_contrast("", None, "T2W.nii.gz") == "T2"
+
+
+def test_the_registry_names_only_its_own_models_by_contrast():
+    by_contrast = model_registry.registry()["default_by_contrast"]
+    assert by_contrast and set(by_contrast.values()) <= set(model_registry.registry()["models"])
+
+
+def test_the_model_is_picked_by_contrast_and_says_so(flair_model):
+    pick = model_registry.model_for_contrast("FLAIR")
+    assert pick.name == flair_model and pick.by_contrast
+    assert pick.describe("choose another above") == \
+        "FLAIR scan: using flair-test (picked by contrast; choose another above)"
+    assert model_registry.model_for_contrast("flair").name == flair_model  # any case
+    assert model_registry.model_for_contrast("T1").name == "ixi-t1-dae-n4"
+    assert resolve_model(pick.name) == resolve_model("ixi-t1-dae")
+
+
+def test_a_contrast_without_a_model_or_an_unknown_one_gets_the_default(monkeypatch):
+    default = default_model_name()
+    monkeypatch.setitem(model_registry.registry(), "default_by_contrast", {"T1": default})  # no FLAIR model
+    flair = model_registry.model_for_contrast("FLAIR")
+    assert flair.name == default and not flair.by_contrast
+    assert f"using the default model, {default} (no FLAIR model in the registry" in flair.reason
+    unknown = model_registry.model_for_contrast(None)
+    assert unknown.name == default and unknown.reason.startswith("scan of unknown contrast")
+    assert unknown.describe(scans=3).startswith("3 scans of unknown contrast")
+
+
+def test_a_registry_without_a_contrast_map_still_picks(monkeypatch):
+    monkeypatch.delitem(model_registry.registry(), "default_by_contrast")
+    assert model_registry.model_for_contrast("T1").name == default_model_name()
+
+
+def test_a_scan_on_disk_tells_its_contrast_by_its_names(tmp_path):
+    scan = tmp_path / "sub-01_FLAIR.nii.gz"
+    assert model_registry.scan_contrast(scan) == "FLAIR"
+    assert model_registry.scan_contrast(tmp_path / "case7.nii.gz", "case7_t1n") == "T1"  # an id first
+
+
+def test_the_mismatch_warning_uses_the_guessed_contrast():
+    from napari_brain_uad.model_card import modality_mismatch
+
+    t1_model = {"model_space": {"modality": "T1"}}
+    assert "looks like FLAIR but the model was trained on T1" in modality_mismatch(t1_model, "FLAIR")
+    assert modality_mismatch(t1_model, "t1") is None and modality_mismatch(t1_model, None) is None

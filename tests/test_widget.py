@@ -258,6 +258,25 @@ def test_a_model_for_another_contrast_is_flagged(viewer_with_widget, trained_che
     assert "looks like" not in widget.model_info.value
 
 
+def test_the_scans_contrast_picks_the_model_until_the_user_chooses_one(flair_model, viewer_with_widget):
+    viewer, widget = viewer_with_widget  # built after flair_model: its list offers flair-test
+    viewer.open_sample("napari-brain-uad", "mslub-patient26")
+    widget.scan.value = viewer.layers["MSLUB FLAIR"]
+    assert widget.model_choice.value == flair_model
+    assert widget.model_pick.value == "FLAIR scan: using flair-test (picked by contrast; choose another above)"
+    assert not widget.model_pick.native.isHidden() and not widget.model_chosen_by_user  # (the window is not shown)
+    widget.scan.value = viewer.layers["MSLUB T1"]
+    assert widget.model_choice.value == default_model_name() and widget.model_pick.value.startswith("T1 scan: using")
+    viewer.add_image(np.zeros((4, 4, 4)), name="unrelated")  # napari resets the dock's lists: no choice made
+    assert not widget.model_chosen_by_user
+    # A model the user chooses holds for every scan, and the dock warns when it does not fit.
+    widget.model_choice.value = "ixi-t1-ddpm"
+    assert widget.model_chosen_by_user and widget.model_pick.native.isHidden()
+    widget.scan.value = viewer.layers["MSLUB FLAIR"]
+    assert widget.model_choice.value == "ixi-t1-ddpm"
+    assert "looks like FLAIR but the model was trained on T1" in widget.model_headline.value
+
+
 def test_the_anomaly_overlay_shows_on_screen(make_napari_viewer, trained_checkpoint, qtbot, shared_data):
     viewer = make_napari_viewer(show=True)  # the canvas renders only in a shown window
     _, widget = viewer.window.add_plugin_dock_widget("napari-brain-uad")

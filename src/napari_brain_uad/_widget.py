@@ -1,6 +1,7 @@
 """The main dock widget: layout and wiring around the Qt-free core.
 
-It lays out the inputs (scan, brain mask, model, scorer, samples, noise level, device), Run and
+It lays out the inputs (scan, brain mask, model — the one ``model_registry`` picks for the scan's
+contrast until the user chooses one —, scorer, samples, noise level, device), Run and
 Cancel, the results (threshold and preset, minimum lesion size, median switch, findings) and
 the exports, and connects them. The rules it shows come from the core: the model's card and
 defaults from ``model_card`` and ``scoring``, the threshold's start, range and presets, the
@@ -54,7 +55,15 @@ from ._writer import write_layer
 from .brain_mask import GIVEN
 from .errors import BrainUADError, internal_error_message
 from .io import NiftiVolume, ScanError, nifti_stem, scan_stem
-from .model_registry import default_model_name, local_model_file, model_names
+from .model_registry import (
+    default_model_name,
+    guess_contrast,
+    local_model_file,
+    model_for_contrast,
+    model_names,
+    read_scan_contrast,
+    scan_contrast,
+)
 from .scoring import SCORERS, scorer_names
 from .thresholds import stored_thresholds
 from .typicality import assess
@@ -64,6 +73,8 @@ if TYPE_CHECKING:
     from .session import ScanSession
 
 FILE_CHOICE = "checkpoint file…"
+# How a user of the dock overrides the model picked for the scan's contrast.
+PICK_HINT = "choose another above"
 NO_PRESET = "—"
 WARNING_MARK = "⚠"  # starts a line of the model card that must stay in view
 
@@ -86,6 +97,7 @@ class BrainUADWidget(Container):
                                         options={"nullable": True})
         self.model_choice = ComboBox(label="Model", choices=[*model_names(), FILE_CHOICE], value=default_model_name())
         self.model_file = FileEdit(label="Checkpoint", filter="*.safetensors", value="", visible=False)
+        self.model_pick = Label(value="", visible=False)  # which model the scan's contrast picked, and why
         self.model_headline = Label(value="")  # the card's first line and any warning: always shown
         self.model_details = CheckBox(text="Model details", value=False,
                                       tooltip="the whole model card: what the model is and what it was trained on")
@@ -113,7 +125,8 @@ class BrainUADWidget(Container):
         self.export_results_button = PushButton(text="Export map and reconstruction…")
         self.status = Label(value="")
         self.extend([
-            self.worklist, self.scan, self.scan_info, self.brain_mask, self.model_choice, self.model_file, self.model_headline,
+            self.worklist, self.scan, self.scan_info, self.brain_mask, self.model_choice, self.model_file, self.model_pick,
+            self.model_headline,
             self.model_details, self.model_info,
             self.scorer, self.lesion_direction, self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button,
             self.progress, self.threshold, self.threshold_preset, self.min_size_ml, self.median,
@@ -126,11 +139,14 @@ class BrainUADWidget(Container):
         self._median_worker = None
         self._model_metadata: dict = {}  # the chosen model's card, {} until it can be read
         self._resolved: dict[str, Path] = {}  # registry name -> verified local file
+        # Until the user chooses a model, each scan gets its contrast's; their choice then holds.
+        self.model_chosen_by_user = False
+        self._picking_model = False  # the dock itself is setting the model choice
         self._cancel = threading.Event()
         self._relay = ProgressRelay()
         self._relay.changed.connect(self._show_progress)
         self.scan.changed.connect(self._scan_changed)
-        self.model_choice.changed.connect(self._model_changed)
+        self.model_choice.changed.connect(self._model_chosen)
         self.model_file.changed.connect(self._file_chosen)
         self.model_details.changed.connect(self._show_model_headline)
         self.scorer.changed.connect(self._scorer_changed)
@@ -180,8 +196,8 @@ class BrainUADWidget(Container):
                 empty_label = layout.itemAt(0).widget()
                 if isinstance(empty_label, QLabel):
                     empty_label.hide()
-        for label in (self.worklist.title, self.scan_info, self.model_headline, self.model_info, self.review.title,
-                      self.status):
+        for label in (self.worklist.title, self.scan_info, self.model_pick, self.model_headline, self.model_info,
+                      self.review.title, self.status):
             text = label.native
             text.setWordWrap(True)
             policy = QSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
@@ -210,7 +226,45 @@ class BrainUADWidget(Container):
 
     def _scan_changed(self, *_):
         self._show_scan_info()
+        self._pick_model_for_scan()
         self._show_model_info()  # its warning depends on the scan's name
+
+    def _scan_contrast(self) -> str | None:
+        """The chosen scan's contrast, as its layer's and file's names (or DICOM description) say."""
+        layer = self.scan.value
+        if layer is None:
+            return None
+        geometry = layer.metadata.get("nifti")
+        return read_scan_contrast(geometry, layer.name) if geometry is not None else guess_contrast(layer.name)
+
+    def _pick_model_for_scan(self):
+        """Unless the user chose a model, the registry's model for the scan's contrast, and a line
+        saying which and why."""
+        if self.model_chosen_by_user or self.scan.value is None:
+            self.model_pick.value, self.model_pick.visible = "", False
+            return
+        pick = model_for_contrast(self._scan_contrast())
+        self.model_pick.value, self.model_pick.visible = pick.describe(PICK_HINT), True
+        if pick.name in self.model_choice.choices and self.model_choice.value != pick.name:
+            self._picking_model = True
+            try:
+                self.model_choice.value = pick.name
+            finally:
+                self._picking_model = False
+
+    def _model_chosen(self, *_):
+        """A model chosen in the list: by the user (it then holds for every scan), or by the dock
+        for the scan's contrast."""
+        if not self._picking_model:
+            self.model_chosen_by_user = True
+            self.model_pick.value, self.model_pick.visible = "", False
+        self._model_changed()
+
+    def model_source_for(self, path: str | Path, *names: str) -> str | Path | None:
+        """The model a scan on disk would run with: the user's choice, else its contrast's."""
+        if self.model_chosen_by_user:
+            return self.model_source()
+        return model_for_contrast(scan_contrast(path, *names)).name
 
     def _show_scan_info(self):
         layer = self.scan.value
@@ -340,9 +394,7 @@ class BrainUADWidget(Container):
             self.model_info.value = f"Not usable: {error}"
             return
         self._model_metadata = metadata
-        layer = self.scan.value
-        names = (layer.name, getattr(layer.metadata.get("nifti"), "source", "")) if layer is not None else ()
-        mismatch = model_card.modality_mismatch(metadata, *names)
+        mismatch = model_card.modality_mismatch(metadata, self._scan_contrast())
         self.model_info.value = model_card.summary(metadata) + (f"\n{WARNING_MARK} {mismatch}" if mismatch else "")
 
     def _show_presets(self, *_):

@@ -13,8 +13,9 @@ and keeps them up to date as the user works:
   and before the window closes; a save that fails is shown, and going to another scan then asks
   before leaving edits behind;
 - **the next scan in the background**: once a scan's results are in view, the next scan that
-  was never run is analysed in a worker with the same model and settings, and its results are
-  saved, so it opens at once; its status says when it is ready or why it failed;
+  was never run is analysed in a worker with the same model and settings (unless its contrast
+  picks another model than the scan in view's), and its results are saved, so it opens at once;
+  its status says when it is ready or why it failed;
 - while the scan in view is being analysed (Run), the list does not move.
 """
 
@@ -309,6 +310,8 @@ class WorklistPanel(Container):
         source = self._owner.model_source()
         if entry is None or source is None:
             return
+        if self._owner.model_source_for(entry.scan, entry.id) != source:
+            return  # its contrast picks another model: it runs with that model's defaults when the user gets there
         try:
             settings = self._owner.analysis_settings()
         except BrainUADError:

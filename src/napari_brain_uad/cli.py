@@ -11,7 +11,9 @@
     brain-uad evaluate LIST.csv|BIDS_DATASET [--bids-suffix T1w] [--derivatives FOLDER] [...]
     brain-uad models [NAME|PATH ...]
 
-Without ``--model`` the bundled default model is used, with the scorer it was calibrated for.
+Without ``--model`` each scan gets the registry's model for its contrast, guessed from its name
+(and a DICOM series' description; ``model_registry`` owns the rule), else the bundled default
+model, with the scorer it was calibrated for; a line on stderr says which model and why.
 With ``--out-dir`` many scans are scored into one folder with a summary, resumably and in
 parallel; ``cohort`` owns that (output names, records, summary, sharding) and says how.
 
@@ -29,6 +31,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from .errors import BrainUADError, OutputExists, SettingsError, internal_error_message
@@ -118,7 +121,8 @@ def _cohort_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a model name (see `brain-uad models`) or a checkpoint file "
-                        "(default: the bundled model)")
+                        "(default: for each scan, the registry's model for the contrast its name says, else the "
+                        "bundled default model)")
     parser.add_argument("--scorer", choices=list(SCORERS), help="anomaly score (default: the model's, else ssim-ens)")
     parser.add_argument("--lesion-direction", action="store_true",
                         help="count only deviations the model's contrast gives lesions (darker on T1, brighter on "
@@ -167,15 +171,19 @@ def score_command(arguments) -> int:
         if not str(path).endswith((".nii.gz", ".nii")):
             raise SettingsError(f"{path}: output names must end in .nii.gz or .nii")
 
+    from .model_registry import scan_contrast
+
+    contrast = scan_contrast(arguments.input, series_uid=arguments.series)
+    model = _models_for(arguments, [contrast])[0]
     with _warnings_as_lines():
-        model_path, metadata, settings = _model_and_settings(arguments)
+        model_path, metadata, settings = _model_and_settings(arguments, model)
         threshold = None
         if outputs["mask"]:
             threshold = resolve_threshold(arguments.threshold, metadata, settings)
             if threshold is None:
                 raise SettingsError(f"--out-mask needs --threshold: the model stores none for scorer {settings.scorer}")
         scan, analysis = _analyse(arguments.input, arguments.brain_mask, model_path, metadata, settings,
-                                  quiet=arguments.quiet, series_uid=arguments.series)
+                                  contrast=contrast, quiet=arguments.quiet, series_uid=arguments.series)
     if outputs["map"]:
         save_source_array(analysis.anomaly_map, scan.geometry, outputs["map"], kind="image", overwrite=arguments.overwrite)
     if outputs["recon"]:
@@ -205,7 +213,7 @@ def _score_cohort(arguments, outputs) -> int:
     """Many scans into --out-dir (``cohort`` does the work)."""
     from .cohort import FAILED, CohortJob, Processes, print_line, progress_line, score_cohort
     from .downloads import file_sha256
-    from .model_registry import default_model_name
+    from .model_registry import scan_contrast
 
     given = [f"--out-{name.replace('_', '-')}" for name, value in outputs.items() if value]
     if given:
@@ -216,33 +224,42 @@ def _score_cohort(arguments, outputs) -> int:
         raise SettingsError("--brain-mask is for one scan; give a cohort's brain masks in a CSV's brain_mask column "
                             "or a BIDS derivatives folder")
     entries = _cohort_entries(arguments, arguments.inputs)
-    with _warnings_as_lines():
-        model_path, metadata, settings = _model_and_settings(arguments)
-        threshold = resolve_threshold(arguments.threshold, metadata, settings)
-    job = CohortJob(model_path=Path(model_path), model_sha256=file_sha256(Path(model_path)), model_metadata=metadata,
-                    settings=settings, out_dir=Path(arguments.out_dir), threshold=threshold,
-                    min_size_ml=arguments.min_size_ml, overwrite=arguments.overwrite,
-                    model_name=arguments.model or default_model_name())
     processes = Processes.from_environment()
+    # Without --model each scan gets its contrast's model: one job per model picked.
+    contrasts = [None] * len(entries) if arguments.model else [scan_contrast(entry.scan, entry.id)
+                                                                for entry in entries]
+    models = _models_for(arguments, contrasts, say=processes.rank == 0)
+    jobs = {}
+    for model in dict.fromkeys(models):
+        with _warnings_as_lines():
+            model_path, metadata, settings = _model_and_settings(arguments, model)
+            threshold = resolve_threshold(arguments.threshold, metadata, settings)
+        jobs[model] = CohortJob(model_path=Path(model_path), model_sha256=file_sha256(Path(model_path)),
+                                model_metadata=metadata, settings=settings, out_dir=Path(arguments.out_dir),
+                                threshold=threshold, min_size_ml=arguments.min_size_ml,
+                                overwrite=arguments.overwrite, model_name=model)
     if not arguments.quiet and processes.rank == 0:
-        print_line(f"{len(entries)} scan(s), model {metadata['kind']} ({Path(model_path).name}), scorer "
-                   f"{settings.scorer}, " + (f"threshold {threshold.describe()}" if threshold else "no threshold")
-                   + (f", {processes.world_size} processes" if processes.distributed else "")
-                   + (f", {arguments.workers} workers" if arguments.workers > 1 else ""))
+        for model, job in jobs.items():
+            print_line(f"{models.count(model)} scan(s), model {job.model_metadata['kind']} ({job.model_path.name}), "
+                       f"scorer {job.settings.scorer}, "
+                       + (f"threshold {job.threshold.describe()}" if job.threshold else "no threshold")
+                       + (f", {processes.world_size} processes" if processes.distributed else "")
+                       + (f", {arguments.workers} workers" if arguments.workers > 1 else ""))
 
     def report(index, count, row):
         if not arguments.quiet or row["status"] == FAILED:
             print_line("brain-uad: " + progress_line(index, count, row, processes))
 
     with _warnings_as_lines():
-        summary = score_cohort(entries, job, workers=arguments.workers, threads=arguments.threads, report=report)
+        summary = score_cohort(entries, [jobs[model] for model in models], workers=arguments.workers,
+                               threads=arguments.threads, report=report)
     if processes.rank == 0 and not arguments.quiet:
         print_line(f"brain-uad: {summary.count('done')} done, {summary.count('skipped')} skipped, "
-                   f"{summary.count('failed')} failed; summary in {job.out_dir / 'summary.csv'}")
+                   f"{summary.count('failed')} failed; summary in {summary.out_dir / 'summary.csv'}")
     if summary.total_failed:
         if processes.rank == 0:
             print(f"brain-uad: error: {summary.total_failed} of {len(entries)} scans failed "
-                  f"(see {job.out_dir / 'summary.csv'})", file=sys.stderr)
+                  f"(see {summary.out_dir / 'summary.csv'})", file=sys.stderr)
         return 2
     return 0
 
@@ -260,13 +277,33 @@ def _cohort_entries(arguments, sources):
                              derivatives=arguments.derivatives)
 
 
-def _model_and_settings(arguments):
-    """The checkpoint file, its metadata, and the analysis settings (defaults from the model)."""
+# How a user of the command line overrides the model picked for a scan's contrast.
+_PICK_HINT = "--model NAME|PATH picks another"
+
+
+def _models_for(arguments, contrasts, *, say: bool = True) -> list[str]:
+    """The model for each scan of the given contrasts: ``--model`` for all when given (the user's
+    choice always wins), else the registry's model for each scan's contrast; a line on stderr for
+    each contrast says which model and why (even with --quiet: it decides what the maps mean)."""
+    from .model_registry import model_for_contrast
+
+    if arguments.model:
+        return [arguments.model] * len(contrasts)
+    picks = [model_for_contrast(contrast) for contrast in contrasts]
+    if say:
+        for pick, count in Counter(picks).items():
+            print(f"brain-uad: {pick.describe(_PICK_HINT, scans=count)}", file=sys.stderr)
+    return [pick.name for pick in picks]
+
+
+def _model_and_settings(arguments, model: str | None):
+    """The checkpoint file of ``model`` (a name or path), its metadata, and the analysis
+    settings (defaults from the model)."""
     from .analysis import AnalysisSettings
     from .checkpoint import read_metadata
     from .model_registry import resolve_model
 
-    model_path = resolve_model(arguments.model, progressbar=not arguments.quiet)
+    model_path = resolve_model(model, progressbar=not arguments.quiet)
     metadata = read_metadata(model_path)
     scorer = arguments.scorer
     if getattr(arguments, "lesion_direction", False):
@@ -286,9 +323,10 @@ def _model_and_settings(arguments):
     return model_path, metadata, settings
 
 
-def _analyse(image, brain_mask, model_path, metadata, settings, *, quiet: bool, series_uid: str | None = None):
-    """Read one scan (a NIfTI file or a DICOM series) and its brain mask, warn if it looks like
-    another contrast than the model's, and analyse it."""
+def _analyse(image, brain_mask, model_path, metadata, settings, *, contrast: str | None, quiet: bool,
+             series_uid: str | None = None):
+    """Read one scan (a NIfTI file or a DICOM series) and its brain mask, warn if its
+    ``contrast`` (guessed from its names) is another than the model's, and analyse it."""
     from .analysis import analyse_scan
     from .io import read_scan
     from .model_card import modality_mismatch
@@ -296,12 +334,7 @@ def _analyse(image, brain_mask, model_path, metadata, settings, *, quiet: bool, 
 
     scan = read_scan(image, series_uid=series_uid)
     brain = read_scan(brain_mask, allow_empty=True) if brain_mask else None
-    names = [Path(image).name]
-    if Path(image).is_dir():
-        from .dicom import series_description
-
-        names.append(series_description(scan))
-    mismatch = modality_mismatch(metadata, *names)
+    mismatch = modality_mismatch(metadata, contrast)
     if mismatch:
         warnings.warn(f"{image}: {mismatch}")
     analysis = analyse_scan(scan, load_model(model_path)[0], brain_mask=brain, settings=settings,
@@ -334,9 +367,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def evaluate_command(arguments) -> int:
-    from .evaluation import evaluate_cases
-    from .model_card import modality_mismatch
-    from .models import load_model
+    """Evaluate labelled scans. Without --model each scan gets its contrast's model; scans of
+    different models are evaluated (and their means taken) model by model, one table each."""
+    from .model_registry import scan_contrast
 
     if arguments.sources:
         if arguments.images or arguments.masks or arguments.brain_masks:
@@ -349,8 +382,30 @@ def evaluate_command(arguments) -> int:
     if arguments.json and Path(arguments.json).exists() and not arguments.overwrite:
         raise OutputExists(f"{arguments.json}: already exists; not overwriting it")
 
+    contrasts = [scan_contrast(case.image, case.name or "") for case in cases]
+    models = _models_for(arguments, contrasts)
+    documents = []
+    for model in dict.fromkeys(models):
+        chosen = [index for index, name in enumerate(models) if name == model]
+        documents.append(_evaluate_with(arguments, model, [cases[index] for index in chosen],
+                                        [contrasts[index] for index in chosen]))
+    if arguments.json:
+        from .io import write_atomically
+
+        document = documents[0] if len(documents) == 1 else {"models": documents}
+        text = json.dumps(document, indent=2, default=float)
+        write_atomically(arguments.json, lambda temporary: Path(temporary).write_text(text))
+    return 0
+
+
+def _evaluate_with(arguments, model: str, cases, contrasts) -> dict:
+    """Evaluate ``cases`` with ``model``, print their table, and give the JSON document."""
+    from .evaluation import evaluate_cases
+    from .model_card import modality_mismatch
+    from .models import load_model
+
     def announce(index, count, case):
-        mismatch = modality_mismatch(metadata, Path(case.image).name)
+        mismatch = modality_mismatch(metadata, contrasts[index])
         if mismatch:
             warnings.warn(f"{case.image}: {mismatch}")
         if not arguments.quiet:
@@ -359,7 +414,7 @@ def evaluate_command(arguments) -> int:
             print(f"case {index + 1}/{count}: {case.image}", file=sys.stderr)
 
     with _warnings_as_lines():
-        model_path, metadata, settings = _model_and_settings(arguments)
+        model_path, metadata, settings = _model_and_settings(arguments, model)
         threshold = resolve_threshold(arguments.threshold, metadata, settings)
         cohort = evaluate_cases(cases, load_model(model_path)[0], settings, threshold=threshold, announce=announce,
                                 progress=None if arguments.quiet else _progress_bar())
@@ -375,13 +430,7 @@ def evaluate_command(arguments) -> int:
     for row in [*rows, mean]:
         print("| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |")
     print(f"| pooled | | {pooled['best_dice']:.4f} |" + (" |" if threshold else "") + f" {pooled['auprc']:.4f} | |")
-    if arguments.json:
-        from .io import write_atomically
-
-        document = cohort.document(model=str(model_path), kind=metadata["kind"])
-        text = json.dumps(document, indent=2, default=float)
-        write_atomically(arguments.json, lambda temporary: Path(temporary).write_text(text))
-    return 0
+    return cohort.document(model=str(model_path), kind=metadata["kind"])
 
 
 def _cases_from_arguments(arguments):

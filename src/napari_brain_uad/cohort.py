@@ -21,7 +21,11 @@ dataset: ``scan_list``) comes here. This module owns:
   replace outputs of another scan, model or settings, or files it did not write, unless
   ``overwrite``.
 - **The summary** (:data:`SUMMARY_COLUMNS`): ``DIR/summary.csv`` and ``DIR/summary.json``, one
-  row per scan (done, skipped or failed, with the error), in the list's order.
+  row per scan (done, skipped or failed, with the error, and the model it was scored with), in
+  the list's order.
+- **A model per scan**: one :class:`CohortJob` for every scan, or one per scan (the command line
+  picks each scan's model by its contrast when the user names none); each process loads each
+  model once, when its first scan needs it.
 - **Running**: in this process (the next scan is read while the network runs), in ``workers``
   processes that each load the model once, or sharded over the processes ``torchrun`` starts
   (``RANK``/``WORLD_SIZE``, Gloo): each rank writes ``summary.part-<rank>.csv`` and rank 0
@@ -62,7 +66,7 @@ SUMMARY_CSV, SUMMARY_JSON = "summary.csv", "summary.json"
 # is the scan's typicality score for the model (``typicality``; empty when the model stores none
 # for these settings).
 SUMMARY_COLUMNS = ("id", "scan", "status", "error", "seconds", "brain_ml", "flagged_ml", "findings",
-                   "largest_finding_ml", "typicality", "warnings")
+                   "largest_finding_ml", "typicality", "model", "warnings")
 _NUMBER_COLUMNS = {"seconds": float, "brain_ml": float, "flagged_ml": float, "findings": int,
                    "largest_finding_ml": float, "typicality": float}
 # Settings that do not change the outputs (where the network runs, how many slices at once)
@@ -71,7 +75,7 @@ _SETTINGS_NOT_RECORDED = ("device", "batch_size")
 SOFTWARE = {"name": "napari-brain-uad", "version": __version__}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CohortJob:
     """What every scan of a cohort is analysed with and where its outputs go (picklable, so
     worker processes get it whole)."""
@@ -91,10 +95,22 @@ class CohortJob:
         return {**recorded, "threshold": self.threshold.value if self.threshold else None,
                 "threshold_name": self.threshold.name if self.threshold else None, "min_size_ml": self.min_size_ml}
 
+    @property
+    def shown_name(self) -> str:
+        return self.model_name or str(self.model_path)
+
     def about(self) -> dict:
         """The run as the summary describes it."""
-        return {"software": SOFTWARE, "model": self.model_name or str(self.model_path),
+        return {"software": SOFTWARE, "model": self.shown_name,
                 "model_file": str(self.model_path), "model_sha256": self.model_sha256, "settings": self.settings_record()}
+
+
+def _about(jobs: Sequence[CohortJob]) -> dict:
+    """A run with one model (one job) as :meth:`CohortJob.about` says it; with several, each one's."""
+    if len(jobs) == 1:
+        return jobs[0].about()
+    return {"software": SOFTWARE, "models": [{key: value for key, value in job.about().items() if key != "software"}
+                                             for job in jobs]}
 
 
 # ------------------------------------------------------------------------------ output names
@@ -212,6 +228,7 @@ def _prepare(entry: ScanEntry, job: CohortJob) -> _Prepared:
     from .analysis_cache import scan_sha256
     from .io import read_scan
     from .model_card import modality_mismatch
+    from .model_registry import scan_contrast
 
     started = time.perf_counter()
     prepared = _Prepared(entry)
@@ -228,7 +245,7 @@ def _prepare(entry: ScanEntry, job: CohortJob) -> _Prepared:
             if prepared.action == "run":
                 prepared.scan = read_scan(entry.scan)
                 prepared.brain = read_scan(entry.brain_mask, allow_empty=True) if entry.brain_mask else None
-                mismatch = modality_mismatch(job.model_metadata, Path(entry.scan).name)
+                mismatch = modality_mismatch(job.model_metadata, scan_contrast(entry.scan, entry.id))
                 if mismatch:
                     warnings.warn(f"{entry.scan}: {mismatch}")
         except BrainUADError as error:
@@ -253,10 +270,11 @@ def _score_prepared(prepared: _Prepared, job: CohortJob, model) -> dict:
     """Analyse a prepared scan and write its outputs, then its record; the summary row."""
     entry = prepared.entry
     if prepared.action in ("error", "refuse"):
-        return summary_row(entry, FAILED, error=prepared.message, seconds=prepared.seconds, warnings=prepared.warnings)
+        return summary_row(entry, FAILED, error=prepared.message, seconds=prepared.seconds, warnings=prepared.warnings,
+                           model=job.shown_name)
     if prepared.action == "skip":
         return summary_row(entry, SKIPPED, seconds=prepared.seconds, result=prepared.record.get("result"),
-                           warnings=prepared.warnings)
+                           warnings=prepared.warnings, model=job.shown_name)
     started = time.perf_counter()
     with _collected_warnings() as messages:
         try:
@@ -267,7 +285,7 @@ def _score_prepared(prepared: _Prepared, job: CohortJob, model) -> dict:
         except Exception as failure:  # a bug: logged with its traceback, the other scans go on
             status, error, result = FAILED, internal_error_message(failure, f"cohort scan {entry.id}"), None
     return summary_row(entry, status, error=error, seconds=prepared.seconds + time.perf_counter() - started,
-                       result=result, warnings=[*prepared.warnings, *messages])
+                       result=result, warnings=[*prepared.warnings, *messages], model=job.shown_name)
 
 
 def _analyse_and_write(prepared: _Prepared, job: CohortJob, model) -> dict:
@@ -279,7 +297,7 @@ def _analyse_and_write(prepared: _Prepared, job: CohortJob, model) -> dict:
     started = time.perf_counter()
     record = {"format": RECORD_FORMAT, "software": SOFTWARE, "finished": False, "id": entry.id,
               "scan": str(entry.scan), "brain_mask": str(entry.brain_mask) if entry.brain_mask else None,
-              "model": job.model_name or str(job.model_path), "match": prepared.fingerprint,
+              "model": job.shown_name, "match": prepared.fingerprint,
               "outputs": {kind: path.name for kind, path in outputs.files.items()}}
     # First an unfinished record: should this run stop half-way, the next one knows the partial
     # outputs are its own to replace.
@@ -311,13 +329,13 @@ def _analyse_and_write(prepared: _Prepared, job: CohortJob, model) -> dict:
 
 
 def summary_row(entry: ScanEntry, status: str, *, error: str = "", seconds: float = 0.0,
-                result: dict | None = None, warnings: Sequence[str] = ()) -> dict:
+                result: dict | None = None, warnings: Sequence[str] = (), model: str = "") -> dict:
     result = result or {}
     return {"id": entry.id, "scan": str(entry.scan), "status": status, "error": error,
             "seconds": round(float(seconds), 2), "brain_ml": result.get("brain_ml"),
             "flagged_ml": result.get("flagged_ml"), "findings": result.get("findings"),
             "largest_finding_ml": result.get("largest_finding_ml"), "typicality": result.get("typicality"),
-            "warnings": "; ".join(dict.fromkeys(warnings))}
+            "model": model, "warnings": "; ".join(dict.fromkeys(warnings))}
 
 
 # ------------------------------------------------------------------------------ warnings per scan
@@ -388,97 +406,112 @@ class CohortSummary:
         return sum(row["status"] == status for row in self.rows)
 
 
-def score_cohort(entries: Sequence[ScanEntry], job: CohortJob, *, workers: int = 1, threads: int | None = None,
-                 report: Callable[[int, int, dict], None] | None = None) -> CohortSummary:
-    """Score every entry (this rank's share when started by torchrun) and write the summary."""
+def score_cohort(entries: Sequence[ScanEntry], job: CohortJob | Sequence[CohortJob], *, workers: int = 1,
+                 threads: int | None = None, report: Callable[[int, int, dict], None] | None = None) -> CohortSummary:
+    """Score every entry (this rank's share when started by torchrun) and write the summary.
+    ``job``: one for every entry, or one per entry (all with the same output folder)."""
     if workers < 1:
         raise SettingsError(f"--workers must be at least 1, not {workers}")
+    jobs = [job] * len(entries) if isinstance(job, CohortJob) else list(job)
+    if len(jobs) != len(entries):
+        raise ValueError(f"{len(jobs)} cohort jobs for {len(entries)} scans")
+    used = list(dict.fromkeys([job] if isinstance(job, CohortJob) else jobs))
+    if not used:
+        raise SettingsError("no scans to score")
+    out_dir = used[0].out_dir
+    if any(one.out_dir != out_dir for one in used):
+        raise ValueError("every scan of a cohort writes into one output folder")
     for entry in entries:
         check_id(entry)
     processes = Processes.from_environment()
-    job.out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if processes.rank == 0 and any(dict(entry.entities).get("sub") for entry in entries):
-        write_bids_description(job.out_dir, "napari-brain-uad anomaly maps",
-                               {"Name": SOFTWARE["name"], "Version": __version__,
-                                "Description": f"model {job.model_name or job.model_path.name}, "
-                                               f"scorer {job.settings.scorer}"})
-    shard = list(entries)[processes.rank::processes.world_size]
+        description = "; ".join(f"model {one.model_name or one.model_path.name}, scorer {one.settings.scorer}"
+                                for one in used)
+        write_bids_description(out_dir, "napari-brain-uad anomaly maps",
+                               {"Name": SOFTWARE["name"], "Version": __version__, "Description": description})
+    shard = list(zip(entries, jobs))[processes.rank::processes.world_size]
     if threads is None and (workers > 1 or processes.distributed):
         threads = max(1, _cores() // (workers * processes.local_world_size))
     if processes.distributed:
         _join_process_group(processes)
     with _routing_warnings():
         if workers == 1:
-            rows = _score_here(shard, job, threads, report)
+            rows = _score_here(shard, threads, report)
         else:
-            rows = _score_in_workers(shard, job, workers, threads, report)
+            rows = _score_in_workers(shard, workers, threads, report)
     if not processes.distributed:
-        write_summary(job.out_dir, rows, job.about())
-        return CohortSummary(rows, job.out_dir, sum(row["status"] == FAILED for row in rows))
-    return _merge_ranks(processes, entries, rows, job)
+        write_summary(out_dir, rows, _about(used))
+        return CohortSummary(rows, out_dir, sum(row["status"] == FAILED for row in rows))
+    return _merge_ranks(processes, entries, rows, out_dir, _about(used))
 
 
-def _score_here(entries: Sequence[ScanEntry], job: CohortJob, threads: int | None, report) -> list[dict]:
+def _score_here(shard: Sequence[tuple[ScanEntry, CohortJob]], threads: int | None, report) -> list[dict]:
     """One scan after another in this process; the next scan is read while the network runs."""
     if threads is not None:  # else torch's own choice, as for a single scan (the same maps, bit for bit)
         _limit_threads(threads)
-    model = None
+    models: dict[Path, Any] = {}
     rows = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as reader:
-        upcoming = reader.submit(_prepare, entries[0], job) if entries else None
-        for index, entry in enumerate(entries):
+        upcoming = reader.submit(_prepare, *shard[0]) if shard else None
+        for index, (entry, job) in enumerate(shard):
             prepared = upcoming.result()
-            upcoming = reader.submit(_prepare, entries[index + 1], job) if index + 1 < len(entries) else None
-            if prepared.action == "run" and model is None:
-                model = _load(job)
-            row = _score_prepared(prepared, job, model)
+            upcoming = reader.submit(_prepare, *shard[index + 1]) if index + 1 < len(shard) else None
+            if prepared.action == "run" and job.model_path not in models:
+                models[job.model_path] = _load(job)
+            row = _score_prepared(prepared, job, models.get(job.model_path))
             rows.append(row)
             if report is not None:
-                report(index, len(entries), row)
+                report(index, len(shard), row)
     return rows
 
 
-def _score_in_workers(entries: Sequence[ScanEntry], job: CohortJob, workers: int, threads: int, report) -> list[dict]:
-    """``workers`` processes, each loading the model once, take the scans as they come free."""
+def _score_in_workers(shard: Sequence[tuple[ScanEntry, CohortJob]], workers: int, threads: int,
+                      report) -> list[dict]:
+    """``workers`` processes, each loading each model once, take the scans as they come free."""
     import multiprocessing
     from concurrent.futures.process import BrokenProcessPool
 
-    rows: list[dict | None] = [None] * len(entries)
+    jobs = list(dict.fromkeys(job for _, job in shard))
+    rows: list[dict | None] = [None] * len(shard)
     # spawn, not fork: a forked copy of a process that already runs torch's threads can hang.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, max(len(entries), 1)), mp_context=context,
-                             initializer=_start_worker, initargs=(job, threads)) as pool:
-        futures = {pool.submit(_score_in_worker, entry): index for index, entry in enumerate(entries)}
+    with ProcessPoolExecutor(max_workers=min(workers, max(len(shard), 1)), mp_context=context,
+                             initializer=_start_worker, initargs=(jobs, threads)) as pool:
+        futures = {pool.submit(_score_in_worker, entry, jobs.index(job)): index
+                   for index, (entry, job) in enumerate(shard)}
         for done, future in enumerate(as_completed(futures)):
             index = futures[future]
+            entry, job = shard[index]
             try:
                 row = future.result()
             except BrokenProcessPool as error:
-                row = summary_row(entries[index], FAILED, error=f"the worker process stopped ({error})")
+                row = summary_row(entry, FAILED, error=f"the worker process stopped ({error})", model=job.shown_name)
             except Exception as error:
-                row = summary_row(entries[index], FAILED, error=internal_error_message(error, "cohort worker"))
+                row = summary_row(entry, FAILED, error=internal_error_message(error, "cohort worker"),
+                                  model=job.shown_name)
             rows[index] = row
             if report is not None:
-                report(done, len(entries), row)
+                report(done, len(shard), row)
     return rows
 
 
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(job: CohortJob, threads: int | None) -> None:
+def _start_worker(jobs: list[CohortJob], threads: int | None) -> None:
     if threads is not None:
         _limit_threads(threads)
-    _worker["job"], _worker["model"] = job, None
+    _worker["jobs"], _worker["models"] = jobs, {}
 
 
-def _score_in_worker(entry: ScanEntry) -> dict:
-    job = _worker["job"]
+def _score_in_worker(entry: ScanEntry, job_index: int) -> dict:
+    job, models = _worker["jobs"][job_index], _worker["models"]
     with _routing_warnings():
         prepared = _prepare(entry, job)
-        if prepared.action == "run" and _worker["model"] is None:
-            _worker["model"] = _load(job)  # once per worker, on its first scan to run
-        return _score_prepared(prepared, job, _worker["model"])
+        if prepared.action == "run" and job_index not in models:
+            models[job_index] = _load(job)  # once per worker and model, on its first scan to run
+        return _score_prepared(prepared, job, models.get(job_index))
 
 
 def _load(job: CohortJob):
@@ -521,24 +554,25 @@ def _join_process_group(processes: Processes) -> None:
         dist.init_process_group(backend="gloo", timeout=timedelta(days=7))
 
 
-def _merge_ranks(processes: Processes, entries: Sequence[ScanEntry], rows: list[dict], job: CohortJob) -> CohortSummary:
+def _merge_ranks(processes: Processes, entries: Sequence[ScanEntry], rows: list[dict], out_dir: Path,
+                 about: dict) -> CohortSummary:
     """Each rank writes its part; once all have, rank 0 merges them into the summary."""
     import torch
     import torch.distributed as dist
 
-    write_atomically(part_path(job.out_dir, processes.rank),
+    write_atomically(part_path(out_dir, processes.rank),
                      lambda temporary: Path(temporary).write_text(_csv_text(rows)), suffix=".csv")
     failed = torch.tensor([sum(row["status"] == FAILED for row in rows)], dtype=torch.int64)
     dist.all_reduce(failed)  # also waits for every rank to have written its part
-    summary = CohortSummary(rows, job.out_dir, int(failed.item()))
+    summary = CohortSummary(rows, out_dir, int(failed.item()))
     if processes.rank == 0:
         merged = []
         for rank in range(processes.world_size):
-            merged.extend(read_summary_csv(part_path(job.out_dir, rank)))
+            merged.extend(read_summary_csv(part_path(out_dir, rank)))
         order = {entry.id: index for index, entry in enumerate(entries)}
         merged.sort(key=lambda row: order.get(row["id"], len(order)))
-        write_summary(job.out_dir, merged, job.about())
-        for part in Path(job.out_dir).glob("summary.part-*.csv"):  # also those of a stopped run with more ranks
+        write_summary(out_dir, merged, about)
+        for part in Path(out_dir).glob("summary.part-*.csv"):  # also those of a stopped run with more ranks
             part.unlink(missing_ok=True)
         summary.rows = merged
     dist.barrier()  # no rank leaves (and torchrun stops none) before the summary is whole

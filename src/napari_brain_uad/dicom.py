@@ -172,7 +172,23 @@ def read_dicom_series(
 
 def series_description(volume: NiftiVolume) -> str:
     """The SeriesDescription of a volume read by :func:`read_dicom_series` (kept in its header)."""
-    return volume.geometry.header["descrip"].item().decode("ascii", "replace").strip()
+    return header_description(volume.geometry)
+
+
+def header_description(geometry: NiftiGeometry) -> str:
+    """The description in a scan's header: for a series read by :func:`read_dicom_series`, its
+    SeriesDescription (a napari layer of it carries the geometry)."""
+    return geometry.header["descrip"].item().decode("ascii", "replace").strip()
+
+
+def folder_series_description(folder: str | os.PathLike, series_uid: str | None = None) -> str:
+    """The SeriesDescription of the series :func:`read_dicom_series` would read from ``folder``
+    (``series_uid``, else the largest), from the files' headers alone; empty when there is none
+    or no such series (reading it reports why)."""
+    found = list_series(folder)
+    if series_uid is not None:
+        found = [series for series in found if series.uid == series_uid.strip()]
+    return found[0].description if found else ""
 
 
 def _files(folder: str | os.PathLike) -> list[str]:

@@ -5,7 +5,8 @@ which runs no code from the file): kind, model space (contrast, spacing, slice s
 correction), training data and licence, validation loss, default scorer, calibrated thresholds,
 measured results, limits and the command that trained it. The widget shows :func:`summary`,
 ``brain-uad models`` prints :func:`card`, and every door warns through
-:func:`modality_mismatch` when a scan's name suggests another contrast than the model's.
+:func:`modality_mismatch` when a scan's name suggests another contrast than the model's
+(the guess from names is ``model_registry.guess_contrast``'s).
 
 No Qt, napari or torch import here.
 """
@@ -13,15 +14,11 @@ No Qt, napari or torch import here.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
 # The scorer for a model whose card names none: the thesis's best single-reconstruction score.
 FALLBACK_SCORER = "ssim-ens"
-
-# Words in file or layer names that name a contrast; T1c before T1, so the longer word wins.
-_MODALITY_WORDS = {"FLAIR": ("flair",), "T1c": ("t1c", "t1ce", "t1post", "t1gd"), "T2": ("t2",), "T1": ("t1",)}
 
 _TRAINING_DATA_SHOWN = ("description", "licence", "training_subjects", "validation_subjects", "training_slices",
                         "training_volumes")
@@ -79,19 +76,11 @@ def lesion_direction_scorer(metadata: Mapping[str, Any]) -> str | None:
     return for_modality((metadata.get("model_space") or {}).get("modality"))
 
 
-def guess_modality(*names: str) -> str | None:
-    """The contrast a file or layer name suggests (``T1``, ``T1c``, ``T2``, ``FLAIR``), or None."""
-    text = " ".join(names).lower()
-    for modality, words in _MODALITY_WORDS.items():
-        if any(re.search(rf"(^|[^a-z0-9]){word}([^a-z0-9]|$)", text) for word in words):
-            return modality
-    return None
-
-
-def modality_mismatch(metadata: Mapping[str, Any], *names: str) -> str | None:
-    """A warning when the scan's names suggest another contrast than the model was trained on."""
+def modality_mismatch(metadata: Mapping[str, Any], scan_contrast: str | None) -> str | None:
+    """A warning when the scan's contrast (as ``model_registry`` guesses it from its names) is
+    another than the model was trained on."""
     model_modality = (metadata.get("model_space") or {}).get("modality")
-    guess = guess_modality(*names)
-    if model_modality and guess and guess.upper() != str(model_modality).upper():
-        return f"the scan looks like {guess} but the model was trained on {model_modality}; its findings may be meaningless"
+    if model_modality and scan_contrast and scan_contrast.upper() != str(model_modality).upper():
+        return (f"the scan looks like {scan_contrast} but the model was trained on {model_modality}; its findings "
+                "may be meaningless")
     return None

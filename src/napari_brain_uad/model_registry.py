@@ -15,6 +15,12 @@ checkpoint of their own) into a verified local file:
   ``user_models.json`` in the cache folder with its SHA256, and refused when the file changed;
 - anything else: a path to a checkpoint file.
 
+When the user names no model, the scan's contrast decides (:func:`model_for_contrast`): the
+registry's ``default_by_contrast`` maps a contrast to its model, and ``default`` stands in for a
+contrast without one. What a scan's contrast is, is guessed here too, once for every door
+(:func:`guess_contrast`, from file, folder, layer and DICOM series names); ``model_card`` warns
+with the same guess when a scan looks like another contrast than the model's.
+
 Checkpoints are read with ``checkpoint.read_metadata``/``models.load_model``, which never run
 code from the file; what a card says is ``model_card``'s. Downloads, the cache and the offline
 switch are ``downloads``'s, shared with the sample registry. No Qt, napari or torch import here.
@@ -24,14 +30,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import model_card
 from .downloads import OFFLINE_VARIABLE, cache_dir, download, downloads_off, file_sha256
 from .errors import BrainUADError
+
+if TYPE_CHECKING:
+    from .io import NiftiGeometry
 
 
 class ModelUnavailable(BrainUADError, ValueError):
@@ -176,3 +186,98 @@ def registry_cards() -> list[dict[str, Any]]:
             card["error"] = str(error)
         cards.append(card)
     return cards
+
+
+# ------------------------------------------------------------------------------ the model for a scan's contrast
+
+def _as_word(pattern: str) -> re.Pattern:
+    """``pattern`` as a whole word of a lower-cased name: not part of a longer run of letters and digits."""
+    return re.compile(rf"(?<![a-z0-9])(?:{pattern})(?![a-z0-9])")
+
+
+# What scan names say about the contrast, tried in this order (the first match decides):
+# - a T1-weighted FLAIR (a clinical T1 sequence) is T1, before "flair" claims it;
+# - "flair" and Siemens' "dark-fluid" name FLAIR anywhere in a name ("AXFLAIR", "T2FLAIR");
+#   BraTS 2023 calls it "t2f";
+# - a contrast-enhanced T1 before a plain one (BraTS: "t1c", "t1ce"; clinics: "T1 Gd", "T1+C");
+# - T2 and BIDS' "T2w", but not T2* (gradient echo, another contrast);
+# - T1, BIDS' "T1w", BraTS 2023's native "t1n", and the T1 sequences named without "T1".
+CONTRAST_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
+    ("T1", re.compile(r"t1[-_ ]?flair")),
+    ("FLAIR", re.compile(r"flair|dark[-_ ]?fluid")),
+    ("FLAIR", _as_word(r"t2f")),
+    ("T1c", _as_word(r"t1[-_ ]?(?:ce?|gd|post|\+c)")),
+    ("T2", _as_word(r"t2w?(?! ?\*)")),
+    ("T1", _as_word(r"t1[wn]?|mp[-_ ]?rage|f?spgr")),
+)
+
+
+def guess_contrast(*names: str) -> str | None:
+    """The contrast (``T1``, ``T1c``, ``T2``, ``FLAIR``) that scan names suggest, or None.
+    ``names`` go from the most to the least telling: the first one that names a contrast decides."""
+    for name in names:
+        text = str(name or "").lower()
+        for contrast, pattern in CONTRAST_PATTERNS:
+            if pattern.search(text):
+                return contrast
+    return None
+
+
+def scan_contrast(path: str | os.PathLike, *names: str, series_uid: str | None = None) -> str | None:
+    """The contrast of a scan on disk, guessed before reading it: from ``names`` (an id, a layer
+    name), then for a DICOM folder the SeriesDescription of the series that would be read
+    (``series_uid``, else the largest; headers only), then the file's or folder's name."""
+    path = Path(path)
+    description = ""
+    if path.is_dir():
+        from .dicom import folder_series_description
+
+        description = folder_series_description(path, series_uid)
+    return guess_contrast(*names, description, path.name)
+
+
+def read_scan_contrast(geometry: NiftiGeometry, *names: str) -> str | None:
+    """The contrast of a scan already read (its geometry, as a napari layer carries it): from
+    ``names`` (the layer's), then a DICOM series' description, then its file's or folder's name."""
+    from .io import is_nifti_path
+
+    description = ""
+    if not is_nifti_path(geometry.source):  # a DICOM series: its header keeps the SeriesDescription
+        from .dicom import header_description
+
+        description = header_description(geometry)
+    return guess_contrast(*names, description, Path(geometry.source).name)
+
+
+class ModelPick(NamedTuple):
+    """The model picked for a scan the user named no model for, and why."""
+
+    name: str  # a registry model's name
+    contrast: str | None  # the contrast guessed from the scan's names (None: they name none)
+    by_contrast: bool  # the registry names a model for that contrast (else: the default model)
+
+    @property
+    def reason(self) -> str:
+        return self.describe()
+
+    def describe(self, hint: str = "", scans: int = 1) -> str:
+        """One line for the user: ``FLAIR scan: using NAME (picked by contrast; HINT)``. ``hint``
+        says how to choose another model at this door; ``scans``: how many scans it is for."""
+        if self.contrast is None:
+            what = "scan of unknown contrast" if scans == 1 else f"{scans} scans of unknown contrast"
+            why = "no contrast in its name" if scans == 1 else "no contrast in their names"
+        else:
+            what = f"{self.contrast} scan" if scans == 1 else f"{scans} {self.contrast} scans"
+            why = "picked by contrast" if self.by_contrast else f"no {self.contrast} model in the registry"
+        model = self.name if self.by_contrast else f"the default model, {self.name}"
+        return f"{what}: using {model} ({why}{'; ' + hint if hint else ''})"
+
+
+def model_for_contrast(contrast: str | None) -> ModelPick:
+    """The registry's model for a scan of ``contrast`` (``default_by_contrast``; any case), else
+    its default model."""
+    if contrast is not None:
+        for listed, name in registry().get("default_by_contrast", {}).items():
+            if listed.upper() == contrast.upper():
+                return ModelPick(name, contrast, True)
+    return ModelPick(default_model_name(), contrast, False)

@@ -3,5 +3,7 @@
 - ``samples.json``: the sample scans (read by ``napari_brain_uad.sample_registry``; rebuilt by
   ``scripts/build_sample_registry.py``);
 - ``models.json``: the models (read by ``napari_brain_uad.model_registry``); a ``file`` entry
-  names a checkpoint shipped in ``bundled_models/``, a ``url`` entry one to download.
+  names a checkpoint shipped in ``bundled_models/``, a ``url`` entry one to download;
+  ``default`` is the model used when nothing else decides, and ``default_by_contrast`` the model
+  for a scan of a given contrast (``T1``, ``T1c``, ``T2``, ``FLAIR``) when the user names none.
 """
