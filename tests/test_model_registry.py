@@ -121,6 +121,13 @@ def test_offline_without_a_cached_copy_says_so(monkeypatch):
     ("T2W.nii.gz", "T2"),
     ("t2_tse_tra", "T2"),
     ("T2*", None),  # gradient echo: another contrast than T2
+    ("t1_tirm_tra_dark-fluid", "T1"),  # Siemens' T1-weighted FLAIR
+    ("sub-01_ce-gad_T1w.nii.gz", "T1c"),  # BIDS marks contrast agent with its ce- entity
+    ("sub-01_ses-1_ce-gadolinium_run-1_T1w.nii.gz", "T1c"),
+    ("sub-01_acq-t1_FLAIR.nii.gz", "FLAIR"),  # a BIDS suffix decides, whatever the entities say
+    ("sub-01_acq-t2_T1w.nii.gz", "T1"),
+    ("Ax T1 Gad", "T1c"),
+    ("T1_SE+C", "T1c"),
     ("patient01.nii.gz", None),
     ("brain", None),
     ("", None),

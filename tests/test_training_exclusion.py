@@ -13,7 +13,7 @@ from brain_uad_training.data import SliceSampler, find_scans, load_model_space, 
 from napari_brain_uad.brain_mask import EXCLUSION_GROWTH_MM, LARGEST_BRAIN_ML, find_brain, grown_mask
 from napari_brain_uad.calibration import outside_exclusion
 from napari_brain_uad.io import read_nifti
-from napari_brain_uad.models.autoencoders import reconstruction_error
+from napari_brain_uad.models.autoencoders import DAE, reconstruction_error
 from napari_brain_uad.postprocess import FilteredMap
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
 from napari_brain_uad.thresholds import healthy_percentile_threshold
@@ -82,14 +82,28 @@ def test_excluded_voxels_give_the_loss_no_gradient():
     assert torch.isclose(reconstruction_error(predicted, worse, "l2", excluded), loss)
 
 
-def test_a_dae_trains_with_exclusions_and_a_kind_that_cannot_exclude_refuses(tmp_path, flair_list, flair_scans):
+def test_a_dae_trains_with_exclusions_and_a_kind_that_cannot_exclude_refuses(tmp_path, flair_list, flair_scans,
+                                                                              monkeypatch):
     values = dict(data=str(flair_list), output=str(tmp_path / "dae"), kind="dae", modality="FLAIR",
                   model={"channels": [16, 32, 32, 64], "num_res_units": 1}, steps=3, batch_size=4,
                   validation_slices=8, validate_every=3, thick_slice_probability=0.5)
-    losses = []
+    losses, received = [], []
+    original = DAE.training_loss
+
+    def spy(model, slices, brain_mask=None, generator=None, excluded=None):
+        if model.training:
+            received.append(excluded)
+        return original(model, slices, brain_mask, generator, excluded)
+
+    monkeypatch.setattr(DAE, "training_loss", spy)
     result = fit(TrainingConfig(**values), show_progress=False, scans=(flair_scans[:2], flair_scans[2:]),
                  on_step=lambda step, loss: losses.append(loss))
     assert result.steps_done == 3 and all(np.isfinite(losses))
+    # Each step's loss was told exactly the excluded voxels of that step's slices.
+    sampler = SliceSampler(flair_scans[:2], seed=0, thick_slices=(0.5, 4))
+    for step, excluded in enumerate(received):
+        expected = sampler.training_batch(step, 0, 4)[2]
+        assert excluded is not None and torch.equal(excluded.cpu(), expected) and expected.any()
     with pytest.raises(ConfigError, match="cannot leave voxels out"):
         fit(TrainingConfig(**{**values, "kind": "ddpm", "output": str(tmp_path / "ddpm"),
                               "model": {"channels": [16, 32, 32], "norm_num_groups": 8, "num_head_channels": 16}}),
@@ -99,7 +113,8 @@ def test_a_dae_trains_with_exclusions_and_a_kind_that_cannot_exclude_refuses(tmp
 def test_thick_slices_are_the_mean_of_their_neighbours_and_off_by_default(flair_scans):
     stack = flair_scans[0].image
     assert np.array_equal(thick_slice(stack, 30, 1), stack[30])
-    assert np.allclose(thick_slice(stack, 30, 3), stack[29:32].mean(axis=0))
+    assert np.allclose(thick_slice(stack, 30, 3), (stack[29] + stack[30] + stack[31]) / 3)
+    assert np.allclose(thick_slice(stack, 30, 4), (stack[29] + stack[30] + stack[31] + stack[32]) / 4)
     assert np.allclose(thick_slice(stack, 0, 3), (2 * stack[0] + stack[1]) / 3)  # the edge repeated
     plain = SliceSampler(flair_scans, seed=0)
     thick = SliceSampler(flair_scans, seed=0, thick_slices=(1.0, 4))
@@ -111,12 +126,12 @@ def test_thick_slices_are_the_mean_of_their_neighbours_and_off_by_default(flair_
     for (scan, z), width, image, mask in zip(chosen, widths, images, masks):
         expected = thick_slice(flair_scans[scan].image, z, width) * flair_scans[scan].brain_mask[z]
         assert np.allclose(image[0].numpy(), expected)
-    # The excluded voxels of a thick slice are those of every slice it averages.
-    excluded = thick.excluded(chosen, widths)
-    scan, z = chosen[0]
-    rows = np.clip(np.arange(z - (widths[0] - 1) // 2, z - (widths[0] - 1) // 2 + widths[0]), 0,
-                   len(flair_scans[scan].exclude) - 1)
-    assert np.array_equal(excluded[0, 0].numpy(), flair_scans[scan].exclude[rows].any(axis=0))
+    # The excluded voxels of a 3-slice-thick slice are those of the slice and both neighbours.
+    scan = next(index for index, s in enumerate(flair_scans) if s.exclude.any())
+    z = int(np.argmax(flair_scans[scan].exclude.sum(axis=(1, 2))))
+    excluded = thick.excluded(np.array([[scan, z]]), np.array([3]))
+    by_hand = flair_scans[scan].exclude[z - 1] | flair_scans[scan].exclude[z] | flair_scans[scan].exclude[z + 1]
+    assert np.array_equal(excluded[0, 0].numpy(), by_hand)
 
 
 def test_masks_grow_by_millimetres_on_anisotropic_grids():
@@ -143,3 +158,13 @@ def test_calibration_leaves_the_excluded_lesions_out_of_the_healthy_threshold():
     assert without < 1.0
     kept = outside_exclusion(filtered, lesion).region
     assert not kept[grown_mask(lesion, 2.0)].any() and kept.sum() < brain.sum() - lesion.sum()
+
+
+def test_exclusions_are_refused_before_any_scan_is_read_where_they_would_not_be_honoured(tmp_path, flair_list):
+    common = dict(data=str(flair_list), output=str(tmp_path / "run"), modality="FLAIR", steps=1)
+    with pytest.raises(ConfigError, match="cannot leave voxels out"):
+        fit(TrainingConfig(kind="ddpm", **common), show_progress=False)
+    with pytest.raises(ConfigError, match="pre-training"):
+        fit(TrainingConfig(kind="dae", pretrain="denoise-decoder", pretrain_steps=1, **common), show_progress=False)
+    with pytest.raises(ConfigError, match="thickest_slice"):
+        TrainingConfig(kind="dae", thick_slice_probability=0.3, thickest_slice=1, **common)

@@ -109,8 +109,9 @@ class TrainingConfig:
             raise ConfigError(f"'gradient_clip_norm' must be positive, not {self.gradient_clip_norm}")
         if not 0.0 <= self.thick_slice_probability <= 1.0:
             raise ConfigError(f"'thick_slice_probability' must be between 0 and 1, not {self.thick_slice_probability}")
-        if self.thickest_slice < 1:
-            raise ConfigError(f"'thickest_slice' must be at least 1 slice, not {self.thickest_slice}")
+        if self.thick_slice_probability and self.thickest_slice < 2:
+            raise ConfigError(f"thick slices need 'thickest_slice' of at least 2 model-space slices, "
+                              f"not {self.thickest_slice}")
         if self.thick_slice_probability and MODEL_KINDS[self.kind].volumetric:
             raise ConfigError(f"thick-slice augmentation works on slices; the {self.kind} kind trains on volumes")
         if not self.exclude_dilation_mm >= 0:

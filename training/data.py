@@ -30,6 +30,7 @@ import torch
 
 from napari_brain_uad.brain_mask import EXCLUSION_GROWTH_MM, find_brain, grown_mask
 from napari_brain_uad.errors import BrainUADError
+from napari_brain_uad.evaluation import check_same_grid
 from napari_brain_uad.io import ScanError, ScanWarning, read_nifti
 from napari_brain_uad.models.vae3d import centre_along_depth
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
@@ -206,7 +207,9 @@ def load_model_space(
                     exclude = _exclusion_in_model_space(read_nifti(pair.exclude_mask), scan, volume,
                                                         exclude_dilation_mm)
         except (ScanError, BrainUADError) as error:
-            raise TrainingDataError(f"{pair.image}: {error}") from None
+            # Messages name their file already; a brain-size refusal names the scan's.
+            message = str(error)
+            raise TrainingDataError(message if str(pair.image) in message else f"{pair.image}: {message}") from None
         loaded.append(ModelSpaceScan(
             subject=pair.subject,
             image=np.ascontiguousarray(np.moveaxis(volume.image, 2, 0)),
@@ -220,9 +223,7 @@ def load_model_space(
 
 def _exclusion_in_model_space(mask, scan, volume, dilation_mm: float) -> np.ndarray:
     """A native exclusion mask as model-space booleans (X, Y, Z), grown by ``dilation_mm``."""
-    if mask.data.shape != scan.data.shape or not np.allclose(mask.geometry.affine, scan.geometry.affine, atol=1e-3):
-        raise TrainingDataError(f"{mask.path}: the exclusion mask is not on the grid of {scan.path} "
-                                "(shape or affine differs)")
+    check_same_grid(mask, scan, "exclusion mask")
     # Any overlap counts: a lesion a quarter of a model-space voxel wide still taints that voxel.
     exclude = volume.transform.to_model((mask.data > 0).astype(np.float32), antialias=False) > 0.01
     return grown_mask(exclude, volume.transform.spacing_mm, dilation_mm) & volume.brain_mask
@@ -234,8 +235,14 @@ def thick_slice(stack: np.ndarray, z: int, width: int) -> np.ndarray:
     resampled to model space), the stack's edges repeated."""
     if width <= 1:
         return stack[z]
-    rows = np.clip(np.arange(z - (width - 1) // 2, z - (width - 1) // 2 + width), 0, len(stack) - 1)
-    return stack[rows].mean(axis=0, dtype=np.float32)
+    return stack[thick_rows(z, width, len(stack))].mean(axis=0, dtype=np.float32)
+
+
+def thick_rows(z: int, width: int, depth: int) -> np.ndarray:
+    """The ``width`` slices a thick slice centred on ``z`` averages (below the centre first when
+    ``width`` is even), the stack's edge slices repeated where it runs out."""
+    first = z - (width - 1) // 2
+    return np.clip(np.arange(first, first + width), 0, depth - 1)
 
 
 class SliceSampler:
@@ -304,7 +311,7 @@ class SliceSampler:
             if scan.exclude is None:
                 rows.append(np.zeros(scan.brain_mask.shape[1:], dtype=bool))
             else:
-                rows.append(thick_slice(scan.exclude.astype(np.float32), z, w) > 0)
+                rows.append(scan.exclude[thick_rows(z, w, len(scan.exclude))].any(axis=0))
         return torch.from_numpy(np.stack(rows)[:, None])
 
     def batch(self, step: int, rank: int, batch_size: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

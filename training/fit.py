@@ -18,6 +18,7 @@ resumed from step k continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -119,6 +120,7 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
             pairs = [pair for pair in pairs if not pair.subject.startswith(tuple(config.exclude_subjects))]
             if not pairs:
                 raise ConfigError("every scan is excluded by 'exclude_subjects'")
+        _check_exclusions_fit(config, any(pair.exclude_mask is not None for pair in pairs))
         training_pairs, validation_pairs = split_subjects(pairs, config.validation_fraction, config.seed)
         with tqdm(total=len(pairs), desc="scans to model space", unit="scan", disable=not show) as bar:
             def advance(done, total):
@@ -139,10 +141,7 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         sampler = SliceSampler(training_scans, config.seed,
                                thick_slices=(config.thick_slice_probability, config.thickest_slice))
         validation = validation_slices(validation_scans, config.validation_slices) if validation_scans else None
-    if any(scan.exclude is not None for scan in [*training_scans, *validation_scans]) and not model.excludes_voxels:
-        kinds = ", ".join(name for name, kind in MODEL_KINDS.items() if kind.excludes_voxels)
-        raise ConfigError(f"the training list has exclusion masks, but the {config.kind} kind cannot leave voxels "
-                          f"out of its loss (kinds that can: {kinds}); remove the exclude_mask column or pick one")
+    _check_exclusions_fit(config, any(scan.exclude is not None for scan in [*training_scans, *validation_scans]))
     augmenter = SliceAugmenter(config.augmentation_settings()) if config.augment else None
     # Only what trains: a frozen part (SADM's base model) has no gradients and no Adam moments.
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
@@ -243,6 +242,20 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         best_validation_loss=None if best_step is None else best_loss,
         validation_history=list(history),
     )
+
+
+def _check_exclusions_fit(config: TrainingConfig, has_exclusions: bool) -> None:
+    """Refuse exclusion masks a run would not honour, before any scan is read: a kind whose loss
+    cannot leave voxels out, or a denoising pre-training (it would learn the lesions first)."""
+    if not has_exclusions:
+        return
+    if not MODEL_KINDS[config.kind].excludes_voxels:
+        kinds = ", ".join(name for name, kind in MODEL_KINDS.items() if kind.excludes_voxels)
+        raise ConfigError(f"the training list has exclusion masks, but the {config.kind} kind cannot leave voxels "
+                          f"out of its loss (kinds that can: {kinds}); remove the exclude_mask column or pick one")
+    if config.pretrain:
+        raise ConfigError("the denoising pre-training (pretrain) does not leave the exclusion masks' voxels out; "
+                          "train without it, or without the exclude_mask column")
 
 
 def _build_model(config: TrainingConfig, spec) -> tuple[ReconstructionModel, dict[str, Any]]:
@@ -388,8 +401,12 @@ def _restore(output: Path, config, model, optimizer, device):
     tensors, state = load_checkpoint(output / STATE, device="cpu")
     if state.get("kind") != STATE_KIND:
         raise CheckpointError(f"{output / STATE}: not a training state")
+    # A setting added after the run started was at its default then.
+    defaults = {field.name: getattr(TrainingConfig, field.name) for field in dataclasses.fields(TrainingConfig)
+                if field.default is not dataclasses.MISSING}
     stored, current = state["settings"], config.to_dict()
-    changed = sorted(name for name in current if name not in RESUMABLE_CHANGES and stored.get(name) != current[name])
+    changed = sorted(name for name in current if name not in RESUMABLE_CHANGES
+                     and stored.get(name, defaults.get(name)) != current[name])
     if changed:
         raise ConfigError(
             f"{output}: cannot resume with different {', '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))} "

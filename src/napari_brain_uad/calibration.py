@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .analysis import AnalysisSettings
-from .brain_mask import grown_mask
+from .brain_mask import EXCLUSION_GROWTH_MM, grown_mask
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import OutputExists, SettingsError
 from .evaluation import LabelledCase, analyse_cases, evaluate_analysis
@@ -76,7 +76,7 @@ def calibrate(
 
     ``healthy`` scans give the ``healthy-<percentile>`` threshold and the typicality record; a
     healthy case's ``truth``, when it has one, is an exclusion mask (a patient's lesions, an
-    automatic segmenter's WMH): those voxels, grown by ``brain_mask.EXCLUSION_GROWTH_MM``, are
+    automatic segmenter's WMH): those voxels, grown as the run that trained the model grew them, are
     left out; ``lesion_cases`` (with lesion masks) the ``<lesion_name>-dice`` one and
     the Dice of every threshold on them. ``t_test`` stores a new test-time noise level in a
     diffusion model first. ``card``: entries to add to (or replace in) the card.
@@ -104,7 +104,10 @@ def calibrate(
     def announce(what):
         return lambda index, count, case: say(f"{what} {index + 1}/{count}: {case.label}")
 
-    healthy_maps = [outside_exclusion(analysis.filtered, excluded) for _, analysis, excluded in
+    # Exclusion masks grow as the run that trained the model grew them.
+    growth = float((metadata.get("training") or {}).get("settings", {}).get("exclude_dilation_mm",
+                                                                             EXCLUSION_GROWTH_MM))
+    healthy_maps = [outside_exclusion(analysis.filtered, excluded, growth, case.label) for case, analysis, excluded in
                     analyse_cases(healthy, model, settings, announce=announce("healthy"))]
     subjects = [case.label for case in healthy]
     value, record = healthy_percentile_threshold(healthy_maps, percentile=percentile)
@@ -149,14 +152,15 @@ def calibrate(
     return written
 
 
-def outside_exclusion(filtered: FilteredMap, excluded: np.ndarray | None) -> FilteredMap:
-    """The filtered map of a calibration scan with its excluded voxels (grown) taken out of the
-    region its thresholds and typicality are measured in."""
+def outside_exclusion(filtered: FilteredMap, excluded: np.ndarray | None, growth_mm: float = EXCLUSION_GROWTH_MM,
+                      name: str = "a calibration scan") -> FilteredMap:
+    """The filtered map of a calibration scan with its excluded voxels, grown by ``growth_mm``,
+    taken out of the region its thresholds and typicality are measured in."""
     if excluded is None or not excluded.any():
         return filtered
-    region = filtered.region & ~grown_mask(excluded, filtered.spacing_mm)
+    region = filtered.region & ~grown_mask(excluded, filtered.spacing_mm, growth_mm)
     if not region.any():
-        raise SettingsError("a calibration scan's exclusion mask covers its whole brain")
+        raise SettingsError(f"{name}: its exclusion mask covers the whole brain; nothing is left to calibrate on")
     return replace(filtered, region=region)
 
 

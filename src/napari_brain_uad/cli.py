@@ -459,19 +459,25 @@ def calibrate_command(arguments) -> int:
     """A copy of the model calibrated on the user's healthy scans (``calibration``)."""
     from .calibration import calibrate_for_scanner
     from .evaluation import LabelledCase
-    from .model_registry import default_model_name, register_user_model
+    from .model_registry import register_user_model, scan_contrast
     from .thresholds import HEALTHY_PERCENTILE, healthy_threshold_name
 
     entries = _cohort_entries(arguments, arguments.healthy)
     healthy = [LabelledCase(entry.scan, None, entry.brain_mask, name=entry.id) for entry in entries]
-    model_name = arguments.model or default_model_name()
+    # Without --model the scans' contrast picks the model, as for scoring; scans of several
+    # contrasts cannot calibrate one model.
+    models = _models_for(arguments, [scan_contrast(entry.scan, entry.id) for entry in entries])
+    if len(set(models)) > 1:
+        raise SettingsError(f"these healthy scans are of several contrasts and pick {', '.join(sorted(set(models)))}; "
+                            "calibrate one contrast at a time, or name the model with --model")
+    model_name = models[0]
     output = Path(arguments.output) if arguments.output else default_calibrated_path(arguments.healthy[0], model_name)
     if output.exists() and not arguments.overwrite:
         raise OutputExists(f"{output}: already exists; not overwriting it")
     percentile = HEALTHY_PERCENTILE if arguments.percentile is None else arguments.percentile
     say = (lambda text: None) if arguments.quiet else (lambda text: print(f"brain-uad: {text}", file=sys.stderr))
     with _warnings_as_lines():
-        card = calibrate_for_scanner(arguments.model, healthy, output, percentile=percentile,
+        card = calibrate_for_scanner(model_name, healthy, output, percentile=percentile,
                                      device=arguments.device, overwrite=arguments.overwrite, say=say)
     if arguments.name:
         register_user_model(arguments.name, output)

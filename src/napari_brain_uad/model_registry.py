@@ -196,17 +196,34 @@ def _as_word(pattern: str) -> re.Pattern:
 
 
 # What scan names say about the contrast, tried in this order (the first match decides):
-# - a T1-weighted FLAIR (a clinical T1 sequence) is T1, before "flair" claims it;
+# - a BIDS name's suffix says it outright, whatever its other entities say ("acq-t1_FLAIR" is a
+#   FLAIR; "ce-gad_T1w" a contrast-enhanced T1);
+# - a T1-weighted FLAIR (a clinical T1 sequence; Siemens calls it "t1_tirm") is T1, before
+#   "flair" or "dark-fluid" claims it;
 # - "flair" and Siemens' "dark-fluid" name FLAIR anywhere in a name ("AXFLAIR", "T2FLAIR");
 #   BraTS 2023 calls it "t2f";
 # - a contrast-enhanced T1 before a plain one (BraTS: "t1c", "t1ce"; clinics: "T1 Gd", "T1+C");
 # - T2 and BIDS' "T2w", but not T2* (gradient echo, another contrast);
 # - T1, BIDS' "T1w", BraTS 2023's native "t1n", and the T1 sequences named without "T1".
+def _bids_name(suffix: str, entity: str = "") -> re.Pattern:
+    """A BIDS file name (``sub-<label>``, then ``_<key>-<value>`` entities, one of them ``entity``
+    when given) ending in ``suffix``."""
+    entities = r"(?:_[a-z]+-[a-z0-9]+)*"
+    middle = f"{entities}_{entity}{entities}" if entity else entities
+    return re.compile(rf"^sub-[a-z0-9]+{middle}_{suffix}(?:\.nii(?:\.gz)?)?$")
+
+
 CONTRAST_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
-    ("T1", re.compile(r"t1[-_ ]?flair")),
+    ("T1c", _bids_name("t1w", entity="ce-[a-z0-9]+")),
+    ("FLAIR", _bids_name("flair")),
+    ("T2", _bids_name("t2w")),
+    ("T1", _bids_name("t1w")),
+    ("T1", re.compile(r"t1[-_ ]?(?:flair|tirm)")),
     ("FLAIR", re.compile(r"flair|dark[-_ ]?fluid")),
     ("FLAIR", _as_word(r"t2f")),
     ("T1c", _as_word(r"t1[-_ ]?(?:ce?|gd|post|\+c)")),
+    # "Ax T1 Gad", "T1_SE+C": the contrast agent named after the T1 and its sequence.
+    ("T1c", re.compile(r"(?<![a-z0-9])t1(?![0-9]).*(?:(?<![a-z])gad|(?<![a-z])gd(?![a-z])|\+c(?![a-z]))")),
     ("T2", _as_word(r"t2w?(?! ?\*)")),
     ("T1", _as_word(r"t1[wn]?|mp[-_ ]?rage|f?spgr")),
 )
