@@ -79,19 +79,18 @@ def test_typicality_tells_a_healthy_scan_from_another_contrast(shared_data):
     settings = AnalysisSettings.for_model(metadata, device="cpu")
     healthy = read_scan(shared_data / "ixi_t1" / "IXI218-HH-1815_T1.nii.gz")  # held out: never trained or calibrated on
     healthy_mask = read_scan(shared_data / "ixi_t1" / "brainmask" / "IXI218-HH-1815_brainmask.nii.gz").data > 0
-    typical = assess(analyse_scan(healthy, model, brain_mask=healthy_mask, settings=settings).filtered, settings,
-                     metadata)
+    typical = assess(analyse_scan(healthy, model, brain_mask=healthy_mask, settings=settings), metadata)
     assert typical is not None and not typical.atypical and abs(typical.score) < TYPICALITY_LIMIT
     # A T2 scan shown to this T1 model: unlike anything it was calibrated on, and every door says so.
     t2 = read_scan(shared_data / "ixi002" / "T2.nii.gz")
     t2_mask = read_scan(shared_data / "ixi002" / "T2_brainmask.nii.gz").data > 0
-    atypical = assess(analyse_scan(t2, model, brain_mask=t2_mask, settings=settings).filtered, settings, metadata)
+    atypical = assess(analyse_scan(t2, model, brain_mask=t2_mask, settings=settings), metadata)
     assert atypical.atypical and atypical.score > typical.score + TYPICALITY_LIMIT
     assert "calibrate the model on a few healthy scans of your scanner" in atypical.describe()
-    # Another scorer than the one calibrated: no typicality rather than a wrong one.
-    assert assess(analyse_scan(healthy, model, brain_mask=healthy_mask,
-                               settings=AnalysisSettings(scorer="ssim", device="cpu")).filtered,
-                  AnalysisSettings(scorer="ssim"), metadata) is None
+    # Another scorer of the same reconstruction: the same typicality (it measures the reconstruction).
+    other = assess(analyse_scan(healthy, model, brain_mask=healthy_mask,
+                                settings=AnalysisSettings(scorer="ssim", device="cpu")), metadata)
+    assert other is not None and other.score == pytest.approx(typical.score)
 
 
 def test_score_and_cohort_report_typicality(shared_data, tmp_path, capsys):
@@ -105,3 +104,42 @@ def test_score_and_cohort_report_typicality(shared_data, tmp_path, capsys):
     row = json.loads((tmp_path / "out" / "summary.json").read_text())["scans"][0]
     assert row["typicality"] > TYPICALITY_LIMIT and "differs from the model's training scans" in row["warnings"]
     assert np.isfinite(row["typicality"])
+
+
+def test_typicality_is_the_reconstruction_error_whichever_scorer_draws_the_map():
+    """A lesion-direction map (residual-dark/bright) is 0 on most of a healthy brain, so its median
+    told nothing; typicality is the median reconstruction error in the model-space brain, the same
+    for every scorer of one reconstruction. Records written with the filtered-map median are still
+    read with it."""
+    from types import SimpleNamespace
+
+    from napari_brain_uad.postprocess import FilteredMap
+    from napari_brain_uad.typicality import MEDIAN_FILTERED, healthy_record
+
+    rng = np.random.default_rng(0)
+    brain = np.zeros((24, 24, 12), dtype=bool)
+    brain[2:22, 2:22, 1:11] = True
+
+    def analysed(error_level, scorer="residual-dark", lesion=False):
+        image = np.where(brain, rng.uniform(0.2, 0.8, brain.shape), 0).astype(np.float32)
+        reconstruction = image + np.where(brain, rng.normal(0, error_level, brain.shape), 0).astype(np.float32)
+        if lesion:  # a lesion on 5 % of the brain, badly reconstructed
+            reconstruction[2:3, 2:22, 1:11] += 0.5
+        one_way = np.where(brain, np.maximum(reconstruction - image, 0), 0).astype(np.float32)
+        return SimpleNamespace(model_space=SimpleNamespace(image=image, brain_mask=brain),
+                               reconstruction_model_space=reconstruction, settings=AnalysisSettings(scorer=scorer),
+                               filtered=FilteredMap(one_way, brain, brain, (2.0, 2.0, 2.0)))
+
+    healthy = [analysed(level) for level in (0.010, 0.011, 0.012, 0.009, 0.010)]
+    record = healthy_record(healthy, AnalysisSettings(scorer="residual-dark"), ["a", "b", "c", "d", "e"])
+    assert record["healthy_median"] > 0 and record["healthy_spread"] > 0
+    metadata = {"typicality": record}
+    assert not assess(analysed(0.010), metadata).atypical
+    assert assess(analysed(0.030), metadata).atypical  # reconstructed 3x worse everywhere
+    assert not assess(analysed(0.010, lesion=True), metadata).atypical
+    same = analysed(0.010)
+    other_scorer = SimpleNamespace(**{**vars(same), "settings": AnalysisSettings(scorer="ssim")})
+    assert assess(other_scorer, metadata).score == assess(same, metadata).score
+    old = {**record, "statistic": MEDIAN_FILTERED, "healthy_median": 0.5, "healthy_spread": 0.1}
+    assert assess(same, {"typicality": old}).statistic == float(np.median(same.filtered.values[brain]))
+    assert assess(other_scorer, {"typicality": old}) is None  # the old record held for its scorer only

@@ -107,8 +107,10 @@ def calibrate(
     # Exclusion masks grow as the run that trained the model grew them.
     growth = float((metadata.get("training") or {}).get("settings", {}).get("exclude_dilation_mm",
                                                                              EXCLUSION_GROWTH_MM))
-    healthy_maps = [outside_exclusion(analysis.filtered, excluded, growth, case.label) for case, analysis, excluded in
-                    analyse_cases(healthy, model, settings, announce=announce("healthy"))]
+    healthy_analyses, healthy_maps = [], []
+    for case, analysis, excluded in analyse_cases(healthy, model, settings, announce=announce("healthy")):
+        healthy_analyses.append(analysis)
+        healthy_maps.append(outside_exclusion(analysis.filtered, excluded, growth, case.label))
     subjects = [case.label for case in healthy]
     value, record = healthy_percentile_threshold(healthy_maps, percentile=percentile)
     record["subjects"] = subjects
@@ -140,7 +142,9 @@ def calibrate(
     written["thresholds"] = {**(metadata.get("thresholds") or {}), **thresholds}
     if not beside_default:
         written["default_scorer"] = settings.scorer
-        written["typicality"] = healthy_record(healthy_maps, settings, subjects)
+        # (The median reconstruction error hardly moves for lesions of a few percent of the brain,
+        # so the exclusion masks are not needed there.)
+        written["typicality"] = healthy_record(healthy_analyses, settings, subjects)
         if not lesion_cases:  # the Dice measured at an earlier calibration still holds for the thresholds it names
             lesion_results = (metadata.get("calibration") or {}).get("dice_at_thresholds") or []
         written["calibration"] = {"settings": {key: thresholds[healthy_name][key]

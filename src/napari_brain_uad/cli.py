@@ -194,7 +194,7 @@ def score_command(arguments) -> int:
                           overwrite=arguments.overwrite)
     if not arguments.quiet:
         print(analysis.brain.describe(), file=sys.stderr)
-    typical = assess(analysis.filtered, settings, metadata)
+    typical = assess(analysis, metadata)
     if typical is not None and typical.atypical:
         print(f"brain-uad: warning: {arguments.input}: {typical.describe()}", file=sys.stderr)
     elif typical is not None and not arguments.quiet:

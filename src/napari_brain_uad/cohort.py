@@ -309,7 +309,7 @@ def _analyse_and_write(prepared: _Prepared, job: CohortJob, model) -> dict:
     save_source_array(analysis.brain.mask.astype("uint8"), geometry, outputs.files["brain_mask"], kind="labels",
                       overwrite=True)
     result: dict[str, Any] = {"brain_ml": round(float(analysis.brain.volume_ml), 3)}
-    typical = assess(analysis.filtered, job.settings, job.model_metadata)
+    typical = assess(analysis, job.model_metadata)
     if typical is not None:
         result["typicality"] = round(typical.score, 2)
         if typical.atypical:
