@@ -576,19 +576,22 @@ def test_edits_of_an_earlier_scan_are_still_guarded_after_running_another(review
 
 
 def test_lesion_direction_switch_follows_the_models_contrast(viewer_with_widget):
-    """The default model is a T1 model: "lesion direction only" picks the residual that counts
-    darker voxels, with its own calibrated threshold; choosing another scorer switches it off."""
+    """The default model is a T1 model whose default scorer (chosen on real lesions) counts only
+    darker voxels: "lesion direction only" starts ticked; off gives the two-way residual with its
+    own calibrated threshold; choosing another scorer unticks it, and on again brings it back."""
     _, widget = viewer_with_widget
-    assert widget.lesion_direction.enabled and widget.scorer.value == "residual"
-    widget.lesion_direction.value = True
-    assert widget.scorer.value == "residual-dark"
-    assert "healthy-99-residual-dark" in widget.threshold_preset.choices
-    assert "healthy-99" not in widget.threshold_preset.choices  # the two-way residual's
+    assert widget.lesion_direction.enabled and widget.scorer.value == "residual-dark"
+    assert widget.lesion_direction.value
+    widget.lesion_direction.value = False
+    assert widget.scorer.value == "residual"
+    assert "healthy-99-residual" in widget.threshold_preset.choices
+    assert "healthy-99" not in widget.threshold_preset.choices  # the lesion-direction residual's
     widget.scorer.value = "ssim"
     assert not widget.lesion_direction.value
     widget.lesion_direction.value = True
-    widget.lesion_direction.value = False
-    assert widget.scorer.value == "residual"  # back to the model's default
+    assert widget.scorer.value == "residual-dark" and "healthy-99" in widget.threshold_preset.choices
+    widget.scorer.value = "residual-dark"
+    assert widget.lesion_direction.value  # ticked whoever chose the one-way scorer
 
 
 def test_a_model_with_its_own_maps_shows_them_and_brings_its_scorer(viewer_with_widget, qtbot, tmp_path):
@@ -619,4 +622,4 @@ def test_a_model_with_its_own_maps_shows_them_and_brings_its_scorer(viewer_with_
     mask = viewer.layers["MSLUB T1 mask"].data
     assert mask.min() >= 0 and mask.max() <= 1
     widget.model_choice.value = default_model_name()  # the DAE makes no such maps
-    assert "phanes" not in widget.scorer.choices and widget.scorer.value == "residual"
+    assert "phanes" not in widget.scorer.choices and widget.scorer.value == "residual-dark"

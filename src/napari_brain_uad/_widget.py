@@ -328,6 +328,7 @@ class BrainUADWidget(Container):
             self.scorer.value = scorer  # its presets follow
         else:
             self._show_presets()
+        self._tick_lesion_direction()
 
     def _offer_scorers_of_model(self):
         """Only the scorers the chosen model can feed: those needing a map the kind does not
@@ -343,18 +344,26 @@ class BrainUADWidget(Container):
                 self.scorer.value = current if current in choices else choices[0]
 
     def _scorer_changed(self, *_):
-        """A scorer chosen by hand that is not the lesion-direction one switches that option off."""
-        directed = model_card.lesion_direction_scorer(self._model_metadata)
-        if self.lesion_direction.value and self.scorer.value != directed:
-            with self.lesion_direction.changed.blocked():
-                self.lesion_direction.value = False
+        """The lesion-direction option shows whether the scorer is the one-way residual, whoever chose it."""
+        self._tick_lesion_direction()
         self._show_presets()
 
-    def _lesion_direction_changed(self, *_):
-        """On: the one-way residual of the model's contrast; off: back to the model's default scorer."""
+    def _tick_lesion_direction(self):
         directed = model_card.lesion_direction_scorer(self._model_metadata)
-        scorer = directed if self.lesion_direction.value and directed else model_card.default_scorer(
-            self._model_metadata)
+        ticked = directed is not None and self.scorer.value == directed
+        if self.lesion_direction.value != ticked:
+            with self.lesion_direction.changed.blocked():
+                self.lesion_direction.value = ticked
+
+    def _lesion_direction_changed(self, *_):
+        """On: the one-way residual of the model's contrast; off: the model's default scorer, or
+        the two-way residual when that default is the one-way one."""
+        directed = model_card.lesion_direction_scorer(self._model_metadata)
+        default = model_card.default_scorer(self._model_metadata)
+        if self.lesion_direction.value and directed:
+            scorer = directed
+        else:
+            scorer = "residual" if default == directed else default
         if scorer in SCORERS and scorer != self.scorer.value:
             self.samples.value = SCORERS[scorer].default_samples
             self.scorer.value = scorer  # its presets follow
@@ -523,7 +532,7 @@ class BrainUADWidget(Container):
         self._show_threshold()
         self.mask.reset_choices()
         self.mask.value = self.review.annotation_layer  # what an export writes: the user's mask
-        self.typicality = assess(analysis.filtered, analysis.settings, metadata)
+        self.typicality = assess(analysis, metadata)
         typical = f"; {self.typicality.describe()}" if self.typicality is not None else ""
         self.status.value = f"Done: {len(self.review.findings)} finding(s); {analysis.brain.describe()}{typical}."
         if self.typicality is not None and self.typicality.atypical:
