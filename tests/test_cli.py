@@ -397,3 +397,23 @@ def test_evaluate_picks_each_scans_model(flair_model, loaded_models, tmp_path, c
     assert "FLAIR scan: using flair-test (picked by contrast" in error
     assert "T1 scan: using ixi-t1-dae-n4 (picked by contrast" in error
     assert loaded_models == [resolve_model(flair_model)]  # the FLAIR group first; it stopped there
+
+
+def test_a_raw_clinical_flair_gets_the_flair_model_and_its_mask_finds_the_lesions(shared_data, tmp_path, capsys):
+    """A clinical MS FLAIR as acquired (skull on, 6-8 mm slices), no options: the FLAIR model is
+    picked, the brain extracted, and the exported mask at the model's healthy threshold is mostly
+    lesion where a voxel picked at random in the brain would be lesion 3 % of the time."""
+    folder = shared_data / "ms_clinical" / "104670"
+    mask_path = tmp_path / "mask.nii.gz"
+    assert main(["score", str(folder / "FLAIR.nii.gz"), "--out-mask", str(mask_path)]) == 0
+    assert "FLAIR scan: using nichart-flair-dae (picked by contrast" in capsys.readouterr().err
+    exported = nib.load(mask_path)
+    lesion = nib.load(folder / "lesionmask.nii.gz")
+    brain = np.asarray(nib.load(folder / "brainmask.nii.gz").dataobj) > 0
+    np.testing.assert_allclose(exported.affine, nib.load(folder / "FLAIR.nii.gz").affine, atol=1e-5)
+    flagged = np.asarray(exported.dataobj) > 0
+    truth = np.asarray(lesion.dataobj) > 0
+    prevalence = truth[brain].mean()
+    precision = (flagged & truth).sum() / flagged.sum()
+    recall = (flagged & truth).sum() / truth.sum()
+    assert prevalence < 0.05 and precision > 8 * prevalence and recall > 0.2
