@@ -272,10 +272,12 @@ def test_lesion_direction_uses_the_one_way_residual_and_its_threshold(shared_dat
     brain = shared_data / "ixi_t1" / "brainmask" / "IXI661-HH-2788_brainmask.nii.gz"
     assert main(["score", str(scan), "--brain-mask", str(brain), "--lesion-direction",
                  "--out-mask", str(tmp_path / "mask.nii.gz"), "--out-map", str(tmp_path / "map.nii.gz")]) == 0
-    assert "healthy-99-residual-dark" in capsys.readouterr().err
+    # The default model's own scorer is the one-way residual (chosen on real lesions): its healthy-99.
+    assert "at threshold healthy-99 = " in capsys.readouterr().err
     darker = nib.load(tmp_path / "map.nii.gz").get_fdata()
-    assert main(["score", str(scan), "--brain-mask", str(brain), "--out-map", str(tmp_path / "both.nii.gz"),
-                 "--quiet"]) == 0
+    assert main(["score", str(scan), "--brain-mask", str(brain), "--scorer", "residual", "--out-map",
+                 str(tmp_path / "both.nii.gz"), "--out-mask", str(tmp_path / "both_mask.nii.gz")]) == 0
+    assert "at threshold healthy-99-residual = " in capsys.readouterr().err  # the two-way residual's own
     both = nib.load(tmp_path / "both.nii.gz").get_fdata()
     inside = both > 0
     # Counting one way only: never more than both ways, and zero wherever the scan is brighter.
