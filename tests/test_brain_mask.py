@@ -3,10 +3,20 @@ and never a mask that is not brain-sized."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from napari_brain_uad.brain_mask import EXTRACTED, GIVEN, SKULL_STRIPPED, find_brain
+from napari_brain_uad.brain_mask import (
+    EXTRACTED,
+    GIVEN,
+    SKULL_STRIPPED,
+    BrainMask,
+    check_brain_size,
+    find_brain,
+    voxel_ml,
+)
 from napari_brain_uad.io import NiftiGeometry, NiftiVolume, ScanError, ScanWarning, read_nifti
 
 RAW_IXI = "ixi_t1/IXI049-HH-1358_T1.nii.gz"
@@ -84,3 +94,93 @@ def test_masks_that_are_not_brain_sized_are_refused_or_flagged(shared_data):
     block = NiftiVolume(np.where(small, 100.0, 0.0).astype(np.float32), scan.geometry)
     with pytest.raises(ScanError, match=r"skull-stripped brain holds 8 mL.*cover the whole brain"):
         find_brain(block)
+
+
+# --- the size limits, just below and just above each --------------------------------------
+
+# Synthetic brains on 10 mm voxels (1 mL each) unless told otherwise, in a box: three rods through
+# the box's centre give the brain the box's extent along each axis, and the box filled from one
+# corner gives it the volume asked for; around the box, a margin of background.
+MARGIN = 2
+
+
+def _brain_of(volume_ml: float, box_voxels=(12, 12, 12), spacing=(10.0, 10.0, 10.0)) -> np.ndarray:
+    box = np.zeros(box_voxels, dtype=bool)
+    x, y, z = (n // 2 for n in box_voxels)
+    box[:, y, z] = box[x, :, z] = box[x, y, :] = True
+    voxels = round(volume_ml / (np.prod(spacing) / 1000.0))
+    rest = np.flatnonzero(~box)
+    assert np.count_nonzero(box) <= voxels <= box.size, "the box cannot hold that volume"
+    box.flat[rest[: voxels - np.count_nonzero(box)]] = True
+    mask = np.zeros(tuple(n + 2 * MARGIN for n in box_voxels), dtype=bool)
+    mask[MARGIN:-MARGIN, MARGIN:-MARGIN, MARGIN:-MARGIN] = box
+    return mask
+
+
+def _scan_of(mask: np.ndarray, spacing=(10.0, 10.0, 10.0)) -> NiftiVolume:
+    """A skull-stripped scan: the brain (values 50-150) on a background of 0."""
+    import nibabel as nib
+
+    affine = np.diag([*spacing, 1.0])
+    values = np.random.default_rng(0).uniform(50.0, 150.0, mask.shape)
+    data = np.where(mask, values, 0.0).astype(np.float32)
+    header = nib.Nifti1Header()
+    header.set_data_shape(mask.shape)
+    header.set_zooms(spacing)
+    return NiftiVolume(data, NiftiGeometry(source="synthetic head", affine=affine, shape=mask.shape, header=header))
+
+
+def test_the_synthetic_brains_have_the_volume_and_extent_asked_for():
+    mask = _brain_of(590)
+    assert np.count_nonzero(mask) == 590
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(other for other in range(3) if other != axis)))
+        assert (present.max() - present.min() + 1) * 10.0 == 120.0
+
+
+def test_a_brain_just_under_the_smallest_volume_is_refused_and_one_just_over_accepted():
+    """The floor is 600 mL: a skull-stripped brain of 590 mL is refused, one of 610 mL is taken;
+    a user's own mask of 590 mL is scored with a warning, one of 610 mL without."""
+    small, enough = _brain_of(590), _brain_of(610)
+    with pytest.raises(ScanError, match=r"skull-stripped brain holds 590 mL, far less than an adult brain"):
+        find_brain(_scan_of(small))
+    found = find_brain(_scan_of(enough))
+    assert found.source == SKULL_STRIPPED and found.volume_ml == pytest.approx(610.0)
+    with pytest.warns(ScanWarning, match=r"holds 590 mL, far less than an adult brain"):
+        assert find_brain(_scan_of(small), small).volume_ml == pytest.approx(590.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScanWarning)
+        assert find_brain(_scan_of(enough), enough).source == GIVEN
+
+
+def test_a_brain_just_shorter_than_the_shortest_extent_is_refused_and_one_just_longer_accepted():
+    """A brain must span 90 mm along every axis: on 5 mm slices, one spanning 85 mm from its first
+    slice to its last is refused (whatever its volume), one spanning 95 mm is taken."""
+    spacing = (10.0, 10.0, 5.0)
+    short = _brain_of(800, box_voxels=(12, 12, 17), spacing=spacing)  # 17 slices of 5 mm: 85 mm
+    long_enough = _brain_of(800, box_voxels=(12, 12, 19), spacing=spacing)  # 19 slices: 95 mm
+    with pytest.raises(ScanError, match=r"spans only 85 mm along one axis \(800 mL\)"):
+        find_brain(_scan_of(short, spacing))
+    found = find_brain(_scan_of(long_enough, spacing))
+    assert found.source == SKULL_STRIPPED and found.volume_ml == pytest.approx(800.0)
+
+
+def test_a_brain_just_over_the_largest_volume_is_refused_and_one_just_under_accepted():
+    """The ceiling is 2500 mL: an extraction of 2510 mL still holds skull and is refused, one of
+    2490 mL is taken (as is a skull-stripped scan of 2490 mL); a user's mask of 2510 mL is scored
+    with a warning, one of 2490 mL without."""
+    box = (15, 15, 15)
+    under, over = _brain_of(2490, box), _brain_of(2510, box)
+    scan = _scan_of(under)
+    for mask, volume in ((under, 2490.0), (over, 2510.0)):
+        assert np.count_nonzero(mask) * voxel_ml(scan) == pytest.approx(volume)
+    with pytest.raises(ScanError, match=r"brain extraction \(deepbet\) holds 2510 mL, more than any brain"):
+        check_brain_size(BrainMask(over, EXTRACTED, 2510.0, "deepbet"), scan)
+    check_brain_size(BrainMask(under, EXTRACTED, 2490.0, "deepbet"), scan)  # no complaint
+    found = find_brain(scan)
+    assert found.source == SKULL_STRIPPED and found.volume_ml == pytest.approx(2490.0)
+    with pytest.warns(ScanWarning, match=r"holds 2510 mL, more than any brain"):
+        find_brain(scan, over)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScanWarning)
+        assert find_brain(scan, under).volume_ml == pytest.approx(2490.0)

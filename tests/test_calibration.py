@@ -7,12 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from napari_brain_uad import calibration
 from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
 from napari_brain_uad.checkpoint import read_metadata
 from napari_brain_uad.cli import main
 from napari_brain_uad.io import read_scan
 from napari_brain_uad.model_registry import ModelUnavailable, model_names, resolve_model
 from napari_brain_uad.models import load_model
+from napari_brain_uad.postprocess import FilteredMap
+from napari_brain_uad.thresholds import healthy_percentile_threshold, healthy_threshold_name
 from napari_brain_uad.typicality import TYPICALITY_LIMIT, assess
 
 # Held-out healthy IXI subjects: never in the bundled models' training or validation.
@@ -33,19 +36,55 @@ def scanner_scans(shared_data, tmp_path):
 
 
 @pytest.fixture
-def calibrated(scanner_scans, capsys):
+def calibrated(scanner_scans, capsys, monkeypatch):
+    """The calibrated copy, what the command said, and the filtered maps of the healthy scans its
+    threshold was measured on (recorded on their way in, so a test can take their percentile itself)."""
+    measured = []
+    threshold_of = calibration.healthy_percentile_threshold
+
+    def recording(maps, *arguments, **keywords):
+        measured.extend(maps)
+        return threshold_of(maps, *arguments, **keywords)
+
+    monkeypatch.setattr(calibration, "healthy_percentile_threshold", recording)
     assert main(["calibrate", "--healthy", str(scanner_scans), "--name", "my-scanner", "--quiet",
                  "--device", "cpu"]) == 0
-    return scanner_scans.parent / "ixi-t1-dae-n4-calibrated.safetensors", capsys.readouterr().err
+    return scanner_scans.parent / "ixi-t1-dae-n4-calibrated.safetensors", capsys.readouterr().err, measured
+
+
+def test_the_healthy_threshold_is_the_99th_percentile_of_healthy_scores():
+    """By hand: two healthy maps whose brain regions hold the scores 0, 1, …, 100 between them
+    (shuffled, with other values outside the regions): their 99th percentile is 99, and 1 score
+    in 101 lies above it."""
+    scores = np.random.default_rng(0).permutation(101).astype(np.float32)
+    maps = []
+    for part in (scores[:60], scores[60:]):
+        region = np.zeros((8, 8, 2), dtype=bool)
+        region.flat[: part.size] = True
+        values = np.full(region.shape, 1000.0, dtype=np.float32)  # outside the region: never counted
+        values[region] = part
+        maps.append(FilteredMap(values, region, region.copy()))
+    threshold, record = healthy_percentile_threshold(maps)
+    assert threshold == pytest.approx(99.0)
+    assert record["percentile"] == 99.0 and record["voxels"] == 101
+    assert record["false_positive_fraction"] == pytest.approx(1 / 101)
+    assert healthy_threshold_name() == "healthy-99"
 
 
 def test_calibrate_writes_a_copy_beside_the_data_that_every_door_can_name(calibrated, scanner_scans):
-    output, message = calibrated
+    output, message, measured = calibrated
     assert output.is_file() and "--model my-scanner" in message
     card, bundled = read_metadata(output), read_metadata(resolve_model(None))
     healthy = card["thresholds"]["healthy-99"]
     assert healthy["subjects"] == [f"{s}_T1" for s in HELD_OUT]
     assert healthy["value"] != bundled["thresholds"]["healthy-99"]["value"]  # measured on the user's scans
+    # It is the 99th percentile of the filtered scores in the three scans' brains: about 1 % of the
+    # user's healthy brain voxels lie above it.
+    assert len(measured) == len(HELD_OUT)
+    scores = np.concatenate([scan_map.values[scan_map.region] for scan_map in measured])
+    assert healthy["value"] == pytest.approx(float(np.percentile(scores, 99)), rel=1e-6)
+    assert np.mean(scores > healthy["value"]) == pytest.approx(0.01, abs=0.002)
+    assert healthy["percentile"] == 99 and healthy["false_positive_fraction"] == pytest.approx(0.01, abs=0.002)
     assert card["thresholds"]["mslub-dice"] == bundled["thresholds"]["mslub-dice"]  # the rest kept
     assert len(card["typicality"]["healthy_values"]) == 3 and card["typicality"]["scorer"] == card["default_scorer"]
     assert card["calibrated_for_scanner"]["from_model"] == "ixi-t1-dae-n4"

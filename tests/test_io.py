@@ -73,14 +73,51 @@ def test_a_source_voxel_is_found_at_its_display_position(shared_data, geometry):
     np.testing.assert_allclose(geometry_.source_index_to_world(index), expected, atol=1e-6)
 
 
-def test_grids_of_one_subject_overlay_in_world_coordinates(shared_data):
-    """Scan and brain mask of another resolution sit on each other in napari's world."""
-    volume = read_nifti(shared_data / "mslub/patient26/T1.nii.gz")
-    g = volume.geometry
-    centre_voxel = np.array(g.display_shape) // 2
-    world = np.asarray(g.display_translate) + centre_voxel * np.asarray(g.display_scale)
-    ras = g.display_affine @ np.append(centre_voxel, 1)
-    np.testing.assert_allclose(world, [-ras[2], -ras[1], -ras[0]], atol=1e-6)
+def test_grids_of_one_subject_overlay_in_world_coordinates(shared_data, tmp_path):
+    """Scan and brain mask of another resolution sit on each other in napari's world. A mask is
+    written by hand on a grid of twice the scan's voxel size with its first axis stored in reverse;
+    one of its voxels and the 2×2×2 scan voxels it covers are marked. Opened in napari, both marks
+    lie at the one physical point, in world coordinates (inferior, posterior, left) = −(z, y, x) of
+    the point's scanner position, which is computed here from the scan's affine alone."""
+    scan_path = shared_data / GEOMETRIES["ixi-psr-2mm"][0]  # stored P, S, R: napari's axes are permuted
+    scan = nib.load(scan_path)
+    coarse_shape = np.array(scan.shape) // 2
+    # Coarse voxel (a, b, c) covers the scan's voxels 2a'…2a'+1, 2b…2b+1, 2c…2c+1 with a' = n - 1 - a
+    # (the first axis reversed): its centre is the scan's fractional index (2a' + 0.5, 2b + 0.5, 2c + 0.5).
+    coarse_to_scan_index = np.array([[-2.0, 0.0, 0.0, 2.0 * (coarse_shape[0] - 1) + 0.5],
+                                     [0.0, 2.0, 0.0, 0.5], [0.0, 0.0, 2.0, 0.5], [0.0, 0.0, 0.0, 1.0]])
+    a, b, c = 17, 25, 30
+    reversed_a = coarse_shape[0] - 1 - a
+    coarse = np.zeros(coarse_shape, dtype=np.uint8)
+    coarse[a, b, c] = 1
+    fine = np.zeros(scan.shape, dtype=np.uint8)
+    fine[2 * reversed_a:2 * reversed_a + 2, 2 * b:2 * b + 2, 2 * c:2 * c + 2] = 1
+    paths = {}
+    for name, mask, affine in (("coarse", coarse, scan.affine @ coarse_to_scan_index), ("fine", fine, scan.affine)):
+        image = nib.Nifti1Image(mask, affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        paths[name] = tmp_path / f"{name}_mask.nii.gz"
+        nib.save(image, paths[name])
+    x, y, z, _ = scan.affine @ np.array([2 * reversed_a + 0.5, 2 * b + 0.5, 2 * c + 0.5, 1.0])
+    expected_world = [-z, -y, -x]
+
+    viewer = ViewerModel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScanWarning)
+        (scan_layer,) = viewer.open(str(scan_path), plugin=PLUGIN)
+        (coarse_layer,) = viewer.open(str(paths["coarse"]), plugin=PLUGIN)
+        (fine_layer,) = viewer.open(str(paths["fine"]), plugin=PLUGIN)
+    assert coarse_layer.data.shape != fine_layer.data.shape
+    (coarse_voxel,) = np.argwhere(coarse_layer.data)
+    np.testing.assert_allclose(coarse_layer.data_to_world(coarse_voxel), expected_world, atol=1e-3)
+    fine_voxels = np.argwhere(fine_layer.data)
+    assert len(fine_voxels) == 8
+    fine_world = np.mean([fine_layer.data_to_world(voxel) for voxel in fine_voxels], axis=0)
+    np.testing.assert_allclose(fine_world, expected_world, atol=1e-3)
+    # The mask on the scan's grid is placed exactly where the scan is.
+    np.testing.assert_allclose(fine_layer.scale, scan_layer.scale)
+    np.testing.assert_allclose(fine_layer.translate, scan_layer.translate)
 
 
 def test_reader_opens_masks_as_labels(shared_data):

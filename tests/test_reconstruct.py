@@ -106,6 +106,40 @@ def test_simplex_noise_ddpm_reconstructs(mslub_model_space):
     assert out.shape == (2, *volume.shape) and np.isfinite(out).all()
 
 
+def neighbour_correlation(fields: torch.Tensor) -> float:
+    """Pearson correlation of horizontally adjacent pixels, pooled over all fields."""
+    left, right = fields[..., :-1].reshape(-1).double(), fields[..., 1:].reshape(-1).double()
+    return float(torch.corrcoef(torch.stack((left, right)))[0, 1])
+
+
+@pytest.mark.parametrize("noise", ["simplex", "gaussian"])
+def test_a_ddpm_noises_its_input_with_the_noise_it_is_set_to(noise):
+    """The U-Net sees the slices noised with the configured noise, in training and in
+    reconstruction. The noise is taken back out of what the U-Net reads,
+    ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t), for slices of white noise (so nothing smooth comes from the
+    slices): simplex noise (AnoDDPM) is smooth, neighbouring pixels correlating (about 0.9), where
+    Gaussian noise is white (about 0)."""
+    torch.manual_seed(0)
+    ddpm = DDPM(DDPMConfig(**{**SMALL.to_dict(), "noise": noise}))
+    slices = torch.rand((4, 1, 64, 64), generator=torch.Generator().manual_seed(1))
+    unet_inputs = []
+    ddpm.unet.register_forward_pre_hook(lambda unet, arguments: unet_inputs.append(arguments[:2]))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        ddpm.training_loss(slices, generator=generator)
+    ddpm.reconstruct(slices, t=500, generator=generator)
+    assert len(unet_inputs) == 2
+    for noised, timesteps in unet_inputs:
+        signal = ddpm.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        added = (noised - signal.sqrt() * (slices * 2.0 - 1.0)) / (1.0 - signal).sqrt()
+        with_slices = torch.corrcoef(torch.stack((added.reshape(-1), slices.reshape(-1))).double())[0, 1]
+        assert added.std() > 0.1 and abs(float(with_slices)) < 0.05  # the noise is left, not the slices
+        if noise == "simplex":
+            assert neighbour_correlation(added) > 0.6
+        else:
+            assert abs(neighbour_correlation(added)) < 0.05
+
+
 def test_a_noise_level_ensemble_is_the_mean_of_its_levels(model, ixi_training_slices):
     """The thesis averages reconstructions at t = 250, 500 and 750; each level draws fresh noise."""
     slices = ixi_training_slices[0][:4]

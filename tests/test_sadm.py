@@ -92,7 +92,8 @@ def test_synthetic_anomalies_change_only_the_brain_inside_their_mask(ixi_trainin
     assert (shares > 0).sum() >= len(slices) // 2 and shares.max() < 0.6
     # The same seed gives the same anomalies; probability 0 gives none.
     again, again_masks = synthetic_anomalies(slices, brain, config, seeded(5))
-    torch.testing.assert_close(again, anomalous) and torch.testing.assert_close(again_masks, masks)
+    torch.testing.assert_close(again, anomalous)
+    torch.testing.assert_close(again_masks, masks)
     clean, empty = synthetic_anomalies(slices, brain, SADMConfig(anomaly_probability=0.0), seeded(5))
     assert torch.equal(clean, slices) and not empty.any()
 
@@ -117,9 +118,25 @@ def test_siamese_features_are_each_inputs_features_concatenated_at_every_level()
         torch.testing.assert_close(joint[level][:, :width], alone_residual[level])
         torch.testing.assert_close(joint[level][:, width:], alone_image[level])
     assert network(residual, image).shape == (2, 1, 32, 32)
-    # One encoder: the same weights read both inputs.
-    assert sum(p.numel() for p in network.encoder.parameters()) == sum(
-        p.numel() for block in network.encoder for p in block.parameters())
+    # One encoder: the same weights read both inputs. Its weights are those of a single encoder for one
+    # 1-channel image, counted by hand (per level two 3×3 convolutions with biases and two group
+    # norms), whether the network reads one image or two; every other weight is the decoder's.
+    def block_weights(in_channels, out_channels):
+        return (9 * in_channels + 1) * out_channels + (9 * out_channels + 1) * out_channels + 2 * 2 * out_channels
+
+    one_encoder = block_weights(1, 8) + block_weights(8, 16) + block_weights(16, 32)
+    assert sum(p.numel() for p in network.encoder_parameters()) == one_encoder
+    assert sum(p.numel() for p in SiameseUNet([8, 16, 32], groups=4, inputs=1).encoder_parameters()) == one_encoder
+    encoder_weights = {id(p) for p in network.encoder_parameters()}
+    decoder_weights = {id(p) for p in network.decoder_parameters()}
+    assert not encoder_weights & decoder_weights
+    assert encoder_weights | decoder_weights == {id(p) for p in network.parameters()}
+    # Changing one encoder weight changes the features of both inputs.
+    with torch.no_grad():
+        network.encoder[0][0].weight[0, 0, 1, 1] += 1.0
+    changed = network.joint_features(residual, image)
+    assert not torch.equal(changed[0][:, 0], joint[0][:, 0])  # the residual's first feature
+    assert not torch.equal(changed[0][:, 8], joint[0][:, 8])  # the image's first feature
     with pytest.raises(ValueError, match="reads 2 images"):
         network(image)
 
