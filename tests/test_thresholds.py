@@ -222,3 +222,16 @@ def test_threshold_searches_refuse_bad_inputs():
         healthy_percentile_threshold([score_map], [brain], percentile=101)
     with pytest.raises(ValueError, match="empty"):
         healthy_percentile_threshold([score_map], [np.zeros_like(brain)])
+
+
+@pytest.mark.parametrize("kind, scorer", [
+    ("vae3d", "residual"),  # the thesis's 3D VAE scores with the l1 residual
+    ("maediff", "residual"),  # so does MAEDiff
+    ("sadm", "ssim+segmentation"),
+    ("phanes", "phanes"),
+    ("dae", "ssim-ens"),  # a kind without a scorer of its own: the thesis's best single-reconstruction score
+])
+def test_an_uncalibrated_checkpoint_is_scored_as_its_paper_scores_it(kind, scorer):
+    assert AnalysisSettings.for_model({"kind": kind}).scorer == scorer
+    # A calibrated card's own scorer wins.
+    assert AnalysisSettings.for_model({"kind": kind, "default_scorer": "ssim"}).scorer == "ssim"

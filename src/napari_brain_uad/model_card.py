@@ -24,9 +24,10 @@ _TRAINING_DATA_SHOWN = ("description", "licence", "training_subjects", "validati
                         "training_volumes")
 
 
-# The score a kind is built for, for its uncalibrated checkpoints: SADM adds its segmentation
-# network's output to 1 - SSIM; PHANES weighs its residual by its perceptual difference.
-KIND_SCORERS = {"sadm": "ssim+segmentation", "phanes": "phanes"}
+# A kind's own scorer, from its paper, for a checkpoint not yet calibrated: SADM adds its
+# segmentation to SSIM; PHANES weighs the residual by its perceptual map; the 3D VAE (thesis ch. 8)
+# and MAEDiff score with the l1 residual |x − x̂|.
+KIND_SCORERS = {"sadm": "ssim+segmentation", "phanes": "phanes", "vae3d": "residual", "maediff": "residual"}
 
 
 def default_scorer(metadata: Mapping[str, Any]) -> str:
