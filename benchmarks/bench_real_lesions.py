@@ -214,53 +214,6 @@ def load_models(names: Sequence[str], contrasts: Sequence[str] | None, scorers: 
     return models
 
 
-def reconstruction_key(settings) -> tuple:
-    """What a reconstruction depends on besides the model and the scan: scorers whose settings
-    agree on it share one (residual and SSIM both take the one reconstruction users get)."""
-    return settings.samples, settings.noise_levels, settings.seed, settings.batch_size, settings.device
-
-
-def model_analyses(scan, volume, brain: BrainMask, model: Model, timings: dict) -> dict:
-    """``analyse_scan``'s steps 3 to 6 for every scorer of ``model``, from the model-space volume
-    and the brain found once: the network runs once per group of scorers asking for the same
-    reconstructions, and each scorer's map goes through ``analysis_from_model_space`` as in
-    ``analyse_scan``. Returns scorer -> ScanAnalysis."""
-    from napari_brain_uad.analysis import analysis_from_model_space
-    from napari_brain_uad.reconstruct import reconstruct_volume_with_maps
-    from napari_brain_uad.scoring import SCORERS, ensemble_mean, score
-
-    voxel_ml = float(model.network.spec.spacing_mm) ** 3 / 1000.0
-    analyses = {}
-    groups: dict[tuple, list[str]] = {}
-    for scorer, settings in model.settings.items():
-        groups.setdefault(reconstruction_key(settings), []).append(scorer)
-    for scorers in groups.values():
-        settings = model.settings[scorers[0]]
-        start = time.perf_counter()
-        reconstructions, sample_maps = reconstruct_volume_with_maps(
-            model.network, volume.image, samples=settings.samples,
-            t=list(settings.noise_levels) if settings.noise_levels else None, batch_size=settings.batch_size,
-            device=settings.device, seed=settings.seed)
-        timings["reconstruction"] = timings.get("reconstruction", 0.0) + time.perf_counter() - start
-        mean_reconstruction = (ensemble_mean(list(reconstructions)) if len(reconstructions) > 1
-                               else reconstructions[0])
-        spread = reconstructions.std(axis=0).astype(np.float32) if len(reconstructions) > 1 else None
-        maps = {name: values.mean(axis=0).astype(np.float32) for name, values in sample_maps.items()}
-        for scorer in scorers:
-            settings = model.settings[scorer]
-            start = time.perf_counter()
-            other = reconstructions if SCORERS[scorer].needs_samples else mean_reconstruction
-            score_map = np.asarray(score(scorer, volume.image, other, volume.brain_mask, maps=maps,
-                                         **settings.scorer_parameters), dtype=np.float32)
-            score_map = np.where(volume.brain_mask, score_map, np.float32(0))
-            analyses[scorer] = analysis_from_model_space(
-                scan, volume, brain, settings, score_map=score_map,
-                mean_reconstruction=np.asarray(mean_reconstruction), spread=spread, model_voxel_ml=voxel_ml,
-                model_maps=maps)
-            timings[f"scoring {scorer}"] = time.perf_counter() - start
-    return analyses
-
-
 def baseline_analysis(scan, volume, brain: BrainMask, model: Model, bright: bool):
     """The model-space baseline as a ScanAnalysis: the image (or 1 − image inside the brain) in
     place of the score map, through the same ``analysis_from_model_space``, so its median,
@@ -306,6 +259,7 @@ def evaluate_case(case: Case, models: list[Model], brain_choices: Sequence[str],
     maps are still to be compared with ``analyse_scan`` itself, for each brain choice of this
     case; they are taken out of it once done."""
     from napari_brain_uad.preprocess import to_model_space
+    from napari_brain_uad.analysis import analyses_in_model_space
     from napari_brain_uad.thresholds import default_threshold
 
     rows, timings, problems = [], [], []
@@ -323,9 +277,9 @@ def evaluate_case(case: Case, models: list[Model], brain_choices: Sequence[str],
         # mask is used on the native grid as it is, a found one is first cut to the model-space
         # mask (analysis_from_model_space), so the rows would no longer be what a user gets.
         # So the loop runs analyse_scan's own steps with its own functions — find_brain once per
-        # scan and brain choice, to_model_space once per model space, the network once per model
-        # and group of scorers, analysis_from_model_space once per scorer — and --check proves
-        # the result is analyse_scan's, map for map.
+        # scan and brain choice, to_model_space once per model space, and the rest in
+        # analysis.analyses_in_model_space (the network once per group of scorers), which
+        # analyse_scan itself calls — and --check proves the result is analyse_scan's, map for map.
         start = time.perf_counter()
         try:
             brain = find_brain(scan, given if brain_choice == GIVEN_BRAIN else None, device=extraction_device)
@@ -346,7 +300,9 @@ def evaluate_case(case: Case, models: list[Model], brain_choices: Sequence[str],
                 if spec not in volumes:
                     volumes[spec] = to_model_space(scan, brain_mask=brain.mask, spec=spec)
                 timing["model space"] = time.perf_counter() - start
-                analyses = model_analyses(scan, volumes[spec], brain, model, timing)
+                start = time.perf_counter()
+                analyses = analyses_in_model_space(scan, volumes[spec], brain, model.network, model.settings)
+                timing["network and scoring"] = time.perf_counter() - start
             except ScanError as error:
                 problems.append(f"{case.label}, brain {brain_choice}, {model.name}: {error}")
                 continue
@@ -357,7 +313,7 @@ def evaluate_case(case: Case, models: list[Model], brain_choices: Sequence[str],
                 evaluation = evaluate_analysis(analysis, truth, threshold=value, name=case.label)
                 rows.append(case_row(case, brain_choice, brain, f"{model.name} · {scorer}", model, scorer,
                                      evaluation, flagged_outside_lesions(analysis.filtered, truth, value), threshold))
-                timing[f"scoring {scorer}"] += time.perf_counter() - start
+                timing["evaluation"] = timing.get("evaluation", 0.0) + time.perf_counter() - start
             start = time.perf_counter()
             if spec not in baselines:
                 in_model_space = baseline_analysis(scan, volumes[spec], brain, model, case.bright)
@@ -384,7 +340,8 @@ def evaluate_case(case: Case, models: list[Model], brain_choices: Sequence[str],
 
 def compare_with_analyse_scan(scan, model: Model, given, analyses: dict, label: str, brain_choice: str) -> list[str]:
     """``analyse_scan`` itself on the same scan with the first scorer's settings: its filtered map
-    must be the one computed here (a difference means this file's copy of the steps drifted)."""
+    must be the one computed here (a difference means the brain or model space found once and
+    shared here is not what analyse_scan finds)."""
     from napari_brain_uad.analysis import analyse_scan
 
     scorer, settings = next(iter(model.settings.items()))
@@ -452,14 +409,13 @@ def print_tables(rows: list[dict], timings: list[dict]) -> None:
               f"{row['row']} | {row['lesion_voxels']} | {cell(row['best_dice'])} | {cell(row['auprc'])} | "
               f"{cell(row['dice_at_healthy_threshold'])} | {cell(row['flagged'], '.1%')} |")
     print("\n## Time per case (s)\n\nReading and finding the brain are done once per case and brain, and shared "
-          "by its models.\n\n| case | brain | reading | finding the brain | model | model space | reconstruction | "
-          "scoring, post-processing, evaluation | baselines (same) |\n|---|---|---|---|---|---|---|---|---|")
+          "by its models.\n\n| case | brain | reading | finding the brain | model | model space | "
+          "network, scoring, post-processing | evaluation | baselines (same) |\n|---|---|---|---|---|---|---|---|---|")
     for timing in timings:
-        scoring = sum(value for key, value in timing.items() if key.startswith("scoring "))
         print(f"| {timing['case']} | {timing['brain']} | {timing['reading']:.1f} | {timing['finding the brain']:.1f} | "
               f"{timing['model']} | "
-              f"{timing.get('model space', 0.0):.1f} | {timing.get('reconstruction', 0.0):.1f} | {scoring:.1f} | "
-              f"{timing.get('baselines', 0.0):.1f} |")
+              f"{timing.get('model space', 0.0):.1f} | {timing.get('network and scoring', 0.0):.1f} | "
+              f"{timing.get('evaluation', 0.0):.1f} | {timing.get('baselines', 0.0):.1f} |")
 
 
 def main() -> None:

@@ -195,3 +195,27 @@ def test_mahalanobis_with_a_model_whose_samples_never_differ_is_refused_before_a
 
     with pytest.raises(ValueError, match="reconstructs the same way every time"):
         analyse_scan(mslub, DAE(DAEConfig()), settings=AnalysisSettings(scorer="mhd-diag", samples=10))
+
+
+def test_several_scorers_from_one_reconstruction_give_each_scorers_own_analysis(small_ddpm, mslub):
+    """What a benchmark comparing scorers runs: one brain, one model space, the network once for
+    scorers of the same reconstruction; each map is the one analyse_scan gives for that scorer."""
+    from napari_brain_uad.analysis import analyses_in_model_space
+    from napari_brain_uad.brain_mask import find_brain
+
+    calls = []
+    original = small_ddpm.reconstruct
+    small_ddpm.reconstruct = lambda *arguments, **keywords: calls.append(1) or original(*arguments, **keywords)
+    try:
+        brain = find_brain(mslub)
+        volume = to_model_space(mslub, brain_mask=brain.mask, spec=small_ddpm.spec)
+        settings = {scorer: AnalysisSettings(scorer=scorer, device="cpu") for scorer in ("residual", "ssim")}
+        analyses = analyses_in_model_space(mslub, volume, brain, small_ddpm, settings)
+        batches_for_both = len(calls)
+        calls.clear()
+        alone = analyse_scan(mslub, small_ddpm, settings=settings["ssim"])
+    finally:
+        del small_ddpm.reconstruct
+    assert batches_for_both == len(calls) > 0  # the network ran once for the two scorers
+    np.testing.assert_array_equal(analyses["ssim"].filtered.values, alone.filtered.values)
+    assert not np.array_equal(analyses["residual"].filtered.values, analyses["ssim"].filtered.values)

@@ -166,36 +166,69 @@ def analyse_scan(
     volume = to_model_space(scan, brain_mask=brain.mask, spec=model.spec)
     check_cancel()
 
-    report.start("reconstruction")
-    reconstructions, sample_maps = reconstruct_volume_with_maps(
-        model,
-        volume.image,
-        samples=settings.samples,
-        t=list(settings.noise_levels) if settings.noise_levels else None,
-        batch_size=settings.batch_size,
-        device=settings.device,
-        seed=settings.seed,
-        progress=lambda done, total: report.within(done / total),
-        cancelled=cancelled,
-    )
-    check_cancel()
-
-    report.start("scoring")
-    needs_samples = SCORERS[settings.scorer].needs_samples
-    mean_reconstruction = ensemble_mean(list(reconstructions)) if len(reconstructions) > 1 else reconstructions[0]
-    other = reconstructions if needs_samples else mean_reconstruction
-    model_maps = {name: values.mean(axis=0).astype(np.float32) for name, values in sample_maps.items()}
-    score_map = np.asarray(score(settings.scorer, volume.image, other, volume.brain_mask, maps=model_maps,
-                                 **settings.scorer_parameters), dtype=np.float32)
-    score_map = np.where(volume.brain_mask, score_map, np.float32(0))
-    spread = reconstructions.std(axis=0).astype(np.float32) if len(reconstructions) > 1 else None
-    check_cancel()
-    analysis = analysis_from_model_space(
-        scan, volume, brain, settings, score_map=score_map, mean_reconstruction=np.asarray(mean_reconstruction),
-        spread=spread, model_voxel_ml=float(model.spec.spacing_mm) ** 3 / 1000.0, model_maps=model_maps,
-        report=report, check_cancel=check_cancel)
+    analysis = analyses_in_model_space(scan, volume, brain, model, {settings.scorer: settings}, report=report,
+                                       cancelled=cancelled)[settings.scorer]
     report.start("done")
     return analysis
+
+
+def analyses_in_model_space(
+    scan: NiftiVolume,
+    volume: ModelSpaceVolume,
+    brain: BrainMask,
+    model: ReconstructionModel,
+    settings_by_scorer: dict[str, AnalysisSettings],
+    *,
+    report: "_Progress | None" = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> dict[str, ScanAnalysis]:
+    """Steps 3 to 6 for a scan already in model space, for one or several scorers: the network
+    runs once per group of scorers asking for the same reconstructions (N, noise levels, seed),
+    and each scorer's map is post-processed and brought back on its own. ``analyse_scan`` runs it
+    for one scorer; a benchmark comparing scorers on one brain runs it for several."""
+    report = report or _Progress(None)
+
+    def check_cancel():
+        if cancelled is not None and cancelled():
+            raise Cancelled("analysis cancelled")
+
+    groups: dict[tuple, list[str]] = {}
+    for scorer, settings in settings_by_scorer.items():
+        key = (settings.samples, settings.noise_levels, settings.seed, settings.batch_size, settings.device)
+        groups.setdefault(key, []).append(scorer)
+    analyses = {}
+    for scorers in groups.values():
+        settings = settings_by_scorer[scorers[0]]
+        report.start("reconstruction")
+        reconstructions, sample_maps = reconstruct_volume_with_maps(
+            model,
+            volume.image,
+            samples=settings.samples,
+            t=list(settings.noise_levels) if settings.noise_levels else None,
+            batch_size=settings.batch_size,
+            device=settings.device,
+            seed=settings.seed,
+            progress=lambda done, total: report.within(done / total),
+            cancelled=cancelled,
+        )
+        check_cancel()
+        mean_reconstruction = ensemble_mean(list(reconstructions)) if len(reconstructions) > 1 else reconstructions[0]
+        spread = reconstructions.std(axis=0).astype(np.float32) if len(reconstructions) > 1 else None
+        model_maps = {name: values.mean(axis=0).astype(np.float32) for name, values in sample_maps.items()}
+        for scorer in scorers:
+            settings = settings_by_scorer[scorer]
+            report.start("scoring")
+            other = reconstructions if SCORERS[scorer].needs_samples else mean_reconstruction
+            score_map = np.asarray(score(scorer, volume.image, other, volume.brain_mask, maps=model_maps,
+                                         **settings.scorer_parameters), dtype=np.float32)
+            score_map = np.where(volume.brain_mask, score_map, np.float32(0))
+            check_cancel()
+            analyses[scorer] = analysis_from_model_space(
+                scan, volume, brain, settings, score_map=score_map,
+                mean_reconstruction=np.asarray(mean_reconstruction), spread=spread,
+                model_voxel_ml=float(model.spec.spacing_mm) ** 3 / 1000.0, model_maps=model_maps,
+                report=report, check_cancel=check_cancel)
+    return analyses
 
 
 def analysis_from_model_space(
