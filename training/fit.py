@@ -129,6 +129,7 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
             validation_scans = load_model_space(validation_pairs, spec, advance, config.exclude_dilation_mm)
     else:
         training_scans, validation_scans = scans
+        _check_exclusions_fit(config, any(scan.exclude is not None for scan in [*training_scans, *validation_scans]))
     torch.manual_seed(config.seed)  # the same initial weights for the same seed, on every rank
     model, base_description = _build_model(config, spec)
     model = model.to(processes.device)
@@ -141,7 +142,6 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         sampler = SliceSampler(training_scans, config.seed,
                                thick_slices=(config.thick_slice_probability, config.thickest_slice))
         validation = validation_slices(validation_scans, config.validation_slices) if validation_scans else None
-    _check_exclusions_fit(config, any(scan.exclude is not None for scan in [*training_scans, *validation_scans]))
     augmenter = SliceAugmenter(config.augmentation_settings()) if config.augment else None
     # Only what trains: a frozen part (SADM's base model) has no gradients and no Adam moments.
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from .postprocess import FilteredMap
 from .thresholds import CALIBRATED_SETTINGS
 
 # The scan's typical score, by the name a calibration record stores it under. The first was the
@@ -84,7 +83,7 @@ class Typicality:
 
     score: float  # robust z-score against the healthy calibration scans
     limit: float
-    statistic: float  # the scan's typical filtered score (the record's statistic)
+    statistic: float  # the scan's typical score, by the record's statistic
 
     @property
     def atypical(self) -> bool:
