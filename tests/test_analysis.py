@@ -219,3 +219,63 @@ def test_several_scorers_from_one_reconstruction_give_each_scorers_own_analysis(
     assert batches_for_both == len(calls) > 0  # the network ran once for the two scorers
     np.testing.assert_array_equal(analyses["ssim"].filtered.values, alone.filtered.values)
     assert not np.array_equal(analyses["residual"].filtered.values, analyses["ssim"].filtered.values)
+
+
+class HealthyReferenceWithMaps(HealthyReference):
+    """The reference "model" of a kind with extra maps (SADM's segmentation, PHANES's perceptual
+    map): each map is 1 on a square in one model-space slice only, 0 elsewhere."""
+
+    extra_maps = ("segmentation", "perceptual")
+
+    def __init__(self, healthy_model_space: np.ndarray, marked_slice: int):
+        super().__init__(healthy_model_space)
+        self.marked_slice = marked_slice
+
+    def reconstruct_with_maps(self, slices, t=None, generator=None):
+        distance = (slices[:, None] - self.healthy[None]).abs().flatten(2).mean(-1)
+        index = distance.argmin(dim=1)
+        marked = torch.zeros_like(slices)
+        marked[index == self.marked_slice] = 1.0
+        return self.healthy[index], {"segmentation": marked, "perceptual": marked}
+
+
+def test_sadms_segmentation_is_added_after_the_median_so_a_one_slice_region_survives(case):
+    """The paper median-filters the unsupervised map only: a segmented region one slice thick
+    would vanish under a 5³ median of the sum."""
+    _, scan, _, mask, _, reference = case
+    volume = to_model_space(scan, brain_mask=mask)
+    centre = int(np.round(np.mean(np.nonzero(volume.brain_mask)[2])))
+    model = HealthyReferenceWithMaps(reference.healthy[:, 0].permute(1, 2, 0).numpy(), centre)
+    settings = AnalysisSettings(scorer="residual+segmentation", device="cpu")
+    assert settings.median  # the median is on: for the residual part only
+    result = analyse_scan(scan, model, brain_mask=mask, settings=settings)
+    model_values = result.score_model_space
+    assert model_values[..., centre].max() >= 1.0 and not model_values[..., centre + 3].max() >= 1.0
+    # After post-processing the one-slice region still scores about 1 (segmentation 1 + residual
+    # ≥ 0; on a 1 mm grid, interpolation from the 2 mm slab blurs it to no less than half).
+    assert result.filtered.values.max() > 0.6
+    assert result.mask_at(0.5).sum() > 0
+    # The same map with the median over the whole sum loses it.
+    from napari_brain_uad.postprocess import prepare
+    whole = prepare(model_values, volume.brain_mask)
+    assert whole.values.max() < 0.3
+
+
+def test_phanes_map_is_used_as_it_is_neither_median_filtered_nor_eroded(case):
+    _, scan, lesioned, mask, lesion, reference = case
+    volume = to_model_space(lesioned, brain_mask=mask)
+    centre = int(np.round(np.mean(np.nonzero(volume.transform.to_model(lesion.astype(np.float32)) > 0.5)[2])))
+    model = HealthyReferenceWithMaps(reference.healthy[:, 0].permute(1, 2, 0).numpy(), centre)
+    settings = AnalysisSettings(scorer="phanes", device="cpu")
+    assert settings.median is False  # the scorer's rule when the user does not choose
+    result = analyse_scan(lesioned, model, brain_mask=mask, settings=settings)
+    assert not result.filtered.median and result.filtered.iterations == 0
+    # No erosion: the region is the whole brain; no median: the model-space map is the score.
+    np.testing.assert_array_equal(result.filtered.region, result.brain_mask)
+    assert result.score_model_space[..., centre].max() > 0 and not result.score_model_space[..., centre + 3].any()
+    unfiltered = result.model_space.transform.to_native(result.score_model_space)
+    region = result.filtered.region
+    np.testing.assert_allclose(result.filtered.values[region], unfiltered[region], atol=1e-6)
+    # The one-slice-thick product |x − x̂|·S survives thresholding; a user can still switch the median on.
+    assert result.mask_at(0.5 * result.filtered.values.max()).sum() > 0
+    assert result.with_median(True).filtered.values.max() < 0.5 * result.filtered.values.max()

@@ -392,3 +392,43 @@ def test_the_inference_mask_threshold_is_measured_on_healthy_slices_when_stage_c
     assert float(model.measured_mask_threshold) == pytest.approx(expected, rel=1e-5)
     # A fixed threshold in the config wins.
     assert small_phanes(mask_threshold=0.153).inference_mask_threshold == 0.153
+
+
+def test_the_training_mask_threshold_is_on_the_inference_thresholds_scale(ixi_training_slices, monkeypatch):
+    """The code's 0.1 (training) and 0.153 (inference) are on LPIPS's scale; ours keeps their
+    ratio on the scale of the perceptual network in use, so training masks are larger than the
+    test-time ones but of the same order, not most of the brain."""
+    from napari_brain_uad.models import phanes as phanes_module
+
+    assert phanes_module.TRAINING_THRESHOLD_RATIO == pytest.approx(0.1 / 0.153)
+    slices, brain = half_resolution(*ixi_training_slices)
+    model = small_phanes(vae_steps=0)
+    model.measured_mask_threshold.fill_(0.42)
+    assert model.inference_mask_threshold == pytest.approx(0.42)
+    assert model.training_mask_threshold == pytest.approx(0.42 * 0.1 / 0.153)
+    # The training masks binarise at that threshold (the ellipses come on top of it).
+    used = []
+    original = model.anomaly_mask
+    monkeypatch.setattr(model, "anomaly_mask", lambda s, c, threshold: used.append(threshold) or original(s, c, threshold))
+    model.training_masks(slices[:2], seeded(0))
+    assert used == [pytest.approx(0.42 * 0.1 / 0.153)]
+    # A configured training threshold wins; a model that never measured one scales it back.
+    fixed = small_phanes(training_mask_threshold=0.1)
+    assert fixed.training_mask_threshold == 0.1
+    assert fixed.inference_mask_threshold == pytest.approx(0.153)
+
+
+def test_phanes_map_is_post_processed_as_the_paper_says_and_sadms_segmentation_after_the_median():
+    phanes_scorer = scoring.SCORERS["phanes"]
+    assert not phanes_scorer.median_filtered and not phanes_scorer.brain_eroded
+    assert phanes_scorer.part_after_median({"perceptual": np.ones((2, 2, 2))}) is None
+    segmentation = np.arange(8, dtype=np.float32).reshape(2, 2, 2) / 8
+    brain = np.ones((2, 2, 2), dtype=bool)
+    brain[0, 0, 0] = False
+    for name in ("ssim+segmentation", "residual+segmentation"):
+        scorer = scoring.SCORERS[name]
+        assert scorer.median_filtered and scorer.brain_eroded
+        np.testing.assert_allclose(scorer.part_after_median({"segmentation": segmentation}), segmentation)
+        weighted = scorer.part_after_median({"segmentation": segmentation}, brain, weight=0.25)
+        np.testing.assert_allclose(weighted, np.where(brain, 0.75 * segmentation, 0), rtol=1e-6)
+    assert all(scoring.SCORERS[name].part_after_median({}) is None for name in ("residual", "ssim", "mhd-diag"))

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from conftest import SHARED_DATA
 from napari_brain_uad.metrics import best_dice, dice
@@ -217,3 +218,18 @@ def test_bad_inputs_raise_clear_errors():
         filtered.mask_at(float("nan"))
     with pytest.raises(ValueError, match="spacing"):
         prepare(score_map, brain, spacing_mm=(2.0, 0.0, 2.0))
+
+
+def test_a_part_added_after_the_median_is_left_alone_by_it():
+    """SADM's rule: median(map − part) + part, so a one-slice-thick part survives intact."""
+    rng = np.random.default_rng(0)
+    unsupervised = rng.random((20, 20, 12)).astype(np.float32)
+    part = np.zeros_like(unsupervised)
+    part[5:15, 5:15, 6] = 1.0  # one slice thick: a 5³ median of it alone is 0 everywhere
+    brain = np.ones(unsupervised.shape, dtype=bool)
+    filtered = prepare(unsupervised + part, brain, iterations=0, added_after_median=part)
+    expected = ndimage.median_filter(unsupervised, size=5) + part
+    np.testing.assert_allclose(filtered.values, expected, atol=1e-6)
+    assert not prepare(unsupervised + part, brain, iterations=0).values[5:15, 5:15, 6].max() > 1.0
+    with pytest.raises(ValueError, match="shape"):
+        prepare(unsupervised, brain, added_after_median=part[:, :, :6])

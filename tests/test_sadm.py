@@ -98,6 +98,44 @@ def test_synthetic_anomalies_change_only_the_brain_inside_their_mask(ixi_trainin
     assert torch.equal(clean, slices) and not empty.any()
 
 
+def test_the_anomalys_texture_comes_from_the_perlin_field_not_the_slice(ixi_training_slices):
+    """Thesis appendix C: the augmentations act on the noise, so at full opacity what fills an
+    anomaly is the same whatever anatomy lies under it, and a flat slice still gets texture."""
+    slices, brain = ixi_training_slices
+    config = SADMConfig(anomaly_probability=1.0, opacity=(1.0, 1.0), perlin_scale_exponents=(1, 2))
+    anatomy, masks = synthetic_anomalies(slices, brain, config, seeded(7))
+    flat = torch.full_like(slices, 0.4)
+    on_flat, flat_masks = synthetic_anomalies(flat, brain, config, seeded(7))
+    assert torch.equal(masks, flat_masks) and masks.sum() > 0
+    inside = masks.bool()
+    torch.testing.assert_close(anatomy[inside], on_flat[inside])  # the same texture on either slice
+    # On the flat slice the anomalies are textured: most differ from the slice and vary inside.
+    textured = [on_flat[index][masks[index].bool()].std() > 0.01
+                for index in range(len(slices)) if masks[index].sum() > 20]
+    assert len(textured) >= 4 and sum(textured) >= 0.75 * len(textured)
+
+
+def test_real_lesions_marked_in_a_patients_slice_count_for_nothing_in_the_loss(ixi_training_slices):
+    slices, brain = half_resolution(*ixi_training_slices)
+    model = small_sadm()
+    slices, brain = slices[:4], brain[:4]
+    excluded = torch.zeros_like(brain)
+    excluded[:, :, 10:30, 10:30] = True
+    whole = model.training_loss(slices, brain, seeded(3))
+    assert torch.isclose(model.training_loss(slices, brain, seeded(3), excluded=torch.zeros_like(brain)), whole)
+    left_out = model.training_loss(slices, brain, seeded(3), excluded=excluded)
+    # By hand: the per-pixel BCE of the same draw, averaged over the pixels kept.
+    anomalous, masks = synthetic_anomalies(slices, brain, model.config, seeded(3))
+    assert not torch.isclose(left_out, whole)
+    generator = seeded(3)
+    synthetic_anomalies(slices, brain, model.config, generator)
+    level = model._levels(None)[int(torch.randint(0, 1, (1,), generator=generator))]
+    logits = model.segmentation_logits(anomalous, model.base.reconstruct(anomalous, level, generator))
+    per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks, reduction="none")
+    torch.testing.assert_close(left_out, per_pixel[~excluded].mean(), rtol=1e-5, atol=1e-6)
+    assert SADM.excludes_voxels
+
+
 def test_about_half_the_slices_get_an_anomaly_by_default(ixi_training_slices):
     slices, brain = ixi_training_slices
     _, masks = synthetic_anomalies(slices.repeat(4, 1, 1, 1), brain.repeat(4, 1, 1, 1), SADMConfig(), seeded(2))

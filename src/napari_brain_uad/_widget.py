@@ -344,9 +344,14 @@ class BrainUADWidget(Container):
                 self.scorer.value = current if current in choices else choices[0]
 
     def _scorer_changed(self, *_):
-        """The lesion-direction option shows whether the scorer is the one-way residual, whoever chose it."""
+        """The lesion-direction option shows whether the scorer is the one-way residual, whoever
+        chose it; the median filter starts as the scorer's paper has it (off for PHANES's map)
+        for the next run, without re-filtering the results shown."""
         self._tick_lesion_direction()
         self._show_presets()
+        if self.scorer.value in SCORERS:
+            with self.median.changed.blocked():
+                self.median.value = SCORERS[self.scorer.value].median_filtered
 
     def _tick_lesion_direction(self):
         directed = model_card.lesion_direction_scorer(self._model_metadata)

@@ -40,7 +40,9 @@ class AnalysisSettings:
     samples: int = 1
     noise_levels: tuple[int, ...] | None = None
     scorer_parameters: dict = field(default_factory=dict)
-    median: bool = True
+    # The 5³ median filter of post-processing; None: the scorer's paper's rule (on for all but
+    # PHANES's map, ``scoring.Scorer.median_filtered``).
+    median: bool | None = None
     batch_size: int | None = None
     device: str = "auto"
     seed: int | None = 0
@@ -58,6 +60,8 @@ class AnalysisSettings:
         unknown = sorted(set(self.scorer_parameters) - set(SCORERS[self.scorer].params))
         if unknown:
             raise SettingsError(f"the {self.scorer} scorer does not take {', '.join(unknown)}")
+        if self.median is None:
+            object.__setattr__(self, "median", SCORERS[self.scorer].median_filtered)
 
     @classmethod
     def for_model(cls, metadata: dict, *, scorer: str | None = None, samples: int | None = None,
@@ -113,9 +117,10 @@ class ScanAnalysis:
         from the cached model-space map; the network does not run again."""
         if median == self.filtered.median:
             return self
+        settings = replace(self.settings, median=median)
         filtered = filtered_on_native_grid(self.scan, self.model_space, self.score_model_space, self.brain_mask,
-                                           median=median)
-        return replace(self, filtered=filtered, settings=replace(self.settings, median=median))
+                                           settings, self.model_maps_model_space)
+        return replace(self, filtered=filtered, settings=settings)
 
     def findings(self, threshold: float, min_size_ml: float | None = None) -> list[dict]:
         """One row per finding, largest first: voxels, mL, mean/max score, centre (native voxel)."""
@@ -257,7 +262,8 @@ def analysis_from_model_space(
         # The model-space mask brought back, cut to the found mask voxel for voxel (the 2 mm
         # mask alone would spill over the brain's edge on a finer grid).
         native_brain = (transform.to_native(volume.brain_mask.astype(np.float32)) >= 0.5) & brain.mask
-    filtered = filtered_on_native_grid(scan, volume, score_map, native_brain, median=settings.median)
+    model_maps = dict(model_maps or {})
+    filtered = filtered_on_native_grid(scan, volume, score_map, native_brain, settings, model_maps)
     if check_cancel is not None:
         check_cancel()
 
@@ -270,7 +276,6 @@ def analysis_from_model_space(
         # Spread in scan intensities, so it reads in the same units as the reconstruction.
         spread_scan_units = volume.to_scan_intensities(spread, difference=True)
         spread_native = np.where(native_brain, transform.to_native(spread_scan_units), np.float32(0)).astype(np.float32)
-    model_maps = dict(model_maps or {})
     native_maps = {name: np.where(native_brain, transform.to_native(values), np.float32(0)).astype(np.float32)
                    for name, values in model_maps.items()}
     return ScanAnalysis(
@@ -293,12 +298,19 @@ def analysis_from_model_space(
 
 
 def filtered_on_native_grid(
-    scan: NiftiVolume, volume: ModelSpaceVolume, score_map: np.ndarray, native_brain: np.ndarray, *, median: bool
+    scan: NiftiVolume, volume: ModelSpaceVolume, score_map: np.ndarray, native_brain: np.ndarray,
+    settings: AnalysisSettings, model_maps: dict[str, np.ndarray] | None = None,
 ) -> FilteredMap:
-    """Post-process the model-space map as the papers do (median 5³, eroded brain), then carry it
-    to the scan's grid: thresholds apply there, to the voxels the user exports."""
+    """Post-process the model-space map as the scorer's paper does (``scoring.Scorer``: median
+    5³ unless switched off, eroded brain, a kind's term added after the median), then carry it to
+    the scan's grid: thresholds apply there, to the voxels the user exports."""
     transform = volume.transform
-    filtered_model = prepare(score_map, volume.brain_mask, median=median, spacing_mm=(transform.spacing_mm,) * 3)
+    scorer = SCORERS[settings.scorer]
+    filtered_model = prepare(
+        score_map, volume.brain_mask, median=settings.median, spacing_mm=(transform.spacing_mm,) * 3,
+        iterations=None if scorer.brain_eroded else 0,
+        added_after_median=scorer.part_after_median(model_maps, volume.brain_mask, **settings.scorer_parameters),
+    )
     region = (transform.to_native(filtered_model.region.astype(np.float32)) >= 0.5) & native_brain
     if not region.any():
         raise ScanError(f"{scan.path}: the eroded brain region vanishes on the scan's grid; is the brain mask right?")

@@ -3,7 +3,9 @@
 1. ``prepare`` (once per map, the slow part): median filter 5 x 5 x 5, then the brain mask is
    eroded slice by slice with a 2D cross (iterations = in-plane size // 25, 3 at 96 x 96) and the
    map is set to 0 outside the eroded mask. The erosion removes the rim of the brain, where every
-   reconstruction model leaves a bright residual that is not an anomaly.
+   reconstruction model leaves a bright residual that is not an anomaly. Where a paper says
+   otherwise for its score, its scorer declares it (``scoring.Scorer``): PHANES's map is used
+   as it is (no median, no erosion); SADM's segmentation term is added after the median.
 2. ``FilteredMap.mask_at`` (per threshold, milliseconds): ``map > threshold`` inside the eroded
    mask, then connected components with 26-connectivity, dropping those of at most 7 voxels.
 
@@ -232,12 +234,17 @@ def prepare(
     median: bool = True,
     iterations: int | None = None,
     spacing_mm=(2.0, 2.0, 2.0),
+    added_after_median=None,
 ) -> FilteredMap:
     """Median-filter ``score_map`` (5 x 5 x 5, unless ``median=False``) and keep it only inside
-    the brain mask eroded per axial slice (``iterations=None``: in-plane size // 25).
+    the brain mask eroded per axial slice (``iterations=None``: in-plane size // 25; 0: no
+    erosion).
 
     As in the reference code the median runs on the map as given, before masking; the erosion
     then discards the rim, where the median mixed in voxels from outside the brain.
+    ``added_after_median`` is a part of ``score_map`` the median must leave alone (SADM's
+    segmentation term, ``scoring.Scorer.after_median``): the median filters the rest, and the
+    part is added back.
     """
     values = _check_map(score_map)
     mask = _check_mask(brain_mask, values.shape)
@@ -252,7 +259,13 @@ def prepare(
         )
     values = values.astype(np.float32, copy=False)
     if median:
-        values = ndimage.median_filter(values, size=MEDIAN_SIZE)
+        if added_after_median is None:
+            values = ndimage.median_filter(values, size=MEDIAN_SIZE)
+        else:
+            added = _check_map(added_after_median, "part added after the median").astype(np.float32, copy=False)
+            if added.shape != values.shape:
+                raise ValueError(f"the part added after the median has shape {added.shape}, the map {values.shape}")
+            values = ndimage.median_filter(values - added, size=MEDIAN_SIZE) + added
     filtered = np.where(region, values, np.float32(0)).astype(np.float32)
     return FilteredMap(filtered, region, mask, spacing, bool(median), int(iterations))
 

@@ -578,6 +578,12 @@ class Scorer:
     keyword arguments ``fn`` accepts, with their defaults. ``needs_maps`` names the maps a model
     kind computes beside its reconstruction (``ReconstructionModel.extra_maps``) that ``fn``
     takes as ``maps={name: array}``; only kinds that make them can use the scorer.
+
+    How the score is post-processed (``postprocess.prepare``) is the paper's rule for it, so it
+    is declared here: ``median_filtered`` (the 5³ median, the default of ``AnalysisSettings``),
+    ``brain_eroded`` (the brain's rim cut away) and ``after_median`` — ``after_median(maps,
+    **params)`` gives the part of the score that is added after the median, untouched by it
+    (SADM's segmentation term), or None.
     """
 
     name: str
@@ -586,6 +592,9 @@ class Scorer:
     description: str
     params: Mapping[str, object] = field(default_factory=dict)
     needs_maps: tuple[str, ...] = ()
+    median_filtered: bool = True
+    brain_eroded: bool = True
+    after_median: Callable[..., np.ndarray] | None = None
 
     @property
     def needs_samples(self) -> bool:
@@ -596,6 +605,14 @@ class Scorer:
         """Reconstructions to make when the user does not say: the thesis's N for scorers that
         compare several, else one."""
         return SAMPLES_FOR_DISTRIBUTION if self.needs_samples else 1
+
+    def part_after_median(self, maps: Mapping[str, ArrayLike] | None, mask=None, **params) -> np.ndarray | None:
+        """The part of this scorer's map that post-processing adds after the median filter
+        (0 outside ``mask``), or None when the median sees the whole map."""
+        if self.after_median is None:
+            return None
+        part = np.asarray(self.after_median(maps or {}, **{**self.params, **params}), dtype=np.float32)
+        return part if mask is None else np.where(np.asarray(mask, dtype=bool), part, np.float32(0))
 
     def usable_with(self, maps: Sequence[str]) -> bool:
         """Whether a model that makes the maps ``maps`` can feed this scorer."""
@@ -688,6 +705,16 @@ def _plus_segmentation(unsupervised: torch.Tensor, image, mask, maps, weight) ->
     return _output(combined, image)
 
 
+def segmentation_term(maps: Mapping[str, ArrayLike], weight: float | None = None, **_) -> np.ndarray:
+    """SADM's segmentation term of its score: ŷ, or (1 − β)·ŷ for the weighted form. The
+    paper median-filters the unsupervised map only and adds this term after post-processing, so
+    a predicted region one or two slices thick survives."""
+    values = maps["segmentation"]
+    segmentation = (values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values))
+    segmentation = segmentation.astype(np.float32, copy=False)
+    return segmentation if weight is None else np.float32(1 - weight) * segmentation
+
+
 def phanes_score(
     image: ArrayLike,
     reconstruction: ArrayLike,
@@ -759,17 +786,19 @@ SCORERS: Mapping[str, Scorer] = MappingProxyType(
             Scorer(
                 "ssim+segmentation", ssim_and_segmentation, "reconstruction",
                 "SADM: (1 − SSIM(x, x̂)) + the segmentation network's output, or β-weighted",
-                {**_SSIM_PARAMS, "weight": None}, needs_maps=("segmentation",),
+                {**_SSIM_PARAMS, "weight": None}, needs_maps=("segmentation",), after_median=segmentation_term,
             ),
             Scorer(
                 "residual+segmentation", residual_and_segmentation, "reconstruction",
                 "SADM with the residual: |x − x̂| + the segmentation network's output, or β-weighted",
-                {"weight": None}, needs_maps=("segmentation",),
+                {"weight": None}, needs_maps=("segmentation",), after_median=segmentation_term,
             ),
             Scorer(
                 "phanes", phanes_score, "reconstruction",
                 "PHANES: |x − x̂| × the model's perceptual difference map S_perc(x̂, x)",
-                {}, needs_maps=("perceptual",),
+                # The paper's map as it is: it is exactly 0 outside the inpainted region, which
+                # a 5³ median would erase where it is 4 mm thick or less.
+                {}, needs_maps=("perceptual",), median_filtered=False, brain_eroded=False,
             ),
         )
     }

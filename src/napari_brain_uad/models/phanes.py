@@ -18,8 +18,12 @@ Bercea et al., "Reversing the abnormal: pseudo-healthy generative networks for a
     blurred (σ = 1.2) and grown (> 0.1 → 1). The paper binarises at the 99th percentile of
     healthy scores: by default (``mask_threshold`` None) that percentile of the mask scores
     inside the brain of the first stage-(c) training batch, kept in the checkpoint
-    (:func:`healthy_mask_threshold`). The code fixes 0.153 at inference (and 0.1 in training, our
-    default there), on LPIPS's scale, which our default perceptual network does not share. The paper takes S_perc of the
+    (:func:`healthy_mask_threshold`). The code fixes 0.153 at inference and 0.1 in training, on
+    LPIPS's scale, which our default perceptual network does not share: at 0.1 our mask covered
+    about 87 % of healthy brain in training against about 3 % at the inference threshold, so the
+    GAN learnt to fill whole slices and was tested on small holes. We keep the code's ratio
+    instead: by default (``training_mask_threshold`` None) the training threshold is the
+    inference threshold × 0.1/0.153 (:data:`TRAINING_THRESHOLD_RATIO`). The paper takes S_perc of the
     equalised images, the code of the plain ones (``mask_perceptual_on_equalised``, default
     False as in the code). The code keeps the sub-threshold scores instead of zeroing them and
     blurs across the batch axis too; we binarise and blur each slice, as the paper says.
@@ -105,6 +109,11 @@ __all__ = [
 ]
 
 STAGES = ("vae", "inpainting")
+# The authors' code binarises the mask at 0.1 in training and 0.153 at inference (LPIPS's
+# scale): training masks are larger, so the GAN learns to fill more than it will be asked to.
+# We keep that ratio on whatever scale the perceptual network gives.
+CODE_INFERENCE_THRESHOLD = 0.153
+TRAINING_THRESHOLD_RATIO = 0.1 / CODE_INFERENCE_THRESHOLD
 PERCEPTUAL_NETWORKS = ("encoder", "lpips")
 
 
@@ -139,7 +148,8 @@ class PHANESConfig(ModelConfig):
     # VAE's encoder) it masked about 22 % of every healthy slice, so it is not the default here.
     mask_threshold: float | None = None
     mask_threshold_percentile: float = 99.0
-    training_mask_threshold: float = 0.1
+    # None: the inference threshold × TRAINING_THRESHOLD_RATIO (the code's 0.1 against 0.153).
+    training_mask_threshold: float | None = None
     mask_blur_sigma: float = 1.2
     mask_grow_level: float = 0.1
     perceptual_network: str = "encoder"
@@ -177,7 +187,7 @@ class PHANESConfig(ModelConfig):
                 raise ValueError(f"{name} must be a finite number > 0, not {value!r}")
         for name in ("mask_threshold", "training_mask_threshold"):
             value = getattr(self, name)
-            if value is None and name == "mask_threshold":
+            if value is None:
                 continue
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, not {value!r}")
@@ -480,11 +490,25 @@ class PHANES(ReconstructionModel):
     @property
     def inference_mask_threshold(self) -> float:
         """The threshold that binarises the mask at test time: the configured one, else the one
-        measured on healthy slices (else, for a model that never reached stage (c), the training one)."""
+        measured on healthy slices (else, for a model that never reached stage (c), the configured
+        training threshold scaled back by the code's ratio, or the code's 0.153)."""
         if self.config.mask_threshold is not None:
             return float(self.config.mask_threshold)
         measured = float(self.measured_mask_threshold)
-        return self.config.training_mask_threshold if math.isnan(measured) else measured
+        if not math.isnan(measured):
+            return measured
+        if self.config.training_mask_threshold is not None:
+            return float(self.config.training_mask_threshold) / TRAINING_THRESHOLD_RATIO
+        return CODE_INFERENCE_THRESHOLD
+
+    @property
+    def training_mask_threshold(self) -> float:
+        """The threshold that binarises stage (b)'s mask for the GAN's training masks: the
+        configured one, else the inference threshold × :data:`TRAINING_THRESHOLD_RATIO`, so both
+        are on the scale of the perceptual network in use."""
+        if self.config.training_mask_threshold is not None:
+            return float(self.config.training_mask_threshold)
+        return self.inference_mask_threshold * TRAINING_THRESHOLD_RATIO
 
     # ----------------------------------------------------------------- (a) the VAE
 
@@ -600,7 +624,7 @@ class PHANES(ReconstructionModel):
         """Stage (b)'s mask at the training threshold, united with the random ellipses."""
         with torch.no_grad():
             coarse = self.coarse(slices, generator, sample=True)
-            found = self.anomaly_mask(slices, coarse, self.config.training_mask_threshold)
+            found = self.anomaly_mask(slices, coarse, self.training_mask_threshold)
             return torch.maximum(found, self.random_masks(slices, generator))
 
     def inpainting_loss(self, slices: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

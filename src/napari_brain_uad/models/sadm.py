@@ -17,11 +17,18 @@ FinnBehrendt/Supervised-Anomaly-Detection-with-Diffusion-Models).
 - **Training data** from healthy slices only, DRAEM-style (Zavrtanik et al. 2021, thesis
   appendix C): Perlin noise at a scale of 2^U{0..6} cells per axis, binarised (paper: "a
   uniformly sampled threshold"; code: 0.5, the default) and kept inside the brain, is the ground
-  truth M; the texture is the slice itself through three random intensity augmentations from
-  {posterize, sharpness, solarize, equalize, brightness, contrast (the grey-value "colour
-  change"), auto-contrast}; the anomalous slice is
-  I_syn = (1 − M)·I + (1 − β)·(M ⊙ I) + β·(M ⊙ I_aug), β ~ U[0.2, 1]. As in DRAEM's code, half
-  of the slices get no anomaly (an empty mask), so the network also learns to say "nothing".
+  truth M. The anomaly's texture comes from Perlin noise, not from the slice (the paper: "the
+  binary map is further processed by three random augmentation functions"; the authors' code
+  uses the noise as the anomaly source): a second field at the same scale (the first one's
+  values inside M all lie near its top, and would saturate), stretched to [0, 1], goes through three
+  random intensity augmentations from {posterize, sharpness, solarize, equalize, brightness,
+  contrast (the grey-value "colour change"), auto-contrast}, giving I_aug; the anomalous slice
+  is I_syn = (1 − M)·I + (1 − β)·(M ⊙ I) + β·(M ⊙ I_aug), β ~ U[0.2, 1]. So at β = 1 what fills
+  M does not depend on the anatomy under it, and a flat slice still gets textured anomalies. As
+  in DRAEM's code, half of the slices get no anomaly (an empty mask), so the network also learns
+  to say "nothing".
+- **Training on patients' scans**: voxels of a training list's exclusion mask (real lesions)
+  count for nothing in the loss, so the network is never taught that a real lesion is healthy.
   The frozen base reconstructs the anomalous slice (at one noise level of the test ensemble,
   drawn per batch, for a diffusion base).
 - **Test**: reconstructions and segmentations averaged over t = 250/500/750 (one level for an
@@ -196,10 +203,19 @@ def blend_anomaly(image: torch.Tensor, texture: torch.Tensor, mask: torch.Tensor
     return (1 - mask) * image + (1 - opacity) * (mask * image) + opacity * (mask * texture)
 
 
+def _stretch(field: torch.Tensor) -> torch.Tensor:
+    """The field's values mapped linearly onto [0, 1] (a constant field gives 0.5)."""
+    low, high = field.min(), field.max()
+    return (field - low) / (high - low) if high > low else torch.full_like(field, 0.5)
+
+
 def synthetic_anomalies(
     slices: torch.Tensor, brain_mask: torch.Tensor | None, config: SADMConfig, generator=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Healthy slices (B, 1, H, W) in [0, 1] with DRAEM-style anomalies, and their masks (float 0/1)."""
+    """Healthy slices (B, 1, H, W) in [0, 1] with DRAEM-style anomalies, and their masks (float 0/1).
+
+    Each anomaly's region is where a Perlin field exceeds the threshold; its texture is a second
+    field at the same scale, stretched to [0, 1] and augmented: never the slice itself."""
     batch, _, height, width = slices.shape
     device = slices.device
     anomalous, masks = slices.clone(), torch.zeros_like(slices)
@@ -217,7 +233,10 @@ def synthetic_anomalies(
         if brain_mask is not None:
             mask &= brain_mask[index, 0].bool()
         image = slices[index, 0]
-        texture = image
+        # A second field at the same scale: its values span the whole range inside the mask,
+        # where the first one's lie near its top.
+        texture = _stretch(perlin_noise_2d((height, width), (2 ** int(exponents[0]), 2 ** int(exponents[1])),
+                                           generator, device))
         order = random_permutation(len(names), generator, device)
         for choice in order[: config.augmentations_per_texture].tolist():
             texture = TEXTURE_AUGMENTATIONS[names[choice]](texture, generator)
@@ -307,6 +326,7 @@ class SADM(ReconstructionModel):
     config_class = SADMConfig
     extra_maps = ("segmentation",)
     needs_base_model = True
+    excludes_voxels = True
 
     def __init__(self, config: SADMConfig = SADMConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__(config, spec)
@@ -356,15 +376,21 @@ class SADM(ReconstructionModel):
         return DenoisingParts(lambda noised: segmenter(*[noised] * segmenter.inputs),
                               list(segmenter.encoder_parameters()), segmenter.decoder_parameters())
 
-    def training_loss(self, slices, brain_mask=None, generator=None):
-        """BCE of the segmentation of synthetic anomalies; the base reconstructs without gradients."""
+    def training_loss(self, slices, brain_mask=None, generator=None, excluded=None):
+        """BCE of the segmentation of synthetic anomalies, averaged over the pixels outside
+        ``excluded`` (real lesions in a patient's slice are neither healthy nor synthetic); the
+        base reconstructs without gradients."""
         anomalous, masks = synthetic_anomalies(slices, brain_mask, self.config, generator)
         levels = self._levels(None)
         level = levels[int(random_integers(0, len(levels), (1,), generator, slices.device))]
         with torch.no_grad():
             reconstruction = self.base.reconstruct(anomalous, level, generator)
         logits = self.segmentation_logits(anomalous, reconstruction)
-        return F.binary_cross_entropy_with_logits(logits, masks)
+        if excluded is None:
+            return F.binary_cross_entropy_with_logits(logits, masks)
+        per_pixel = F.binary_cross_entropy_with_logits(logits, masks, reduction="none")
+        kept = (~excluded.to(device=per_pixel.device, dtype=torch.bool)).to(per_pixel.dtype)
+        return (per_pixel * kept).sum() / kept.sum().clamp_min(1.0)
 
     @torch.no_grad()
     def reconstruct_with_maps(self, slices, t=None, generator=None):
