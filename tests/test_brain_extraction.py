@@ -128,3 +128,22 @@ def test_networks_are_loaded_once_per_device():
     assert networks("cpu") is networks("cpu")
     coarse, _ = networks("cpu")
     assert not coarse.training and next(coarse.parameters()).dtype == torch.float32
+
+
+def test_progress_moves_layer_by_layer_and_a_cancel_stops_within_a_layer(ixi_subjects):
+    from napari_brain_uad.errors import Cancelled
+
+    scan = ixi_subjects[0][0]
+    fractions = []
+    with pytest.raises(Cancelled):
+        # Cancelled once the fine pass has begun: it stops there, long before the pass ends.
+        extract_brain(scan.data, scan.geometry.affine, progress=fractions.append,
+                      cancelled=lambda: bool(fractions) and fractions[-1] > 0.2)
+    assert fractions == sorted(fractions) and len(fractions) > 20
+    assert 0.2 < fractions[-1] < 0.3  # stopped at the first layer past 0.2, not at the end of a pass
+    # Without a cancel, the progress reaches the end of the fine pass, then 1; the hooks are removed after.
+    done = []
+    extract_brain(scan.data, scan.geometry.affine, progress=done.append)
+    assert done[-2:] == [pytest.approx(0.95), 1.0]
+    coarse, fine = networks("cpu")
+    assert not any(module._forward_pre_hooks for network in (coarse, fine) for module in network.modules())

@@ -362,6 +362,29 @@ def test_a_raw_scan_gets_a_brain_layer_the_user_can_correct(viewer_with_widget, 
     assert not scored[: corrected.shape[0] // 3].any()  # nothing scored where the user erased the brain
 
 
+def test_closing_the_window_during_brain_extraction_cancels_and_ends_the_work(viewer_with_widget, qtbot,
+                                                                             shared_data):
+    """The user closes napari while a raw scan's brain is being extracted: the progress bar
+    had been moving, the close cancels the analysis and waits for it, so no worker outlives the
+    widgets it reports to (the process used to abort on exit) and nothing half-done is shown."""
+    from napari_brain_uad._worker import running_work
+
+    viewer, widget = viewer_with_widget
+    (scan,) = viewer.open(str(shared_data / "ixi_t1/IXI105-HH-1471_T1.nii.gz"), plugin="napari-brain-uad")
+    widget.scan.value = scan
+    seen = []
+    widget._relay.changed.connect(lambda fraction, stage: seen.append((stage, fraction)))
+    widget.run()
+    qtbot.waitUntil(lambda: sum(stage == "brain" for stage, _ in seen) >= 3, timeout=120_000)
+    fractions = [fraction for stage, fraction in seen if stage == "brain"]
+    assert fractions == sorted(fractions) and fractions[-1] > fractions[0]  # it moves, layer by layer
+    assert running_work() == 1
+    viewer.close()
+    assert running_work() == 0  # ended before the window went
+    assert widget._worker is None and widget.session is None
+    assert f"{scan.name} anomaly map" not in [layer.name for layer in viewer.layers]
+
+
 # ---------------------------------------------------------------- readable at a glance, in a normal window
 
 

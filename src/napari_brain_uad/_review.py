@@ -67,10 +67,12 @@ class FindingsReview(Container):
         self._unexported: dict = {}
         self._watched: set = set()  # annotation layers whose edits are followed
         self._close_guard: _AskBeforeClosing | None = None
-        # Called after every edit or decision (a worklist saves the session), and before the
-        # window closes (it saves what is pending, so nothing saved is asked about).
+        # Called after every edit or decision (a worklist saves the session), before the
+        # window closes (it saves what is pending, so nothing saved is asked about), and once
+        # the close is decided (the dock ends its running work while its widgets still live).
         self.on_edit: list = []
         self.before_close: list = []
+        self.on_close: list = []
         self.previous_button.changed.connect(lambda: self.step(-1))
         self.next_button.changed.connect(lambda: self.step(+1))
         self.accept_button.changed.connect(self.accept_current)
@@ -119,7 +121,7 @@ class FindingsReview(Container):
                                                       **label_style(PROPOSAL), **placement)
         self.proposal_layer.editable = False  # the model's: the user paints in the annotation
         layers.selection.active = self.annotation_layer
-        self._guard_closing()
+        self.watch_window()
         self.refresh()
 
     def clear(self) -> None:
@@ -255,7 +257,8 @@ class FindingsReview(Container):
 
     # ------------------------------------------------------------------ closing with edits
 
-    def _guard_closing(self) -> None:
+    def watch_window(self) -> None:
+        """Watch the window this dock sits in for its closing (once it sits in one)."""
         window = self.native.window()
         if self._close_guard is None and window is not None and window is not self.native:
             self._close_guard = _AskBeforeClosing(self)
@@ -263,7 +266,8 @@ class FindingsReview(Container):
 
 
 class _AskBeforeClosing(QObject):
-    """Asks before the window closes while the user's mask has edits that were not exported."""
+    """Asks before the window closes while the user's mask has edits that were not exported;
+    when the window does close, calls the review's ``on_close`` callbacks first."""
 
     def __init__(self, review: FindingsReview):
         super().__init__(review.native)
@@ -275,7 +279,7 @@ class _AskBeforeClosing(QObject):
         for callback in self.review.before_close:
             callback()
         if not self.review.unsaved:
-            return False
+            return self._closing()
         names = ", ".join(f"“{name}”" for name in self.review.unexported_layers())
         answer = QMessageBox.question(
             watched, "Unsaved edits",
@@ -285,9 +289,14 @@ class _AskBeforeClosing(QObject):
             QMessageBox.StandardButton.Cancel,
         )
         if answer == QMessageBox.StandardButton.Close:
-            return False
+            return self._closing()
         event.ignore()
         return True
+
+    def _closing(self) -> bool:
+        for callback in self.review.on_close:
+            callback()
+        return False  # the window goes on closing
 
 
 def _same_layer(one, other) -> bool:

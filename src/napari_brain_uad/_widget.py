@@ -50,7 +50,7 @@ from . import model_card
 from ._styles import BRAIN, anomaly_map_style, finish_labels, label_style, layer_name
 from ._review import FindingsReview
 from ._worklist_panel import WorklistPanel
-from ._worker import ProgressRelay, start_analysis, start_refilter
+from ._worker import ProgressRelay, finish_running_work, start_analysis, start_refilter
 from ._writer import write_layer
 from .brain_mask import GIVEN
 from .errors import BrainUADError, internal_error_message
@@ -168,6 +168,14 @@ class BrainUADWidget(Container):
         # A worklist saves the session as the user works, and before the window closes.
         self.review.on_edit.append(self.worklist.schedule_save)
         self.review.before_close.append(self.worklist.before_close)
+        # Once the window closes, running work is cancelled and waited for while the widgets
+        # it reports to still exist. The window is watched from when the dock sits in it.
+        self.review.on_close.append(self.end_work)
+        self._closing = False
+        self._watch_timer = QTimer(self.native)  # dies with the widget, never fires after it
+        self._watch_timer.setSingleShot(True)
+        self._watch_timer.timeout.connect(self.review.watch_window)
+        self._watch_timer.start(0)
         self._fit_narrow()
         self._show_scan_info()
         self._model_changed()
@@ -456,6 +464,9 @@ class BrainUADWidget(Container):
         except Exception as error:  # a bug, not the user's inputs
             self._fail(internal_error_message(error, "the analysis's inputs"))
             return
+        if self._closing:
+            return
+        self.review.watch_window()
         self._cancel.clear()
         self.run_button.enabled, self.cancel_button.enabled = False, True
         self.status.value = "Running…"
@@ -482,6 +493,15 @@ class BrainUADWidget(Container):
         self._cancel.set()
         self.status.value = "Cancelling…"
 
+    def end_work(self, timeout_s: float = 30.0) -> bool:
+        """The window closes: cancel the analysis and the worklist's background run, start
+        nothing new, and wait until every worker has ended and reported (True when all did in
+        time). The saved session is already written (``review.before_close``)."""
+        self._closing = True
+        self._cancel.set()
+        self.worklist.closing()
+        return finish_running_work(timeout_s)
+
     def _show_progress(self, fraction: float, stage: str):
         self.progress.value = int(round(1000 * fraction))
         self.progress.label = stage
@@ -502,6 +522,9 @@ class BrainUADWidget(Container):
 
     def _show_results(self, scan_layer, analysis: ScanAnalysis, metadata: dict):
         from .session import ScanSession
+
+        if self._closing:
+            return  # finished as the window closed: nothing to show it in
 
         session = ScanSession.start(analysis, metadata, min_size_ml=self.min_size_ml.value)
         self.show_session(scan_layer, session)
@@ -616,7 +639,7 @@ class BrainUADWidget(Container):
 
     def _median_changed(self, *_):
         """Median on/off after a run: redo the post-processing in a worker; the model does not run."""
-        if self.session is None or self._median_worker is not None:
+        if self.session is None or self._median_worker is not None or self._closing:
             return
         source = self.session
         self.status.value = "Post-processing…"

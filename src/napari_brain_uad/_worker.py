@@ -12,17 +12,24 @@ thread through the callbacks the widget gives:
 - any other exception is a bug: its traceback is logged and ``failed`` gets the plain
   internal-error line (``errors.internal_error_message``), never a guess that the user erred;
 - else ``done(result)``.
+
+When the window closes, :func:`finish_running_work` lets every worker started here end (after
+the widget has set their cancel events) while their outcomes still reach live widgets: a worker
+thread must never outlive the widgets it reports to, or the process dies on exit.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari.qt.threading import FunctionWorker, create_worker
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QEventLoop, QObject, Signal
+from qtpy.QtWidgets import QApplication
 
 from .errors import BrainUADError, internal_error_message
 
@@ -33,6 +40,31 @@ if TYPE_CHECKING:
     from .io import NiftiVolume
     from .session import ScanSession
     from .worklist import RestoredScan, Worklist
+
+
+_log = logging.getLogger(__name__)
+
+# Every worker started by :func:`_start` that has not finished yet (the thread pool is the
+# process's, so this set is too).
+_running: set[FunctionWorker] = set()
+
+
+def running_work() -> int:
+    """How many workers started here have not finished."""
+    return len(_running)
+
+
+def finish_running_work(timeout_s: float = 30.0) -> bool:
+    """Wait until every worker started here has finished, handling the GUI thread's events
+    meanwhile (not the user's input), so each worker's outcome and ``finished`` reach their
+    callbacks in order. Set the workers' cancel events first. True when all ended in time."""
+    deadline = time.monotonic() + timeout_s
+    while _running and time.monotonic() < deadline:
+        QApplication.processEvents(QEventLoop.ProcessEventsFlag.ExcludeUserInputEvents, 50)
+        time.sleep(0.01)
+    if _running:
+        _log.warning("%d background task(s) still running after %.0f s", len(_running), timeout_s)
+    return not _running
 
 
 class ProgressRelay(QObject):
@@ -170,5 +202,7 @@ def _start(work: Callable[[], Any], where: str, description: str, *, done: Calla
     worker = create_worker(guarded, _progress={"desc": description})
     worker.returned.connect(deliver)
     worker.finished.connect(finished)
+    worker.finished.connect(lambda: _running.discard(worker))  # after the caller's ``finished``
+    _running.add(worker)
     worker.start()
     return worker

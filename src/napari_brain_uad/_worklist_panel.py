@@ -72,6 +72,7 @@ class WorklistPanel(Container):
         self._background = None
         self._background_id: str | None = None
         self._background_cancel = threading.Event()
+        self._closing = False  # the window is closing: no new work starts
         self._save_timer = QTimer(self.native)  # dies with the panel, never fires after it
         self._save_timer.setSingleShot(True)
         self._save_timer.setInterval(SAVE_DELAY_MS)
@@ -297,14 +298,18 @@ class WorklistPanel(Container):
         return self.worklist.folder / f"{self.worklist.scan_folder(self.current).name}_annotation.nii.gz"
 
     def before_close(self) -> None:
-        """The window is closing: save what is pending, and stop the background run."""
+        """The window is about to close: save what is pending (so nothing saved is asked about)."""
         self.save_now()
+
+    def closing(self) -> None:
+        """The window closes: stop the background run, and start no new work."""
+        self._closing = True
         self._stop_background()
 
     # ------------------------------------------------------------------ the next scan, meanwhile
 
     def _start_background_next(self) -> None:
-        if self.worklist is None or self._background is not None:
+        if self.worklist is None or self._background is not None or self._closing:
             return
         entry = self.worklist.next_to_run(self.current)
         source = self._owner.model_source()
@@ -327,7 +332,8 @@ class WorklistPanel(Container):
 
     def _background_done(self, entry_id: str, finished: bool) -> None:
         self.refresh_table()
-        if finished and entry_id == self.current and self._shown is None and not self._restores:
+        if finished and entry_id == self.current and self._shown is None and not self._restores \
+                and not self._closing:
             layer = next((l for l in self._viewer.layers if l.unique_id == self._scan_layer_id), None)
             if layer is not None:
                 self._restores += 1

@@ -164,7 +164,7 @@ def analyse_scan(
 
     report.start("brain")
     extraction_device = "cuda" if pick_device(settings.device).type == "cuda" else "cpu"
-    brain = find_brain(scan, brain_mask, device=extraction_device, progress=report.within)
+    brain = find_brain(scan, brain_mask, device=extraction_device, progress=report.within, cancelled=cancelled)
     check_cancel()
 
     report.start("model space")

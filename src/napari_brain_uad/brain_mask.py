@@ -96,10 +96,12 @@ def find_brain(
     *,
     device: str = "cpu",
     progress: Callable[[float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> BrainMask:
     """The scan's brain mask: ``given`` (on the scan's grid), else the scan's own
-    non-background voxels if it is skull-stripped, else an extraction. Refuses a mask that is
-    not brain-sized."""
+    non-background voxels if it is skull-stripped, else an extraction (``progress`` and
+    ``cancelled`` as :func:`~napari_brain_uad.brain_extraction.extract_brain`). Refuses a mask
+    that is not brain-sized."""
     per_voxel = voxel_ml(scan)
     if given is not None:
         mask = mask_on_scan_grid(given, scan.data.shape, scan.geometry.affine, scan.path)
@@ -112,7 +114,8 @@ def find_brain(
         else:
             from .brain_extraction import EXTRACTOR, extract_brain
 
-            mask = extract_brain(scan.data, scan.geometry.affine, device=device, progress=progress)
+            mask = extract_brain(scan.data, scan.geometry.affine, device=device, progress=progress,
+                                 cancelled=cancelled)
             found = BrainMask(mask, EXTRACTED, float(np.count_nonzero(mask)) * per_voxel, EXTRACTOR)
     check_brain_size(found, scan)
     return found

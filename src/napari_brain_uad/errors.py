@@ -42,3 +42,8 @@ def internal_error_message(error: BaseException, where: str) -> str:
     LOG.error("internal error in %s:\n%s", where, "".join(traceback.format_exception(error)))
     return (f"internal error ({type(error).__name__}: {error}); this is a bug in napari-brain-uad, "
             "not a problem with your data: please report it with the log")
+
+
+class Cancelled(Exception):
+    """The user cancelled the work (an analysis, a reconstruction, a brain extraction);
+    nothing was returned. Not an error: the doors report it as a choice."""

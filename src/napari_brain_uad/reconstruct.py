@@ -15,11 +15,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .errors import Cancelled  # noqa: F401 (raised here; callers import it from here too)
 from .models import ReconstructionModel
-
-
-class Cancelled(Exception):
-    """The user cancelled a reconstruction; nothing was returned."""
 
 
 def pick_device(preference: str = "auto") -> torch.device:

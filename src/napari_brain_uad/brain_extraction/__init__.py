@@ -38,7 +38,7 @@ import torch
 from scipy import ndimage
 from torch.nn import functional
 
-from ..errors import BrainUADError
+from ..errors import BrainUADError, Cancelled
 from .archive import ArchiveError, read_state_dict
 from .network import LinkNet3d
 
@@ -55,6 +55,8 @@ BRAIN_PROBABILITY = 0.5
 BOX_PLANE_SHARE = 0.02  # a plane belongs to the brain's box when this share of it is brain
 BOX_MARGIN = 0.1  # of the box's size, on each side
 EXTRACTOR = "deepbet 1.0.2"
+# Shares of the progress bar: the fine pass at 256³ costs about eight times the coarse one at 128³.
+COARSE_SHARE, FINE_END = 0.1, 0.95
 
 _CONNECTED_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -101,12 +103,20 @@ def extract_brain(
     *,
     device: str = "cpu",
     progress: Callable[[float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """The brain mask (bool, the scan's grid) of a scan with its skull on.
 
     Raises :class:`BrainExtractionUnavailable` without the weights; an empty result (no head in
-    the scan) comes back empty, for the caller to judge."""
+    the scan) comes back empty, for the caller to judge. ``progress(fraction)`` moves layer by
+    layer through both networks, and ``cancelled()`` is polled as often (it raises
+    :class:`~napari_brain_uad.errors.Cancelled`), so a user waits a fraction of a second, not a
+    whole pass."""
     coarse_network, fine_network = networks(device)
+
+    def watch(network, start: float, end: float):
+        return _LayerWatch(network, progress, cancelled, start, end)
+
     orientation = nib.io_orientation(affine)
     canonical = nib.apply_orientation(np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0, posinf=0.0,
                                                     neginf=0.0), orientation)
@@ -116,17 +126,15 @@ def extract_brain(
     low, high = torch.quantile(small.flatten(), torch.tensor(PERCENTILES, device=device))
     if not high > low:  # no contrast at all: nothing to find
         return np.zeros(np.asarray(data).shape, dtype=bool)
-    coarse = _brain_probability(coarse_network, small, low, high)
-    if progress is not None:
-        progress(0.3)
+    with watch(coarse_network, 0.0, COARSE_SHARE):
+        coarse = _brain_probability(coarse_network, small, low, high)
     coarse_brain = _largest_component(coarse.cpu().numpy() > BRAIN_PROBABILITY)
     if not coarse_brain.any():
         return np.zeros(np.asarray(data).shape, dtype=bool)
     box = _box(coarse_brain, tuple(canonical.shape))
 
-    fine = _brain_probability(fine_network, _resized(volume[box], FINE_SHAPE), low, high)
-    if progress is not None:
-        progress(0.9)
+    with watch(fine_network, COARSE_SHARE, FINE_END):
+        fine = _brain_probability(fine_network, _resized(volume[box], FINE_SHAPE), low, high)
     mask = np.zeros(canonical.shape, dtype=bool)
     inside = _resized(fine, tuple(canonical[box].shape)).cpu().numpy() > BRAIN_PROBABILITY
     mask[box] = ndimage.binary_fill_holes(_largest_component(inside))
@@ -138,6 +146,33 @@ def extract_brain(
 
 def _resized(volume: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     return functional.interpolate(volume[None, None], size=shape, mode="nearest-exact")[0, 0]
+
+
+class _LayerWatch:
+    """While active, before each layer of ``network`` runs: checks ``cancelled`` and reports
+    the share of layers done, mapped onto [start, end] of the extraction's progress."""
+
+    def __init__(self, network: torch.nn.Module, progress, cancelled, start: float, end: float):
+        self.layers = [module for module in network.modules() if not list(module.children())]
+        self.progress, self.cancelled, self.start, self.end = progress, cancelled, start, end
+        self.done, self.handles = 0, []
+
+    def _before_layer(self, module, inputs):
+        if self.cancelled is not None and self.cancelled():
+            raise Cancelled("brain extraction cancelled")
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.start + (self.end - self.start) * min(self.done / len(self.layers), 1.0))
+
+    def __enter__(self):
+        if self.progress is not None or self.cancelled is not None:
+            self.handles = [layer.register_forward_pre_hook(self._before_layer) for layer in self.layers]
+        return self
+
+    def __exit__(self, *_):
+        for handle in self.handles:
+            handle.remove()
+        return False
 
 
 def _brain_probability(network: LinkNet3d, volume: torch.Tensor, low, high) -> torch.Tensor:
