@@ -18,7 +18,7 @@ from napari_brain_uad.evaluation import evaluate_analysis
 from napari_brain_uad.io import read_nifti
 from napari_brain_uad.models import ReconstructionModel
 from napari_brain_uad.models.base import ModelConfig
-from napari_brain_uad.session import ScanSession
+from napari_brain_uad.session import REJECTED, ScanSession
 
 from conftest import SHARED_DATA
 
@@ -238,3 +238,36 @@ def test_the_open_proposal_leaves_out_what_the_user_drew(two_spheres):
     assert not (proposal & drawn).any() and proposal[spheres["right"]].all()
     statuses = {f.side: f.status for f in session.review(drawn)}
     assert statuses == {"right": "open", "left": "accepted", "midline": "open"}
+
+
+def test_a_rerun_keeps_the_users_rejections_and_own_threshold_but_nothing_crosses_scans_or_scales(two_spheres,
+                                                                                                    analysed):
+    """The rule of what a re-run keeps: the same scan's rejected voxels, and the user's own
+    threshold when the new map is on the same scale; a preset stays a preset; another scan or
+    another scorer's map starts afresh."""
+    analysis, spheres = two_spheres
+    before = reviewing(two_spheres)
+    before.reject(by_side(before.review(), "right").number)
+    rerun = ScanSession.start(analysis, card({}))
+    rerun.carry_over(before)
+    assert rerun.threshold == before.threshold and rerun.preset is None
+    assert by_side(rerun.review(), "right").status == REJECTED
+    # A preset chosen before is chosen again.
+    with_presets = card({"healthy-99": at(analysis, 0.5), "healthy-95": at(analysis, 0.3)})
+    chosen = ScanSession.start(analysis, with_presets)
+    chosen.apply_preset("healthy-95")
+    again = ScanSession.start(analysis, with_presets)
+    assert again.preset == "healthy-99"
+    again.carry_over(chosen)
+    assert again.preset == "healthy-95" and again.threshold == pytest.approx(at(analysis, 0.3))
+    # Another scorer's map is on another scale: the user's number means nothing there.
+    other_scale = ScanSession.start(dataclasses.replace(analysis, settings=dataclasses.replace(
+        analysis.settings, scorer="residual-bright")), card({}))
+    start = other_scale.threshold
+    other_scale.carry_over(before)
+    assert other_scale.threshold == start and other_scale.rejected is not None  # the voxels still stand
+    # Another scan: nothing carries over.
+    other_scan = ScanSession.start(analysed[0], card({}))
+    start = other_scan.threshold
+    other_scan.carry_over(before)
+    assert other_scan.threshold == start and other_scan.rejected is None

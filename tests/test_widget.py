@@ -548,10 +548,14 @@ def test_a_rerun_keeps_the_users_layer_and_their_decisions(reviewed, qtbot):
     annotation = viewer.layers["MSLUB T1 annotation"]
     annotation.data_setitem((np.array([30]), np.array([40]), np.array([50])), 1)
     edited = annotation.data.copy()
+    chosen = widget.threshold.value  # the user's own threshold (the fixture moved the slider)
+    assert review.session.preset is None
     run_and_wait(widget, qtbot)
     assert viewer.layers["MSLUB T1 annotation"].unique_id == annotation.unique_id  # the same layer, not a new one
     np.testing.assert_array_equal(annotation.data, edited)
     assert review.session.rejected is not None and review.session.rejected.any()
+    # The same model and scorer: the user's threshold stands, it is not reset to the preset.
+    assert review.session.threshold == pytest.approx(chosen) and widget.threshold.value == pytest.approx(chosen)
 
 
 def test_closing_with_unexported_edits_asks_first(reviewed, monkeypatch, tmp_path):

@@ -95,12 +95,8 @@ class FindingsReview(Container):
     def show(self, session: ScanSession, scan_layer, placement: dict, *, annotation: np.ndarray | None = None) -> None:
         """A new run's session: the proposal layer is (re)made; the annotation layer of this
         scan is kept as the user left it, or made from ``annotation`` (a saved mask on the
-        scan's grid) or empty; decisions already made stay."""
-        previous = self.session
-        if previous is not None and previous.rejected is not None \
-                and previous.analysis.scan.geometry.source == session.analysis.scan.geometry.source \
-                and previous.rejected.shape == session.analysis.scan.data.shape:
-            session.rejected = previous.rejected.copy()  # the same scan: its rejections stand
+        scan's grid) or empty. What carries over from an earlier run of the same scan is the
+        session's rule (``ScanSession.carry_over``), applied before it gets here."""
         self.session = session
         geometry = scan_layer.metadata["nifti"]
         layers = self._viewer.layers

@@ -527,6 +527,7 @@ class BrainUADWidget(Container):
             return  # finished as the window closed: nothing to show it in
 
         session = ScanSession.start(analysis, metadata, min_size_ml=self.min_size_ml.value)
+        session.carry_over(self.session)  # a re-run keeps the user's rejections and threshold
         self.show_session(scan_layer, session)
         self.worklist.run_finished(scan_layer, session)
 

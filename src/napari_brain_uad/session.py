@@ -88,6 +88,26 @@ class ScanSession:
             return cls(analysis, model_metadata, healthy.value, size, preset=healthy.name)
         return cls(analysis, model_metadata, low + 0.5 * (high - low), size)
 
+    def carry_over(self, previous: "ScanSession | None") -> None:
+        """A re-run of the scan ``previous`` was on keeps the user's choices there: the
+        rejected voxels stand, and so does a threshold of the user's own (not a preset) when the
+        new map is on the same scale — the same model and scorer — and the threshold lies within
+        its scores. A preset is a choice too: the new session starts at the same preset, as
+        :meth:`start` already did. Nothing carries over from another scan."""
+        if previous is None or previous is self:
+            return
+        before, now = previous.analysis.scan, self.analysis.scan
+        if before.geometry.source != now.geometry.source or before.data.shape != now.data.shape:
+            return
+        if previous.rejected is not None:
+            self.rejected = previous.rejected.copy()
+        same_scale = previous.scorer == self.scorer and dict(previous.model_metadata) == dict(self.model_metadata)
+        low, high = self.threshold_range
+        if previous.preset is None and same_scale and low <= previous.threshold <= high:
+            self.threshold, self.preset = previous.threshold, None
+        elif previous.preset is not None and previous.preset in self.presets:
+            self.apply_preset(previous.preset)
+
     @property
     def scorer(self) -> str:
         return self.analysis.settings.scorer
