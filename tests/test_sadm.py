@@ -301,3 +301,35 @@ def test_training_sits_on_a_saved_base_and_the_result_analyses_a_scan(ixi_scans,
                  "--brain-mask", str(ixi_folder / "masks" / f"{subject}_brainmask.nii.gz"), "--device", "cpu",
                  "--out-map", str(out), "--quiet"]) == 0
     np.testing.assert_allclose(read_nifti(out).data, analysis.anomaly_map, atol=1e-5)
+
+
+def test_a_labelled_sadm_learns_the_real_lesion_masks_over_every_pixel(ixi_training_slices):
+    """The paper's semi-supervised setting: the targets are the lesion masks given, not
+    synthetic anomalies, and no pixel is left out."""
+    slices, brain = half_resolution(*ixi_training_slices)
+    slices, brain = slices[:4], brain[:4]
+    model = small_sadm(supervision="labelled")
+    lesions = torch.zeros_like(brain)
+    lesions[:2, :, 20:26, 18:30] = True
+    loss = model.training_loss(slices, brain, seeded(1), excluded=lesions)
+    logits = model.segmentation_logits(slices, model.base.reconstruct(slices, None))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, lesions.float())
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="lesion masks"):
+        model.training_loss(slices, brain, seeded(1))
+    with pytest.raises(ValueError, match="supervision"):
+        small_sadm(supervision="weak")
+
+
+def test_a_labelled_sadm_run_takes_its_lesion_masks_as_drawn_and_refuses_a_list_without_them(tmp_path):
+    from brain_uad_training.config import ConfigError, TrainingConfig
+    from brain_uad_training.fit import _check_exclusions_fit, lesion_mask_growth_mm
+
+    labelled = TrainingConfig(data=(tmp_path,), output=tmp_path / "run", kind="sadm", base_model="nichart-flair-dae",
+                              model={"supervision": "labelled"})
+    synthetic = TrainingConfig(data=(tmp_path,), output=tmp_path / "run", kind="sadm", base_model="nichart-flair-dae")
+    assert lesion_mask_growth_mm(labelled) == 0.0 and lesion_mask_growth_mm(synthetic) == synthetic.exclude_dilation_mm > 0
+    with pytest.raises(ConfigError, match="labelled SADM"):
+        _check_exclusions_fit(labelled, has_exclusions=False)
+    _check_exclusions_fit(labelled, has_exclusions=True)
+    _check_exclusions_fit(synthetic, has_exclusions=False)

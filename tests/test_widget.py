@@ -57,6 +57,27 @@ def test_sample_mask_edit_export_reload(viewer_with_widget, shared_data, tmp_pat
         widget.export_mask(out)
 
 
+def test_export_never_starts_on_a_reference_or_brain_mask(viewer_with_widget, shared_data):
+    """Opening a sample with the expert's lesion mask, or a brain mask from disk, must not make
+    either what Export writes: before a run there is nothing of the user's to export; a brain
+    mask shows as an outline."""
+    from napari_brain_uad._widget import BrainUADError
+
+    viewer, widget = viewer_with_widget
+    viewer.open_sample("napari-brain-uad", "mslub-patient26")
+    (brain,) = viewer.open(str(shared_data / "ixi_t1/brainmask/IXI105-HH-1471_brainmask.nii.gz"),
+                           plugin="napari-brain-uad")
+    assert brain.metadata["role"] == "brain" and brain.name.endswith(" brain") and brain.contour == 1
+    assert viewer.layers["MSLUB lesion mask"].metadata["role"] == "reference"
+    assert widget.mask.value is None
+    with pytest.raises(BrainUADError, match="choose a Labels layer"):
+        widget.export_mask("never-written.nii.gz")
+    # A deliberate choice stands when layers come and go.
+    widget.mask.value = viewer.layers["MSLUB lesion mask"]
+    viewer.add_labels(np.zeros((4, 4, 4), dtype=np.uint8), name="scratch")
+    assert widget.mask.value.name == "MSLUB lesion mask"
+
+
 def test_overlay_is_drawn(make_napari_viewer, shared_data):
     viewer = make_napari_viewer(show=True)  # the canvas renders only in a shown window
     viewer.open_sample("napari-brain-uad", "mslub-patient26")

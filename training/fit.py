@@ -125,8 +125,9 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
         with tqdm(total=len(pairs), desc="scans to model space", unit="scan", disable=not show) as bar:
             def advance(done, total):
                 bar.update(1)
-            training_scans = load_model_space(training_pairs, spec, advance, config.exclude_dilation_mm)
-            validation_scans = load_model_space(validation_pairs, spec, advance, config.exclude_dilation_mm)
+            growth = lesion_mask_growth_mm(config)
+            training_scans = load_model_space(training_pairs, spec, advance, growth)
+            validation_scans = load_model_space(validation_pairs, spec, advance, growth)
     else:
         training_scans, validation_scans = scans
         _check_exclusions_fit(config, any(scan.exclude is not None for scan in [*training_scans, *validation_scans]))
@@ -244,9 +245,25 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
     )
 
 
+def _learns_lesions(config: TrainingConfig) -> bool:
+    """Whether the run's model learns the training list's lesion masks as targets (a labelled
+    SADM) instead of leaving them out."""
+    return config.kind == "sadm" and dict(config.model).get("supervision") == "labelled"
+
+
+def lesion_mask_growth_mm(config: TrainingConfig) -> float:
+    """How far the training list's lesion masks are grown: targets are taken as drawn; masks
+    left out of a loss grow by ``exclude_dilation_mm``, to cover the lesions' fuzzy edges."""
+    return 0.0 if _learns_lesions(config) else config.exclude_dilation_mm
+
+
 def _check_exclusions_fit(config: TrainingConfig, has_exclusions: bool) -> None:
     """Refuse exclusion masks a run would not honour, before any scan is read: a kind whose loss
-    cannot leave voxels out, or a denoising pre-training (it would learn the lesions first)."""
+    cannot leave voxels out, or a denoising pre-training (it would learn the lesions first); and
+    a labelled SADM without lesion masks to learn."""
+    if _learns_lesions(config) and not has_exclusions:
+        raise ConfigError("a labelled SADM (supervision = \"labelled\") learns real lesions: give a training list "
+                          "with an exclude_mask column holding each scan's lesion mask")
     if not has_exclusions:
         return
     if not MODEL_KINDS[config.kind].excludes_voxels:

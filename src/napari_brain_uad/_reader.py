@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ._styles import REFERENCE, label_style, layer_name
+from ._styles import BRAIN, REFERENCE, label_style, layer_name
 from .dicom import holds_dicom, series_description
 from .io import NiftiVolume, as_label_array, is_nifti_path, nifti_stem, read_scan
 
@@ -43,16 +43,25 @@ def layer_data(path: str, *, name: str | None = None, labels: bool | None = None
     display = volume.display_data()
     if labels is None:
         labels = volume.looks_like_labels()
+    role = mask_role(path, name) if labels else None
     if not name:
         name = _layer_name(path, volume)
         if labels:
-            name = layer_name(REFERENCE, name)
+            name = layer_name(role, name)
     kwargs = {"name": name, **volume.geometry.layer_kwargs()}
     if labels:
-        return as_label_array(display), {**kwargs, **label_style(REFERENCE)}, "labels"
+        kwargs["metadata"]["role"] = role  # what the dock never takes for the user's own mask
+        return as_label_array(display), {**kwargs, **label_style(role)}, "labels"
     kwargs["colormap"] = "gray"
     kwargs["contrast_limits"] = _contrast_limits(display)
     return display, kwargs, "image"
+
+
+def mask_role(path: str, name: str | None = None) -> str:
+    """A mask opened from disk is a brain mask when its file or layer name says so (drawn as
+    an outline, as the dock's own brain layers are), else a reference segmentation."""
+    text = f"{Path(path).name} {name or ''}".lower()
+    return BRAIN if "brain" in text else REFERENCE
 
 
 def _layer_name(path: str, volume: NiftiVolume) -> str:

@@ -47,7 +47,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QComboBox, QHeaderView, QLabel, QSizePolicy
 
 from . import model_card
-from ._styles import BRAIN, anomaly_map_style, finish_labels, label_style, layer_name
+from ._styles import BRAIN, REFERENCE, anomaly_map_style, finish_labels, label_style, layer_name
 from ._review import FindingsReview
 from ._worklist_panel import WorklistPanel
 from ._worker import ProgressRelay, finish_running_work, start_analysis, start_refilter
@@ -120,7 +120,9 @@ class BrainUADWidget(Container):
         self.median = CheckBox(label="Median filter", value=True,
                                tooltip="5×5×5 median of the map (post-processing only: the model does not run again)")
         self.review = FindingsReview(viewer)
-        self.mask = create_widget(annotation=napari.layers.Labels, label="Mask")
+        # What Export writes: the user's own mask, never by default a reference or brain mask
+        # (exporting the expert's mask as the user's, before any run, was one click away).
+        self.mask = create_widget(annotation=napari.layers.Labels, label="Mask", options={"nullable": True})
         self.export_button = PushButton(text="Export mask…")
         self.export_results_button = PushButton(text="Export map and reconstruction…")
         self.status = Label(value="")
@@ -141,6 +143,7 @@ class BrainUADWidget(Container):
         self._resolved: dict[str, Path] = {}  # registry name -> verified local file
         # Until the user chooses a model, each scan gets its contrast's; their choice then holds.
         self.model_chosen_by_user = False
+        self._mask_chosen_by_user = False  # else Export writes the scan's annotation layer, or nothing
         self._picking_model = False  # the dock itself is setting the model choice
         self._cancel = threading.Event()
         self._relay = ProgressRelay()
@@ -158,6 +161,7 @@ class BrainUADWidget(Container):
         self.threshold.changed.connect(self._threshold_moved)
         self.min_size_ml.changed.connect(self._min_size_changed)
         self.export_button.changed.connect(self._ask_and_export)
+        self.mask.changed.connect(self._mask_chosen)
         self.export_results_button.changed.connect(self._ask_and_export_results)
         # The findings table (components, volumes, scores, decisions) costs more than the
         # proposal itself, so it follows the slider once it rests for a moment.
@@ -224,11 +228,37 @@ class BrainUADWidget(Container):
     def reset_choices(self, *_):  # napari calls this when layers are added or removed
         preset = self.threshold_preset.value
         super().reset_choices()  # also puts every ComboBox back to its initial choices
+        self._outline_brain_masks()
+        if not self._mask_chosen_by_user and not self._is_users_mask(self.mask.value):
+            with self.mask.changed.blocked():
+                try:
+                    self.mask.value = self.review.annotation_layer  # None before any run
+                except ValueError:  # the user deleted their annotation layer
+                    self.mask.value = None
         self._scan_changed()
         self._show_presets()
         if preset in self.threshold_preset.choices:
             with self.threshold_preset.changed.blocked():
                 self.threshold_preset.value = preset
+
+    def _mask_chosen(self, *_):
+        self._mask_chosen_by_user = self.mask.value is not None
+
+    @staticmethod
+    def _is_users_mask(layer) -> bool:
+        """Whether a Labels layer may be what Export writes without the user choosing it: not a
+        mask opened from disk as a reference or a brain, nor one of the dock's own brain layers."""
+        return layer is not None and layer.metadata.get("role") not in (REFERENCE, BRAIN) \
+            and not layer.name.endswith(layer_name(BRAIN, ""))
+
+    def _outline_brain_masks(self) -> None:
+        """Brain masks opened from disk are drawn as outlines, as the dock's own brain layers are
+        (a filled mask hides the anatomy); once, so a user's own choice of look then stands."""
+        for layer in self._viewer.layers:
+            if isinstance(layer, napari.layers.Labels) and layer.metadata.get("role") == BRAIN \
+                    and not layer.metadata.get("outlined"):
+                layer.metadata["outlined"] = True
+                finish_labels(layer, BRAIN)
 
     # ------------------------------------------------------------------ what the inputs are
 
@@ -560,7 +590,9 @@ class BrainUADWidget(Container):
             self.median.value = analysis.filtered.median
         self._show_threshold()
         self.mask.reset_choices()
-        self.mask.value = self.review.annotation_layer  # what an export writes: the user's mask
+        with self.mask.changed.blocked():
+            self.mask.value = self.review.annotation_layer  # what an export writes: the user's mask
+        self._mask_chosen_by_user = False
         self.typicality = assess(analysis, metadata)
         typical = f"; {self.typicality.describe()}" if self.typicality is not None else ""
         self.status.value = f"Done: {len(self.review.findings)} finding(s); {analysis.brain.describe()}{typical}."

@@ -35,8 +35,11 @@ FinnBehrendt/Supervised-Anomaly-Detection-with-Diffusion-Models).
   autoencoder base, which has no noise level); the score is (1 − SSIM σ = 1) + segmentation
   (``scoring``'s ``ssim+segmentation``; its ``weight`` β gives β·x̃ + (1 − β)·ŷ).
 
-The semi-supervised variant (a few labelled real cases instead of synthetic anomalies) is not
-built yet.
+**Semi-supervised** (``supervision = "labelled"``, the paper's second setting): stage II learns
+real lesions drawn by hand instead of synthetic anomalies. The training list's lesion masks
+(its ``exclude_mask`` column, taken as drawn: not grown) are the targets; every pixel of every
+slice counts, so the network also learns what is not a lesion. Its results are supervised ones
+and are reported apart from the unsupervised models'.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ from .base import (
     random_uniform,
 )
 from .ddpm import noise_levels
+
+SUPERVISIONS = ("synthetic", "labelled")
 
 __all__ = [
     "SADM",
@@ -91,6 +96,8 @@ class SADMConfig(ModelConfig):
     opacity: tuple[float, float] = (0.2, 1.0)
     anomaly_probability: float = 0.5
     augmentations_per_texture: int = 3
+    # "synthetic": DRAEM-style anomalies in healthy slices; "labelled": real lesion masks.
+    supervision: str = "synthetic"
 
     def __post_init__(self):
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
@@ -110,6 +117,8 @@ class SADMConfig(ModelConfig):
             raise ValueError(f"augmentations_per_texture must be 1 to {len(TEXTURE_AUGMENTATIONS)}")
         if not self.t_test:
             raise ValueError("t_test needs at least one noise level")
+        if self.supervision not in SUPERVISIONS:
+            raise ValueError(f"supervision must be one of {', '.join(SUPERVISIONS)}, not {self.supervision!r}")
 
 
 # --------------------------------------------------------------------------- synthetic anomalies
@@ -376,11 +385,24 @@ class SADM(ReconstructionModel):
         return DenoisingParts(lambda noised: segmenter(*[noised] * segmenter.inputs),
                               list(segmenter.encoder_parameters()), segmenter.decoder_parameters())
 
+    @property
+    def labelled(self) -> bool:
+        """Whether stage II learns real lesion masks (semi-supervised) rather than synthetic anomalies."""
+        return self.config.supervision == "labelled"
+
     def training_loss(self, slices, brain_mask=None, generator=None, excluded=None):
-        """BCE of the segmentation of synthetic anomalies, averaged over the pixels outside
-        ``excluded`` (real lesions in a patient's slice are neither healthy nor synthetic); the
-        base reconstructs without gradients."""
-        anomalous, masks = synthetic_anomalies(slices, brain_mask, self.config, generator)
+        """BCE of the segmentation; the base reconstructs without gradients.
+
+        Self-supervised: of synthetic anomalies, averaged over the pixels outside ``excluded``
+        (real lesions in a patient's slice are neither healthy nor synthetic). Labelled: of the
+        real lesions ``excluded`` marks (the training list's lesion masks), over every pixel."""
+        if self.labelled:
+            if excluded is None:
+                raise ValueError("a labelled SADM learns real lesions: it needs the training list's lesion masks")
+            anomalous, masks = slices, excluded.to(device=slices.device, dtype=slices.dtype)
+            excluded = None
+        else:
+            anomalous, masks = synthetic_anomalies(slices, brain_mask, self.config, generator)
         levels = self._levels(None)
         level = levels[int(random_integers(0, len(levels), (1,), generator, slices.device))]
         with torch.no_grad():
