@@ -317,6 +317,12 @@ def test_the_anomaly_overlay_shows_on_screen(make_napari_viewer, trained_checkpo
     assert without.std() > 10  # the scan itself is drawn
     changed = np.abs(with_overlay - without).max(axis=-1) > 30
     assert changed.mean() > 0.01  # the overlay visibly colours part of the brain
+    # ... and only part of it: below its floor the map is transparent, the anatomy untinted.
+    brain = without.max(axis=-1) > 20
+    assert changed[brain].mean() < 0.25
+    # One colour family: where the map tints the scan, it adds red, never blue.
+    tint = with_overlay[changed] - without[changed]
+    assert (tint[:, 0] >= tint[:, 2]).mean() > 0.95
 
 
 def test_the_bundled_model_runs_by_default_with_its_threshold_and_median_switch(viewer_with_widget, qtbot):
@@ -577,6 +583,40 @@ def test_a_rerun_keeps_the_users_layer_and_their_decisions(reviewed, qtbot):
     assert review.session.rejected is not None and review.session.rejected.any()
     # The same model and scorer: the user's threshold stands, it is not reset to the preset.
     assert review.session.threshold == pytest.approx(chosen) and widget.threshold.value == pytest.approx(chosen)
+
+
+def test_the_finding_under_review_is_outlined_and_zoomed_to_and_the_annotation_stays_on_top(reviewed, qtbot):
+    viewer, widget = reviewed
+    review = widget.review
+    zoom = viewer.camera.zoom
+    review.go_to(min(range(len(review.findings)), key=lambda row: review.findings[row].volume_ml))  # the smallest
+    finding = review.findings[review.current]
+    marker = viewer.layers["MSLUB T1 finding under review"]
+    geometry = viewer.layers["MSLUB T1"].metadata["nifti"]
+    np.testing.assert_array_equal(geometry.to_source(np.asarray(marker.data)) > 0,
+                                  review.session.finding_mask(finding.number))
+    assert marker.contour == 2 and viewer.layers["MSLUB T1 proposal"].contour == 1
+    assert viewer.camera.zoom > zoom  # closer in on the finding
+    # A new threshold renumbers the findings: the outline goes until the user picks one again.
+    widget.threshold.value = widget.threshold.value + 0.05 * (widget.threshold.max - widget.threshold.min)
+    assert not np.asarray(marker.data).any()
+    # A re-run replaces the map; the user's annotation stays above it (never tinted by it).
+    run_and_wait(widget, qtbot)
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("MSLUB T1 annotation") == len(names) - 1
+    assert names.index("MSLUB T1 anomaly map") < names.index("MSLUB T1 proposal")
+
+
+def test_the_maps_floor_is_tied_to_the_healthy_threshold():
+    from napari_brain_uad._styles import anomaly_map_limits
+
+    scores = np.linspace(0.0, 0.4, 1001)
+    assert anomaly_map_limits(scores, 0.1) == (pytest.approx(0.05), pytest.approx(0.4))
+    # Uncalibrated: from the 95th percentile of the brain's own scores.
+    assert anomaly_map_limits(scores, None)[0] == pytest.approx(0.38)
+    # A map that never reaches the floor still shows its top.
+    low, high = anomaly_map_limits(scores, 2.0)
+    assert low < high == pytest.approx(0.4)
 
 
 def test_closing_with_unexported_edits_asks_first(reviewed, monkeypatch, tmp_path):

@@ -32,13 +32,16 @@ from magicgui.widgets import Container, Label, PushButton, Table
 from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QMessageBox
 
-from ._styles import ANNOTATION, PROPOSAL, label_style, layer_name
+from ._styles import ANNOTATION, PROPOSAL, UNDER_REVIEW, finish_labels, label_style, layer_name
 
 if TYPE_CHECKING:
     from .session import Finding, ScanSession
 
 COLUMNS = ("#", "status", "mL", "mean", "max", "slice", "side")
 KEYS = {"next": "Shift-N", "previous": "Shift-P", "accept": "Shift-A", "reject": "Shift-R"}
+# The narrowest field of view (mm) the review zooms to around a finding: enough anatomy around
+# even a small lesion to see where it is.
+REVIEW_FIELD_MM = 80.0
 
 
 class FindingsReview(Container):
@@ -60,6 +63,8 @@ class FindingsReview(Container):
         self.session: ScanSession | None = None
         self.proposal_layer = None
         self.annotation_layer = None
+        self.marker_layer = None  # the finding under review, outlined
+        self._marked = False  # whether the marker layer holds a finding now
         self.findings: list[Finding] = []
         self.current: int | None = None  # row of the finding in view
         # Every annotation layer (one per scan reviewed) with edits not yet exported: unique id
@@ -110,18 +115,37 @@ class FindingsReview(Container):
         if self.annotation_layer.unique_id not in self._watched:
             self._watched.add(self.annotation_layer.unique_id)
             self.annotation_layer.events.paint.connect(self._annotation_edited)
-        proposal_name = layer_name(PROPOSAL, scan_layer.name)
-        if proposal_name in layers:
-            layers.remove(proposal_name)
-        self.proposal_layer = self._viewer.add_labels(self._open_proposal_display(), name=proposal_name,
-                                                      **label_style(PROPOSAL), **placement)
+        for kind in (PROPOSAL, UNDER_REVIEW):
+            if layer_name(kind, scan_layer.name) in layers:
+                layers.remove(layer_name(kind, scan_layer.name))
+        self.proposal_layer = finish_labels(self._viewer.add_labels(
+            self._open_proposal_display(), name=layer_name(PROPOSAL, scan_layer.name), **label_style(PROPOSAL),
+            **placement), PROPOSAL)
         self.proposal_layer.editable = False  # the model's: the user paints in the annotation
+        self.marker_layer = finish_labels(self._viewer.add_labels(
+            np.zeros(geometry.display_shape, dtype=np.uint8), name=layer_name(UNDER_REVIEW, scan_layer.name),
+            **label_style(UNDER_REVIEW), **placement), UNDER_REVIEW)
+        self.marker_layer.editable = False
+        self._marked = False
+        self.raise_review_layers()
         layers.selection.active = self.annotation_layer
         self.watch_window()
         self.refresh()
 
+    def raise_review_layers(self) -> None:
+        """The review's layers on top of everything, the user's annotation highest: a map or
+        scan added later (a re-run) must never cover or tint them."""
+        layers = self._viewer.layers
+        for layer in (self.marker_layer, self.proposal_layer, self.annotation_layer):
+            if layer is None:
+                continue
+            index = next((i for i, other in enumerate(layers) if _same_layer(other, layer)), None)
+            if index is not None and index != len(layers) - 1:
+                layers.move(index, len(layers))
+
     def clear(self) -> None:
         """No session (another scan is in view, not run yet); the layers are the viewer's to remove."""
+        self.marker_layer, self._marked = None, False
         self.session = self.proposal_layer = self.annotation_layer = self.current = None
         self.findings = []
         self.table.value = {"data": [], "index": [], "columns": list(COLUMNS)}
@@ -138,6 +162,15 @@ class FindingsReview(Container):
         if self.session is not None and self.proposal_layer is not None \
                 and any(_same_layer(layer, self.proposal_layer) for layer in self._viewer.layers):
             self.proposal_layer.data = self._open_proposal_display()
+            self._unmark()  # the findings are renumbered at a new threshold: the outline goes
+
+    def _unmark(self) -> None:
+        if self._marked and self._has(self.marker_layer):
+            self.marker_layer.data = np.zeros_like(self.marker_layer.data)
+        self._marked = False
+
+    def _has(self, layer) -> bool:
+        return layer is not None and any(_same_layer(other, layer) for other in self._viewer.layers)
 
     def refresh_table(self) -> None:
         if self.session is None:
@@ -172,9 +205,25 @@ class FindingsReview(Container):
             return
         self.current = row
         self.table.native.selectRow(row)
-        world = self.session.analysis.scan.geometry.source_index_to_world(self.findings[row].centre_voxel)
+        finding = self.findings[row]
+        geometry = self.session.analysis.scan.geometry
+        world = geometry.source_index_to_world(finding.centre_voxel)
         self._viewer.dims.point = tuple(world)
         self._viewer.camera.center = tuple(world)
+        if self._has(self.marker_layer):
+            self.marker_layer.data = geometry.to_display(self.session.finding_mask(finding.number).astype(np.uint8))
+            self._marked = True
+        self._zoom_to(finding)
+
+    def _zoom_to(self, finding: Finding) -> None:
+        """Zoom so the finding's surroundings fill the view: a field of view of four times its
+        diameter, at least REVIEW_FIELD_MM; it only ever zooms in (a user who zoomed closer stays)."""
+        size = getattr(self._viewer.canvas, "size", None)
+        if not size or min(size) <= 0:
+            return
+        diameter = 2.0 * (3.0 * finding.volume_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)  # mm, as a ball
+        field = max(REVIEW_FIELD_MM, 4.0 * diameter)
+        self._viewer.camera.zoom = max(self._viewer.camera.zoom, float(min(size)) / field)
 
     def step(self, direction: int) -> None:
         """The next (+1) or previous (-1) finding, wrapping around."""

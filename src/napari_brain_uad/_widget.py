@@ -47,7 +47,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QComboBox, QHeaderView, QLabel, QSizePolicy
 
 from . import model_card
-from ._styles import BRAIN, REFERENCE, anomaly_map_style, finish_labels, label_style, layer_name
+from ._styles import BRAIN, REFERENCE, anomaly_map_limits, anomaly_map_style, finish_labels, label_style, layer_name
 from ._review import FindingsReview
 from ._worklist_panel import WorklistPanel
 from ._worker import ProgressRelay, finish_running_work, start_analysis, start_refilter
@@ -574,7 +574,7 @@ class BrainUADWidget(Container):
                       colormap="gray", contrast_limits=scan_layer.contrast_limits, visible=False, **placement)
         self._map_layer = self._replace(
             f"{name} anomaly map", "image", geometry.to_display(analysis.anomaly_map), **anomaly_map_style(),
-            contrast_limits=session.threshold_range,
+            contrast_limits=anomaly_map_limits(analysis.filtered.scores(), _healthy_value(session)),
             **{**placement, "metadata": {**placement["metadata"], "session": session}},
         )
         if analysis.spread is not None:
@@ -768,3 +768,11 @@ class BrainUADWidget(Container):
             message = internal_error_message(error, "the export")
         self.status.value = f"Not saved: {message}"
         napari.utils.notifications.show_error(message)
+
+
+def _healthy_value(session: ScanSession) -> float | None:
+    """The model's healthy threshold for the session's scorer, when it was calibrated."""
+    from .thresholds import default_threshold
+
+    healthy = default_threshold(session.model_metadata, session.scorer)
+    return None if healthy is None else float(healthy.value)
