@@ -216,15 +216,15 @@ def load_models(names: Sequence[str], contrasts: Sequence[str] | None, scorers: 
 
 def baseline_analysis(scan, volume, brain: BrainMask, model: Model, bright: bool):
     """The model-space baseline as a ScanAnalysis: the image (or 1 − image inside the brain) in
-    place of the score map, through the same ``analysis_from_model_space``, so its median,
-    erosion and return to the scan's grid are the model's. The image stands in for the
-    reconstruction, which nothing here reads; the settings are the model's default scorer's, of
-    which only the median applies."""
-    from napari_brain_uad.analysis import analysis_from_model_space
+    place of the score map, through the same ``analysis_from_model_space`` and the model's
+    space, with the standard post-processing of the papers (median 5³, eroded brain: the
+    residual's), whatever the model's own scorer does after (SADM adds its segmentation, PHANES
+    filters nothing). The image stands in for the reconstruction, which nothing here reads."""
+    from napari_brain_uad.analysis import AnalysisSettings, analysis_from_model_space
 
     image = volume.image
     score_map = image if bright else np.where(volume.brain_mask, 1.0 - image, 0.0).astype(np.float32)
-    settings = model.settings.get(default_scorer(model.metadata)) or next(iter(model.settings.values()))
+    settings = AnalysisSettings(scorer="residual")
     return analysis_from_model_space(
         scan, volume, brain, settings, score_map=score_map, mean_reconstruction=image, spread=None,
         model_voxel_ml=float(model.network.spec.spacing_mm) ** 3 / 1000.0)

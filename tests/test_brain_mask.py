@@ -11,10 +11,14 @@ import pytest
 from napari_brain_uad.brain_mask import (
     EXTRACTED,
     GIVEN,
+    LEAST_NEIGHBOUR_CORRELATION,
+    MOST_BRAIN_FILL,
     SKULL_STRIPPED,
     BrainMask,
+    box_fill,
     check_brain_size,
     find_brain,
+    neighbour_correlation,
     voxel_ml,
 )
 from napari_brain_uad.io import NiftiGeometry, NiftiVolume, ScanError, ScanWarning, read_nifti
@@ -118,11 +122,13 @@ def _brain_of(volume_ml: float, box_voxels=(12, 12, 12), spacing=(10.0, 10.0, 10
 
 
 def _scan_of(mask: np.ndarray, spacing=(10.0, 10.0, 10.0)) -> NiftiVolume:
-    """A skull-stripped scan: the brain (values 50-150) on a background of 0."""
+    """A skull-stripped scan: the brain on a background of 0, its values (50-150) changing
+    smoothly along the first axis, with a little noise, as an image's do."""
     import nibabel as nib
 
     affine = np.diag([*spacing, 1.0])
-    values = np.random.default_rng(0).uniform(50.0, 150.0, mask.shape)
+    ramp = np.linspace(50.0, 150.0, mask.shape[0])[:, None, None]
+    values = ramp + np.random.default_rng(0).normal(0.0, 1.0, mask.shape)
     data = np.where(mask, values, 0.0).astype(np.float32)
     header = nib.Nifti1Header()
     header.set_data_shape(mask.shape)
@@ -169,7 +175,7 @@ def test_a_brain_just_over_the_largest_volume_is_refused_and_one_just_under_acce
     """The ceiling is 2500 mL: an extraction of 2510 mL still holds skull and is refused, one of
     2490 mL is taken (as is a skull-stripped scan of 2490 mL); a user's mask of 2510 mL is scored
     with a warning, one of 2490 mL without."""
-    box = (15, 15, 15)
+    box = (17, 17, 17)  # about half filled, as a brain fills its box
     under, over = _brain_of(2490, box), _brain_of(2510, box)
     scan = _scan_of(under)
     for mask, volume in ((under, 2490.0), (over, 2510.0)):
@@ -184,3 +190,44 @@ def test_a_brain_just_over_the_largest_volume_is_refused_and_one_just_under_acce
     with warnings.catch_warnings():
         warnings.simplefilter("error", ScanWarning)
         assert find_brain(scan, under).volume_ml == pytest.approx(2490.0)
+
+
+# --- what is not a head MRI ------------------------------------------------------------------
+
+
+def _volume(data: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> NiftiVolume:
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_zooms(spacing)
+    return NiftiVolume(data.astype(np.float32), NiftiGeometry(source="not a head", affine=np.diag([*spacing, 1.0]),
+                                                             shape=data.shape, header=header))
+
+
+def test_noise_and_a_cylinder_are_refused_as_no_head_mri_whatever_their_size():
+    """A 3D noise volume (2.1 L of "skull-stripped brain") and a cylinder of brain size were
+    analysed as brains; they are refused, saying why, before any model runs."""
+    rng = np.random.default_rng(0)
+    with pytest.raises(ScanError, match=r"does not look like a head MRI.*hardly correlate \(r = 0.0"):
+        find_brain(_volume(rng.uniform(1.0, 1000.0, (128, 128, 128))))
+    z, y, x = np.indices((80, 100, 100))
+    cylinder = ((y - 50) ** 2 + (x - 50) ** 2 <= 33 ** 2) & (z > 5) & (z < 75)
+    smooth = np.where(cylinder, 500.0, 0.0) + np.linspace(0.0, 20.0, 80)[:, None, None] * cylinder
+    with pytest.raises(ScanError, match=r"fills 7\d % of its bounding box, where a brain fills about half"):
+        find_brain(_volume(smooth, (2.0, 2.0, 2.0)))
+    # Given as the user's brain mask, the cylinder's shape is theirs to choose; noise still is not an image.
+    assert find_brain(_volume(smooth, (2.0, 2.0, 2.0)), cylinder).source == GIVEN
+    noisy = np.abs(np.where(cylinder, 500.0, 0.0) + rng.normal(0.0, 150.0, cylinder.shape))
+    with pytest.raises(ScanError, match="hardly correlate"):
+        find_brain(_volume(noisy, (2.0, 2.0, 2.0)), cylinder)
+
+
+def test_the_head_checks_limits_sit_between_real_brains_and_what_is_not_one(shared_data):
+    """Real brains, thick clinical slices included, pass with room to spare: they fill about half
+    their box and their neighbouring voxels correlate far above the floor."""
+    for path in ("ms_clinical/104670/FLAIR.nii.gz", "mslub/patient26/FLAIR.nii.gz", RAW_IXI):
+        scan = read_nifti(shared_data / path)
+        found = find_brain(scan)
+        assert 0.4 < box_fill(found.mask) < MOST_BRAIN_FILL - 0.1
+        assert neighbour_correlation(scan.data, found.mask) > LEAST_NEIGHBOUR_CORRELATION + 0.2

@@ -271,3 +271,26 @@ def test_a_rerun_keeps_the_users_rejections_and_own_threshold_but_nothing_crosse
     start = other_scan.threshold
     other_scan.carry_over(before)
     assert other_scan.threshold == start and other_scan.rejected is None
+
+
+def test_an_accepted_finding_merged_into_a_larger_region_reads_partly_accepted_not_open(two_spheres):
+    """Lowering the slider can merge an accepted finding into a larger region the user has not
+    seen: it reads "partly accepted" (not "open", as if the decision were lost, nor "accepted",
+    as if the new part had been seen); back at the threshold it was accepted at, "accepted"."""
+    from napari_brain_uad.session import ACCEPTED, PART_ACCEPTED
+
+    analysis, spheres = two_spheres
+    session = reviewing(two_spheres)
+    annotation = session.accept(by_side(session.review(), "right").number)
+    threshold = session.threshold
+    for fraction in np.linspace(0.85, 0.0, 18):  # down until the sphere's finding holds more than the sphere
+        session.set_threshold(at(analysis, fraction))
+        holding = [f for f in session.review(annotation)
+                   if session.finding_mask(f.number)[spheres["right"]].any()]
+        if holding and holding[0].voxels > 1.5 * spheres["right"].sum():
+            break
+    else:
+        raise AssertionError("no threshold grows the right sphere's finding")
+    assert holding[0].status == PART_ACCEPTED
+    session.set_threshold(threshold)
+    assert by_side(session.review(annotation), "right").status == ACCEPTED

@@ -711,3 +711,16 @@ def test_a_model_with_its_own_maps_shows_them_and_brings_its_scorer(viewer_with_
     assert mask.min() >= 0 and mask.max() <= 1
     widget.model_choice.value = default_model_name()  # the DAE makes no such maps
     assert "phanes" not in widget.scorer.choices and widget.scorer.value == "residual-dark"
+
+
+def test_export_names_keep_the_layers_whole_name_and_table_numbers_one_format():
+    from napari_brain_uad._review import _row
+    from napari_brain_uad._widget import file_name_of_layer
+    from napari_brain_uad.session import Finding
+
+    assert file_name_of_layer("AX T1 SE 3.0mm annotation") == "AX T1 SE 3.0mm annotation"
+    assert file_name_of_layer('a/b:c*?"<>| annotation') == "a_b_c______ annotation"
+    assert file_name_of_layer("...") == "mask"
+    finding = Finding(number=1, voxels=10, volume_ml=0.0123456, mean_score=0.099, max_score=0.11023,
+                      centre_voxel=(1.0, 2.0, 3.0), axial_slice=4, side="left", status="open")
+    assert _row(finding)[2:5] == ["0.012", "0.0990", "0.1102"]

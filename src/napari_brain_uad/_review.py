@@ -178,9 +178,14 @@ class FindingsReview(Container):
         self.findings = self.session.review(self.annotation_source())
         self.table.value = {"data": [_row(finding) for finding in self.findings],
                             "index": [str(finding.number) for finding in self.findings], "columns": list(COLUMNS)}
-        counts = {status: sum(f.status == status for f in self.findings) for status in ("open", "accepted", "rejected")}
-        self.title.value = (f"Findings: {len(self.findings)} — {counts['open']} open, {counts['accepted']} accepted, "
-                            f"{counts['rejected']} rejected (click a row to go to it)")
+        from .session import ACCEPTED, OPEN, PART_ACCEPTED, PART_REJECTED, REJECTED  # torch: not at napari's start
+
+        counts = {status: sum(f.status == status for f in self.findings)
+                  for status in (OPEN, ACCEPTED, REJECTED, PART_ACCEPTED, PART_REJECTED)}
+        partly = counts[PART_ACCEPTED] + counts[PART_REJECTED]
+        self.title.value = (f"Findings: {len(self.findings)} — {counts[OPEN]} open, {counts[ACCEPTED]} accepted, "
+                            f"{counts[REJECTED]} rejected" + (f", {partly} partly decided" if partly else "")
+                            + " (click a row to go to it)")
         if self.current is not None and self.current >= len(self.findings):
             self.current = len(self.findings) - 1 if self.findings else None
         if self.current is not None:
@@ -265,12 +270,15 @@ class FindingsReview(Container):
             self._unexported[layer.unique_id] = layer.name
 
     def _after_decision(self) -> None:
+        """On to the next finding that needs a look: nothing decided yet, or a part not seen."""
+        from .session import OPEN, PART_ACCEPTED, PART_REJECTED
+
         decided = self.current
         self.refresh()
         self._edited()
         for offset in range(1, len(self.findings) + 1):
             row = (decided + offset) % len(self.findings)
-            if self.findings[row].status == "open":
+            if self.findings[row].status in (OPEN, PART_ACCEPTED, PART_REJECTED):
                 self.go_to(row)
                 return
 
@@ -351,5 +359,6 @@ def _same_layer(one, other) -> bool:
 
 
 def _row(finding: Finding) -> list:
-    return [finding.number, finding.status, round(finding.volume_ml, 3), round(finding.mean_score, 4),
-            round(finding.max_score, 4), finding.axial_slice, finding.side]
+    # Fixed formats, so every row reads alike (a float cell would switch to 9.900e-02 for small scores).
+    return [finding.number, finding.status, f"{finding.volume_ml:.3f}", f"{finding.mean_score:.4f}",
+            f"{finding.max_score:.4f}", finding.axial_slice, finding.side]

@@ -54,7 +54,7 @@ from ._worker import ProgressRelay, finish_running_work, start_analysis, start_r
 from ._writer import write_layer
 from .brain_mask import GIVEN
 from .errors import BrainUADError, internal_error_message
-from .io import NiftiVolume, ScanError, nifti_stem, scan_stem
+from .io import NiftiVolume, ScanError, scan_stem
 from .model_registry import (
     default_model_name,
     guess_contrast,
@@ -748,7 +748,7 @@ class BrainUADWidget(Container):
         if layer is None:
             self.status.value = "Choose a Labels layer to export."
             return
-        suggestion = str(self.worklist.export_suggestion() or f"{nifti_stem(layer.name)}.nii.gz")
+        suggestion = str(self.worklist.export_suggestion() or f"{file_name_of_layer(layer.name)}.nii.gz")
         path, _ = QFileDialog.getSaveFileName(
             self.native, "Export mask", suggestion, "NIfTI (*.nii.gz *.nii)"
         )
@@ -776,3 +776,11 @@ def _healthy_value(session: ScanSession) -> float | None:
 
     healthy = default_threshold(session.model_metadata, session.scorer)
     return None if healthy is None else float(healthy.value)
+
+
+def file_name_of_layer(name: str) -> str:
+    """A file name (without its extension) that keeps a layer's whole name: a layer name is no
+    path, so its dots stay ("AX T1 SE 3.0mm annotation"), and only characters no file system
+    takes, or that would make folders, become "_"."""
+    cleaned = "".join("_" if character in '/\\:*?"<>|' or ord(character) < 32 else character for character in name)
+    return cleaned.strip(" .") or "mask"

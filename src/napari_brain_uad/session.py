@@ -40,8 +40,11 @@ from .thresholds import StoredThreshold, default_threshold, stored_thresholds
 _FLAT_MAP_WIDTH = 1e-6
 
 OPEN, ACCEPTED, REJECTED = "open", "accepted", "rejected"
-# A finding takes the decision that covers at least this share of its voxels.
-DECIDED_SHARE = 0.5
+PART_ACCEPTED, PART_REJECTED = "partly accepted", "partly rejected"
+# A finding takes the decision that covers at least this share of its voxels; one with fewer
+# decided voxels is "partly" decided: at a lower threshold an accepted finding may merge into a
+# larger region, or a rejected one grow, and the user has not seen the new part yet.
+DECIDED_SHARE = 0.9
 # A finding whose centre lies within this distance of the brain's midline is on neither side.
 MIDLINE_MM = 5.0
 
@@ -58,7 +61,7 @@ class Finding:
     centre_voxel: tuple[float, float, float]  # the scan's source grid
     axial_slice: int  # napari's axial slider position at its centre
     side: str  # the patient's "right", "left", or "midline"
-    status: str  # OPEN, ACCEPTED or REJECTED
+    status: str  # OPEN, ACCEPTED, REJECTED, PART_ACCEPTED or PART_REJECTED
 
 
 @dataclass(eq=False)
@@ -170,6 +173,10 @@ class ScanSession:
                 status = ACCEPTED
             elif rejected[row["label"]] >= DECIDED_SHARE * row["voxels"]:
                 status = REJECTED
+            elif accepted[row["label"]] >= rejected[row["label"]] and accepted[row["label"]] > 0:
+                status = PART_ACCEPTED
+            elif rejected[row["label"]] > 0:
+                status = PART_REJECTED
             else:
                 status = OPEN
             centre = tuple(row["centre_voxel"])
