@@ -11,7 +11,7 @@ model has; report them apart.
     OMP_NUM_THREADS=1 NAPARI_BRAIN_UAD_DATA=../shared/data .venv/bin/python \\
         benchmarks/bench_sadm_labelled.py --output runs/sadm-labelled-lopo [--steps 1000]
 
-Each fold trains with ``brain-uad-train`` (``--resume``: an interrupted run continues) and is
+Each fold trains with ``brain-uad-train`` (an interrupted fold resumes where it stopped) and is
 measured with ``bench_real_lesions.py --json``; the table at the end is the held-out patients'
 rows, with the means.
 """
@@ -82,7 +82,8 @@ def main() -> int:
              "--steps", args.steps, "--batch-size", 16, "--learning-rate", 1e-4, "--no-augment",
              "--validation-fraction", 0, "--validate-every", args.steps, "--seed", 0,
              "--data-description", f"{SET}: FLAIRs of the MS patients other than {held_out}, hand-drawn lesion masks",
-             "--output", fold / "run", "--resume", "--quiet"])
+             "--output", fold / "run", "--quiet",
+             *(["--resume"] if (fold / "run" / "training_state.safetensors").is_file() else [])])
         results = fold / "held_out.json"
         others = [f"{SET}/{p}" for p in everyone if p != held_out]
         run([python, HERE / "bench_real_lesions.py", "--model", fold / "run" / "last.safetensors",

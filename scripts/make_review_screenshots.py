@@ -5,8 +5,10 @@ Run under a display (``xvfb-run -a -s "-screen 0 1280x900x24"`` without one):
 
 It opens the MSLUB sample, runs the bundled default model, goes to the largest finding and
 accepts it, rejects the next, and saves two pictures in docs/: the review in progress (the
-model's open proposal in orange, the user's accepted mask in green, the findings table), and
-the slice with the most lesion in the expert's mask opened from disk (magenta) for comparison.
+anomaly map in red where it scores near the healthy threshold, the model's open proposal as
+yellow outlines, the finding under review in white, the user's accepted mask in green, the
+findings table), and the slice with the most lesion in the expert's mask opened from disk
+(magenta) for comparison.
 """
 
 from __future__ import annotations
@@ -44,18 +46,16 @@ def main() -> int:
     review = widget.review
     review.step(+1)
     review.accept_current()
-    review.reject_current()
-    review.go_to(0)
-    for layer in ("MSLUB T1 anomaly map",):
-        viewer.layers[layer].visible = False
+    review.reject_current()  # and on to the next open finding, outlined in white and zoomed to
     QApplication.processEvents()
     DOCS.mkdir(exist_ok=True)
     viewer.screenshot(str(DOCS / "review_findings.png"), canvas_only=False, flash=False)
     lesions = viewer.layers["MSLUB lesion mask"]
     lesions.visible = True
-    # The axial slice with the most expert-marked lesion: the model's proposal (orange) beside the
-    # expert's mask (magenta), where a reader compares them.
+    # The axial slice with the most expert-marked lesion, the whole slice: the model's proposal
+    # (yellow outlines) beside the expert's mask (magenta), where a reader compares them.
     busiest = int((lesions.data > 0).sum(axis=(1, 2)).argmax())
+    viewer.reset_view()
     viewer.dims.set_point(0, lesions.translate[0] + busiest * lesions.scale[0])
     QApplication.processEvents()
     viewer.screenshot(str(DOCS / "review_against_reference.png"), canvas_only=False, flash=False)

@@ -133,10 +133,11 @@ class FindingsReview(Container):
         self.refresh()
 
     def raise_review_layers(self) -> None:
-        """The review's layers on top of everything, the user's annotation highest: a map or
-        scan added later (a re-run) must never cover or tint them."""
+        """The review's layers on top of everything: the proposal, the user's annotation above
+        it, and the outline of the finding under review above both (an outline hides nothing).
+        A map or scan added later (a re-run) must never cover or tint them."""
         layers = self._viewer.layers
-        for layer in (self.marker_layer, self.proposal_layer, self.annotation_layer):
+        for layer in (self.proposal_layer, self.annotation_layer, self.marker_layer):
             if layer is None:
                 continue
             index = next((i for i, other in enumerate(layers) if _same_layer(other, layer)), None)
