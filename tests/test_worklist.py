@@ -151,3 +151,34 @@ def test_bids_session_is_a_derivatives_dataset(shared_data, tmp_path):
     description = json.loads((work.folder / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     assert [entry.id for entry in Worklist.open(tmp_path).entries] == ["sub-01_T1w"]  # its own folder is not a scan
+
+
+def test_scans_whose_ids_differ_only_in_odd_characters_never_share_a_session_folder(shared_data, tmp_path):
+    """"scan 1" and "scan_1" used to share one folder: restoring one gave the other's results."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name, subject in (("scan 1.nii.gz", SUBJECTS[0]), ("scan_1.nii.gz", SUBJECTS[1]), ("Scan_1.nii.gz", SUBJECTS[2])):
+        shutil.copy(shared_data / "ixi_t1" / f"{subject}_T1.nii.gz", folder / name)
+    work = Worklist.open(folder)
+    folders = {entry.id: work.scan_folder(entry.id) for entry in work.entries}
+    assert len(folders) == 3
+    assert len({str(path).lower() for path in folders.values()}) == 3  # apart on case-blind disks too
+    assert sum(path.name.lower() == "scan_1" for path in folders.values()) == 1  # the first keeps the plain name
+    again = Worklist.open(folder)  # the folders are remembered, not derived again
+    assert {entry.id: again.scan_folder(entry.id) for entry in again.entries} == folders
+
+
+def test_a_scan_whose_results_went_stale_still_gives_back_the_users_mask(ixi_worklist_csv):
+    """Re-gzipping a reviewed scan makes its results stale; the user's mask must not be lost."""
+    work = Worklist.open(ixi_worklist_csv)
+    scan = SUBJECTS[0]
+    work.run(scan, default_model_name())
+    restored = work.restore(scan)
+    restored.annotation[50, 50, 40] = 1
+    work.save_review(scan, restored.session, restored.annotation)
+    shutil.copy(ixi_worklist_csv.parent / "data" / f"{SUBJECTS[1]}.nii.gz", work.entry(scan).scan)
+    with pytest.raises(StaleResults):
+        work.restore(scan)
+    saved = work.saved_annotation(scan, restored.annotation.shape)
+    np.testing.assert_array_equal(saved, restored.annotation)
+    assert work.saved_annotation(scan, (4, 4, 4)) is None  # another grid: not this mask

@@ -128,3 +128,37 @@ def test_opening_another_worklist_replaces_the_scan_in_view(make_napari_viewer, 
     assert [layer.name for layer in viewer.layers] == ["sub-01_T1w"]  # one scan in view, the new list's
     assert panel.current == "sub-01_T1w" and widget.scan.value.name == "sub-01_T1w"
     assert "not run yet" in widget.status.value
+
+
+def test_a_rerun_after_stale_results_keeps_the_users_saved_mask(make_napari_viewer, qtbot, ixi_worklist_csv):
+    """The scan's file is rewritten (the same image, new bytes): its results are stale and the
+    user is asked to Run; their saved mask is shown at once and survives the Run, saved."""
+    import gzip
+
+    viewer, widget = _open_viewer(make_napari_viewer)
+    panel = widget.worklist
+    panel.open(ixi_worklist_csv)
+    first = SUBJECTS[0]
+    widget.run()
+    _settled(widget, qtbot)
+    annotation = viewer.layers[f"{first} annotation"]
+    annotation.paint((10, 60, 60), 1)
+    painted = annotation.data.copy()
+    panel.save_now()
+    path = panel.worklist.entry(first).scan
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=1))  # same image, new bytes
+    panel.step(+1)
+    _settled(widget, qtbot)
+    panel.go_to(first)
+    _settled(widget, qtbot)
+    assert "cannot be used" in widget.status.value and "saved mask is shown" in widget.status.value
+    np.testing.assert_array_equal(viewer.layers[f"{first} annotation"].data, painted)
+    widget.run()
+    _settled(widget, qtbot)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    np.testing.assert_array_equal(viewer.layers[f"{first} annotation"].data, painted)
+    panel.save_now()
+    geometry = viewer.layers[first].metadata["nifti"]
+    saved = panel.worklist.saved_annotation(first, geometry.shape)
+    np.testing.assert_array_equal(saved, geometry.to_source(painted))
+    assert panel.worklist.status(first) == REVIEWED

@@ -97,6 +97,21 @@ class FindingsReview(Container):
 
     # ------------------------------------------------------------------ a run's results
 
+    def keep_saved_annotation(self, scan_layer, annotation: np.ndarray) -> None:
+        """The user's saved mask of a scan whose saved results cannot be used (its file or the
+        model changed): shown now as the scan's annotation layer, so the re-run the user is asked
+        for keeps it, as a re-run keeps any annotation layer."""
+        name = layer_name(ANNOTATION, scan_layer.name)
+        if name in self._viewer.layers:
+            return
+        geometry = scan_layer.metadata["nifti"]
+        layer = self._viewer.add_labels(
+            np.ascontiguousarray(geometry.to_display(np.asarray(annotation, dtype=np.uint8))), name=name,
+            **label_style(ANNOTATION), scale=scan_layer.scale, translate=scan_layer.translate,
+            metadata={"nifti": geometry})
+        self._watched.add(layer.unique_id)
+        layer.events.paint.connect(self._annotation_edited)
+
     def show(self, session: ScanSession, scan_layer, placement: dict, *, annotation: np.ndarray | None = None) -> None:
         """A new run's session: the proposal layer is (re)made; the annotation layer of this
         scan is kept as the user left it, or made from ``annotation`` (a saved mask on the

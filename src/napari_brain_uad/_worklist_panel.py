@@ -175,7 +175,8 @@ class WorklistPanel(Container):
             self._restores += 1
             start_restore(
                 self.worklist, entry_id, done=lambda restored: self._restored(entry_id, scan_layer, restored),
-                failed=lambda message: self._restore_failed(entry_id, message), finished=self._restore_finished)
+                failed=lambda message: self._restore_failed(entry_id, scan_layer, message),
+                finished=self._restore_finished)
         elif self._background_id == entry_id:
             self._owner.status.value = f"{entry_id}: being analysed in the background; it shows when ready."
         else:
@@ -217,10 +218,15 @@ class WorklistPanel(Container):
                                     + "); the network did not run.")
         self._start_background_next()
 
-    def _restore_failed(self, entry_id: str, message: str) -> None:
-        if entry_id == self.current:
-            self._owner.status.value = f"{entry_id}: the saved results cannot be used ({message}). Press Run."
-            napari.utils.notifications.show_warning(message)
+    def _restore_failed(self, entry_id: str, scan_layer, message: str) -> None:
+        if entry_id != self.current:
+            return
+        saved = self.worklist.saved_annotation(entry_id, scan_layer.metadata["nifti"].shape)
+        if saved is not None:  # the results are stale, the user's mask is not: the re-run keeps it
+            self._owner.review.keep_saved_annotation(scan_layer, saved)
+        kept = " Your saved mask is shown and kept." if saved is not None else ""
+        self._owner.status.value = f"{entry_id}: the saved results cannot be used ({message}). Press Run.{kept}"
+        napari.utils.notifications.show_warning(message)
 
     def _restore_finished(self) -> None:
         self._restores -= 1
@@ -339,7 +345,8 @@ class WorklistPanel(Container):
                 self._restores += 1
                 start_restore(
                     self.worklist, entry_id, done=lambda restored: self._restored(entry_id, layer, restored),
-                    failed=lambda message: self._restore_failed(entry_id, message), finished=self._restore_finished)
+                    failed=lambda message: self._restore_failed(entry_id, layer, message),
+                    finished=self._restore_finished)
 
     def _background_failed(self, entry_id: str, message: str) -> None:
         self.refresh_table()

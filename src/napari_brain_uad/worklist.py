@@ -67,6 +67,9 @@ class ScanRecord:
     review_sha256: str | None = None  # of the saved review: tells an edit since the last export
     error: str | None = None
     saved_at: str | None = None
+    # The scan's own folder in the session folder, chosen once and kept: its id made safe as a
+    # folder name, made unique when two ids give the same name ("scan 1" and "scan_1").
+    folder: str | None = None
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Worklist:
                                     "a new session") from error
         for entry in entries:
             records.setdefault(entry.id, ScanRecord())
+        _give_folders(records, [entry.id for entry in entries])
         worklist = cls(source, entries, folder, records, current if current in {e.id for e in entries} else None,
                        {"bids_suffix": bids_suffix})
         try:
@@ -149,8 +153,8 @@ class Worklist:
         return None
 
     def scan_folder(self, entry_id: str) -> Path:
-        """Where a scan's session files go: its id made safe as a folder name."""
-        return self.folder / (re.sub(r"[^\w.-]+", "_", entry_id).strip("_.") or "scan")
+        """Where a scan's session files go: its own folder, never another scan's."""
+        return self.folder / self.records[entry_id].folder
 
     def results_path(self, entry_id: str) -> Path:
         return self.scan_folder(entry_id) / "results.npz"
@@ -236,6 +240,20 @@ class Worklist:
 
     # ------------------------------------------------------------------ reading back
 
+    def saved_annotation(self, entry_id: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The user's saved mask of scan ``entry_id`` when it fits a grid of ``shape``, even when
+        its results can no longer be used (the scan's file changed, the model did): a re-run must
+        start from it, not from nothing. None when there is none or it does not fit."""
+        path = self.review_path(entry_id)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as review:
+                annotation = np.asarray(review["annotation"], dtype=np.uint8)
+        except (OSError, ValueError, KeyError):
+            return None
+        return annotation if annotation.shape == tuple(shape) and annotation.any() else None
+
     def restore(self, entry_id: str, *, model_sha256: str | None = None,
                 scan: NiftiVolume | None = None) -> RestoredScan | None:
         """Scan ``entry_id`` as the user left it, from its saved results and review (the network
@@ -294,6 +312,27 @@ class Worklist:
             raise
         self.save_results(entry_id, analysis, model=str(model_source), model_sha256=file_sha256(path),
                           model_metadata=metadata)
+
+
+def safe_folder_name(entry_id: str) -> str:
+    """A scan id as a folder name every file system takes (odd characters become "_")."""
+    return re.sub(r"[^\w.-]+", "_", entry_id).strip("_.") or "scan"
+
+
+def _give_folders(records: dict[str, ScanRecord], order: list[str]) -> None:
+    """Give every record without a folder one that no other record has, in list order: the safe
+    name of its id, or, when that is taken (another id gives the same safe name, compared
+    without case for case-blind file systems), that name with its id's short hash."""
+    taken = {record.folder.lower() for record in records.values() if record.folder}
+    for entry_id in [*order, *sorted(set(records) - set(order))]:
+        record = records[entry_id]
+        if record.folder:
+            continue
+        name = safe_folder_name(entry_id)
+        if name.lower() in taken:
+            name = f"{name}-{hashlib.sha256(entry_id.encode()).hexdigest()[:8]}"
+        record.folder = name
+        taken.add(name.lower())
 
 
 def default_session_folder(source: Path) -> Path:
