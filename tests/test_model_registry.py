@@ -37,6 +37,20 @@ def test_the_default_model_is_bundled_intact_and_loads():
     assert not any(str(value).startswith("/") for value in metadata["training"]["settings"].values())
 
 
+def test_the_bundled_t1_sadm_says_where_it_wins_and_where_it_loses():
+    """SADM beat the T1 default on real MS lesions, so it ships (issue 25's rule); it flags more
+    healthy brain at its threshold, so the default stays the DAE, and its card says both."""
+    from napari_brain_uad.model_registry import model_for_contrast
+
+    path = resolve_model("ixi-t1-sadm")
+    model, metadata = load_model(path)
+    card = model_card(path)
+    assert model.kind == "sadm" and card["default_scorer"] == "ssim+segmentation"
+    assert default_threshold(metadata, "ssim+segmentation") is not None
+    assert any("flags 6.8 %" in limit for limit in card["limits"])
+    assert model_for_contrast("T1").name == "ixi-t1-dae-n4"
+
+
 def test_a_damaged_bundled_file_is_reported(monkeypatch):
     entries = model_registry.registry()["models"]
     name = default_model_name()
