@@ -239,15 +239,41 @@ def test_many_inputs_name_their_scans_and_refuse_clashing_ids(shared_data, tmp_p
     scans = [ixi(shared_data, subject)[0] for subject in SUBJECTS]
     entries = read_scan_sources(scans)
     assert [entry.id for entry in entries] == [f"{subject}_T1" for subject in SUBJECTS]
-    (tmp_path / "copy").mkdir()
-    (tmp_path / "copy" / scans[0].name).symlink_to(scans[0])
-    assert main(["score", str(scans[0]), str(tmp_path / "copy" / scans[0].name), "--out-dir", str(tmp_path / "o")]) == 2
-    assert "two scans have the id" in capsys.readouterr().err
+    assert main(["score", str(scans[0]), str(scans[0]), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "two scans have the id" in capsys.readouterr().err  # the same scan twice
     assert main(["score", *map(str, scans), "--out-map", str(tmp_path / "m.nii.gz")]) == 2
     assert "--out-dir" in capsys.readouterr().err
     assert main(["score", *map(str, scans), "--out-dir", str(tmp_path / "o"), "--out-map", "m.nii.gz"]) == 2
     assert "drop --out-map" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_one_folder_per_patient_with_the_same_file_name_is_named_by_folder(shared_data, tmp_path):
+    """`brain-uad score data/*/T1.nii.gz`, the most natural command, was refused ("two scans
+    have the id 'T1'"): the scans are named by their folder when their file names agree."""
+    scans = []
+    for patient, subject in zip(("patient01", "patient02"), SUBJECTS):
+        (tmp_path / "data" / patient).mkdir(parents=True)
+        scans.append(tmp_path / "data" / patient / "T1.nii.gz")
+        scans[-1].symlink_to(ixi(shared_data, subject)[0])
+    entries = read_scan_sources(scans)
+    assert [entry.id for entry in entries] == ["patient01_T1", "patient02_T1"]
+    outputs = {scan_outputs(entry, tmp_path / "out", with_mask=True).files["anomaly_map"].name for entry in entries}
+    assert outputs == {"patient01_T1_anomaly_map.nii.gz", "patient02_T1_anomaly_map.nii.gz"}
+
+
+def test_two_scans_that_would_write_the_same_file_are_refused_before_any_work(shared_data, tmp_path, capsys):
+    """A.nii.gz and A_brain.nii.gz both wrote A_brain_mask.nii.gz (A's brain, A_brain's mask),
+    both reported done, and each re-run skipped both."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "A.nii.gz").symlink_to(ixi(shared_data, SUBJECTS[0])[0])
+    (folder / "A_brain.nii.gz").symlink_to(ixi(shared_data, SUBJECTS[1])[0])
+    assert main(["score", str(folder / "A.nii.gz"), str(folder / "A_brain.nii.gz"), "--out-dir", str(tmp_path / "o"),
+                 "--threshold", "0.1"]) == 2
+    error = capsys.readouterr().err
+    assert "'A' and 'A_brain' would both write A_brain_mask.nii.gz" in error
+    assert not any((tmp_path / "o").glob("*.nii.gz"))  # refused before any work
 
 
 def test_bids_names_keep_every_entity_but_the_suffix(tmp_path):

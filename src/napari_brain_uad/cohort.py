@@ -134,6 +134,28 @@ def check_id(entry: ScanEntry) -> None:
                             "give another in the list's 'id' column")
 
 
+def check_outputs_apart(entries: Sequence[ScanEntry], jobs: Sequence[CohortJob]) -> None:
+    """Refuse, before any work, a cohort in which two scans would write the same file (one
+    scan's outputs would replace the other's, and both would report done), or a scan's output
+    would replace an input (an output folder that is the scans' own folder). Names are compared
+    without case: a case-blind disk holds one of "A" and "a"."""
+    inputs = {str(Path(path).resolve()).lower(): entry.id for entry in entries
+              for path in (entry.scan, entry.brain_mask, entry.lesion_mask) if path is not None}
+    written: dict[str, str] = {}
+    for entry, job in zip(entries, jobs):
+        outputs = scan_outputs(entry, job.out_dir, with_mask=True)
+        for path in [*outputs.files.values(), outputs.record]:
+            key = str(path.resolve()).lower()
+            if key in written and written[key] != entry.id:
+                raise SettingsError(f"scans {written[key]!r} and {entry.id!r} would both write {path.name}; give them "
+                                    "ids that differ more (the list's 'id' column), or score them into different "
+                                    "folders")
+            if key in inputs:
+                raise SettingsError(f"{path}: scoring {entry.id!r} would replace the input of {inputs[key]!r}; "
+                                    "choose an output folder apart from the scans")
+            written[key] = entry.id
+
+
 def scan_outputs(entry: ScanEntry, out_dir: str | os.PathLike, *, with_mask: bool) -> ScanOutputs:
     """The output files of ``entry`` in ``out_dir`` (see the module's text for the names)."""
     out_dir = Path(out_dir)
@@ -423,6 +445,7 @@ def score_cohort(entries: Sequence[ScanEntry], job: CohortJob | Sequence[CohortJ
         raise ValueError("every scan of a cohort writes into one output folder")
     for entry in entries:
         check_id(entry)
+    check_outputs_apart(entries, jobs)
     processes = Processes.from_environment()
     out_dir.mkdir(parents=True, exist_ok=True)
     if processes.rank == 0 and any(dict(entry.entities).get("sub") for entry in entries):

@@ -30,7 +30,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import BrainUADError
@@ -87,18 +87,27 @@ def read_scan_sources(sources, *, bids_suffix: str = DEFAULT_BIDS_SUFFIX,
                       derivatives: str | os.PathLike | None = None) -> list[ScanEntry]:
     """The scans of several sources named together (a command line's ``A.nii.gz B.nii.gz`` or
     ``cohort.csv``): a NIfTI file, or a folder holding a DICOM series, is one scan named by its
-    stem; a CSV file, a BIDS dataset or a folder of scans gives its list. Ids must be unique
-    over all of them."""
-    entries = []
+    stem — or, when several named this way share a stem (``data/*/T1.nii.gz``: one folder per
+    patient), by their folder and stem (``patient01_T1``); a CSV file, a BIDS dataset or a folder
+    of scans gives its list. Ids must be unique over all of them."""
+    entries, named = [], []
     for source in sources:
         path = Path(source)
         if path.is_file() and is_nifti_path(path):
+            named.append(len(entries))
             entries.append(ScanEntry(nifti_stem(path), path))
         elif path.is_dir() and not is_bids_dataset(path) and _holds_dicom(path):
+            named.append(len(entries))
             entries.append(ScanEntry(scan_stem(path), path))
         else:
             entries.extend(read_scan_list(path, bids_suffix=bids_suffix, bids_entities=bids_entities,
                                           derivatives=derivatives))
+    stems = [entries[index].id for index in named]
+    for index in named:
+        entry = entries[index]
+        if stems.count(entry.id) > 1:
+            parent = Path(os.path.abspath(entry.scan)).parent.name  # the folder as named, links not followed
+            entries[index] = replace(entry, id=f"{scan_stem(parent) if parent else 'scan'}_{entry.id}")
     _check_unique(entries, Path(str(sources[0])) if len(sources) == 1 else Path("the scans given"))
     return entries
 
