@@ -99,3 +99,28 @@ def test_missing_file_and_bad_metadata(tmp_path, weights):
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tmp_path / "y.safetensors", weights, {"kind": "ddpm", "bad": object()})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_card_declaring_a_network_its_weights_do_not_hold_is_refused_before_building_it(tmp_path):
+    """A bundled model's file with its card edited to huge channel counts, or to 0.01 mm voxels,
+    tried to allocate 104 GB to 37 TiB before the weights were checked."""
+    import resource
+
+    from safetensors import safe_open
+
+    from napari_brain_uad.checkpoint import CheckpointError
+    from napari_brain_uad.model_registry import resolve_model
+    from napari_brain_uad.models import load_model
+
+    source = resolve_model("ixi-t1-dae-n4")
+    with safe_open(str(source), framework="pt") as handle:
+        card = json.loads(handle.metadata()["napari_brain_uad"])
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    for name, change in (("huge", {"hyperparameters": {**card["hyperparameters"], "channels": [4096, 8192, 16384, 32768]}}),
+                         ("tiny", {"model_space": {**card["model_space"], "spacing_mm": 0.01}})):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata={"napari_brain_uad": json.dumps({**card, **change})})
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(CheckpointError, match="do not fit|do not describe"):
+            load_model(path)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB: nothing huge was taken

@@ -254,3 +254,21 @@ def test_sheared_affine_is_shown_axis_aligned_and_exported_exactly(tmp_path):
     napari.save_layers(str(out), [labels], plugin=PLUGIN)
     np.testing.assert_array_equal(nib.load(out).affine, nib.load(path).affine)
     np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj) > 0, data > 0.5)
+
+
+def test_a_tiny_file_declaring_a_huge_volume_is_refused_before_reading(tmp_path):
+    """146 bytes of gzip declaring 1200 × 1200 × 1100 float32 voxels reached 6.5 GB of memory."""
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((1200, 1200, 1100))
+    header.set_data_dtype(np.float32)
+    header.set_qform(np.eye(4), 1)
+    path = tmp_path / "bomb.nii.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.write(header.binaryblock + b"\0" * 4)  # the header and its extension flag, no voxels
+    assert path.stat().st_size < 1000
+    with pytest.raises(ScanError, match=r"declares 1200 × 1200 × 1100 voxels .*not read"):
+        read_nifti(path)

@@ -81,6 +81,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _checked_metadata(path, header)
 
 
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the checkpoint, from its header (no weights are read)."""
+    from safetensors import safe_open
+
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as error:
+        raise CheckpointError(f"{path}: {_not_safetensors(path, error)}") from None
+
+
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[dict, dict]:
     """Weights and metadata of a checkpoint, after checking its format and version."""
     from safetensors.torch import load_file

@@ -247,6 +247,11 @@ def as_label_array(data: np.ndarray) -> np.ndarray:
     return rounded.astype(dtype)
 
 
+# The largest volume read: 2^28 voxels (1 GB as float32), eight times a 0.5 mm whole-head scan
+# (about 480 × 480 × 350).
+MAX_SCAN_VOXELS = 2**28
+
+
 def read_nifti(path: str | os.PathLike, *, allow_empty: bool = False) -> NiftiVolume:
     """Read a 3D NIfTI scan, keeping its affine and header for export.
 
@@ -277,6 +282,12 @@ def read_nifti(path: str | os.PathLike, *, allow_empty: bool = False) -> NiftiVo
         raise ScanError(f"{name}: is a 2D image of shape {shape}; a 3D volume is needed")
     if len(shape) > 4 and any(n > 1 for n in shape[4:]):
         raise ScanError(f"{name}: has {len(shape)} dimensions {shape}; a 3D volume is needed")
+    voxels = int(np.prod([int(n) for n in shape[:3]], dtype=np.int64))
+    if voxels > MAX_SCAN_VOXELS:
+        # Checked from the header, before any voxel is read: a few hundred bytes of gzip can
+        # declare a volume that fills any memory.
+        raise ScanError(f"{name}: declares {' × '.join(str(n) for n in shape[:3])} voxels ({voxels / 1e6:.0f} million); "
+                        f"no head MRI has more than {MAX_SCAN_VOXELS / 1e6:.0f} million, so it is not read")
 
     try:
         if len(shape) > 3:

@@ -36,6 +36,10 @@ MAX_SLICE_THICKNESS_RATIO = 3.0
 BIAS_CORRECTIONS = (None, "n4")
 
 
+MODEL_SPACING_RANGE_MM = (0.5, 8.0)
+SLICE_SIZE_RANGE = (16, 1024)
+
+
 @dataclass(frozen=True)
 class ModelSpaceSpec:
     """What a model expects; stored with every model."""
@@ -51,6 +55,15 @@ class ModelSpaceSpec:
     def __post_init__(self):
         if self.bias_correction not in BIAS_CORRECTIONS:
             raise ValueError(f"unknown bias correction {self.bias_correction!r}; known: n4, or none")
+        # A model space is a brain-sized grid: a card asking for 0.01 mm voxels or 10⁵-pixel
+        # slices would make a volume no memory holds before anything else could object.
+        low, high = MODEL_SPACING_RANGE_MM
+        if not low <= float(self.spacing_mm) <= high:
+            raise ValueError(f"model-space voxels of {self.spacing_mm} mm; they must be {low}-{high} mm")
+        if len(self.in_plane) != 2 or not all(SLICE_SIZE_RANGE[0] <= int(n) <= SLICE_SIZE_RANGE[1]
+                                              for n in self.in_plane):
+            raise ValueError(f"model-space slices of {tuple(self.in_plane)} pixels; each side must be "
+                             f"{SLICE_SIZE_RANGE[0]}-{SLICE_SIZE_RANGE[1]}")
 
     def to_dict(self) -> dict:
         return {

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint, tensor_shapes
 from ..preprocess import ModelSpaceSpec
 from .autoencoders import AE, DAE, VAE, AEConfig, DAEConfig, VAEConfig
 from .base import ModelConfig, ReconstructionModel
@@ -92,9 +92,14 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
         raise CheckpointError(f"{path}: unknown model kind {kind!r}; this version knows {', '.join(MODEL_KINDS)}")
     try:
         spec = ModelSpaceSpec.from_dict(metadata["model_space"]) if "model_space" in metadata else ModelSpaceSpec()
-        model = build_model(kind, metadata.get("hyperparameters", {}), spec)
+        # First on the "meta" device, which allocates nothing: a card declaring a network far
+        # larger than its weights (huge channel counts) is refused before any memory is taken.
+        with torch.device("meta"):
+            skeleton = build_model(kind, metadata.get("hyperparameters", {}), spec)
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: its hyper-parameters do not describe a valid {kind} ({error})") from None
+    _check_shapes(path, kind, skeleton, tensor_shapes(path))
+    model = build_model(kind, metadata.get("hyperparameters", {}), spec)
     state, metadata = load_checkpoint(path, device="cpu")
     try:
         model.load_state_dict(state, strict=True)
@@ -102,3 +107,15 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
         first_line = str(error).splitlines()[0]
         raise CheckpointError(f"{path}: the weights do not fit the {kind} its metadata describes ({first_line})") from None
     return model.to(device).eval(), metadata
+
+
+def _check_shapes(path, kind: str, skeleton: ReconstructionModel, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The network the card describes must be the one the file holds, tensor for tensor."""
+    expected = {name: tuple(value.shape) for name, value in skeleton.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(name for name in set(expected) & set(shapes) if expected[name] != shapes[name])
+    if missing or unexpected or wrong:
+        first = (f"{wrong[0]} holds {shapes[wrong[0]]}, the card's network {expected[wrong[0]]}" if wrong
+                 else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise CheckpointError(f"{path}: the weights do not fit the {kind} its metadata describes ({first})")
