@@ -124,3 +124,26 @@ def test_a_card_declaring_a_network_its_weights_do_not_hold_is_refused_before_bu
         with pytest.raises(CheckpointError, match="do not fit|do not describe"):
             load_model(path)
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB: nothing huge was taken
+
+
+def test_a_truncated_copy_of_a_model_is_called_truncated_not_a_pickle(tmp_path):
+    from napari_brain_uad.checkpoint import CheckpointError, read_metadata
+    from napari_brain_uad.model_registry import resolve_model
+
+    data = resolve_model("ixi-t1-dae-n4").read_bytes()
+    for cut in (len(data) // 2, 200):
+        path = tmp_path / f"cut{cut}.safetensors"
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as caught:
+            from napari_brain_uad.models import load_model
+
+            read_metadata(path)
+            load_model(path)
+        assert "pickle" not in str(caught.value) and ("truncated" in str(caught.value))
+    header_length = int.from_bytes(data[:8], "little")
+    forged = tmp_path / "first-byte-0x80.safetensors"  # a header length whose first byte is 0x80
+    body = data[8:8 + header_length]
+    forged.write_bytes((0x80 + 256 * (header_length // 256 + 1)).to_bytes(8, "little") + body[:100])
+    with pytest.raises(CheckpointError) as caught:
+        read_metadata(forged)
+    assert "pickle" not in str(caught.value)

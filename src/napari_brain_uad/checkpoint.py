@@ -114,7 +114,12 @@ def _existing(path: str | os.PathLike) -> Path:
 
 def _not_safetensors(path: Path, error: Exception) -> str:
     with open(path, "rb") as handle:
-        start = handle.read(4)
+        start = handle.read(9)
+    # A safetensors file starts with its JSON header's length (8 bytes, little-endian) and the
+    # header's "{": such a file that does not open is a damaged or truncated one, whatever its
+    # first byte (a length ending in 0x80 once read as a pickle's opcode).
+    if len(start) == 9 and start[8:9] == b"{" and int.from_bytes(start[:8], "little") < 100 * 2**20:
+        return f"a safetensors checkpoint that is damaged or truncated ({error}); download or copy it again"
     # torch.save writes a zip archive (PK..) or, in old versions, a bare pickle (0x80 protocol).
     if start.startswith(b"PK") or start[:1] == b"\x80":
         return (
