@@ -434,3 +434,21 @@ def test_calibration_stores_thresholds_as_users_apply_them(tmp_path, ixi_folder,
     assert metadata["limits"] == ["T1 only"] and metadata["training_command"] == "brain-uad-train --config x"
     assert metadata["training"]["settings"]["data"] == "scans"
     assert calibrate_command(arguments) == 2  # never over an existing file
+
+
+def test_the_simplest_commands_take_their_defaults_from_the_kind_and_the_base_model(tmp_path):
+    """`--kind vae3d` stopped asking for --no-augment; `--kind sadm --base-model ixi-t1-dae-n4`
+    stopped because the run's model space (no N4) was not the base model's."""
+    from brain_uad_training.config import ConfigError, TrainingConfig
+    from brain_uad_training.fit import _with_base_model_space
+
+    assert TrainingConfig(data="x", output=str(tmp_path), kind="vae3d").augment is False
+    assert TrainingConfig(data="x", output=str(tmp_path), kind="dae").augment is True
+    with pytest.raises(ConfigError, match="whole volumes"):
+        TrainingConfig(data="x", output=str(tmp_path), kind="vae3d", augment=True)
+    sadm = _with_base_model_space(TrainingConfig(data="x", output=str(tmp_path), kind="sadm",
+                                                 base_model="nichart-flair-dae"))
+    assert (sadm.modality, sadm.bias_correction, sadm.spacing_mm) == ("FLAIR", "n4", 2.0)
+    chosen = _with_base_model_space(TrainingConfig(data="x", output=str(tmp_path), kind="sadm",
+                                                   base_model="ixi-t1-dae-n4", spacing_mm=3.0))
+    assert chosen.spacing_mm == 3.0 and chosen.bias_correction == "n4"  # the user's choice stands (and is refused later)

@@ -51,7 +51,7 @@ class TrainingConfig:
     validation_fraction: float = 0.1
     validation_slices: int = 64  # for a volumetric kind (vae3d): validation volumes (all, if fewer)
     validate_every: int = 100
-    augment: bool = True
+    augment: bool | None = None  # None: the kind's default (on for slice kinds, off for volumetric ones)
     pretrain_encoder_steps: int = 0  # cDDPM: masked pre-training of the context encoder first
     # ADDP's denoising pre-training before the kind's own training: "denoise-decoder" or
     # "denoise-encoder-decoder" for pretrain_steps steps (SADM's U-Net, the AE and the DAE)
@@ -98,6 +98,8 @@ class TrainingConfig:
                               "(--base-model NAME|PATH, e.g. ixi-t1-dae-n4)")
         if self.base_model and not needs_base:
             raise ConfigError(f"'base_model' applies to kinds that sit on another model (sadm), not {self.kind}")
+        if self.augment is None:
+            object.__setattr__(self, "augment", not MODEL_KINDS[self.kind].volumetric)
         if self.augment and MODEL_KINDS[self.kind].volumetric:
             raise ConfigError(
                 f"the {self.kind} kind trains on whole volumes, and the augmentation works on slices; "

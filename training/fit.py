@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 import napari_brain_uad
-from napari_brain_uad.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from napari_brain_uad.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from napari_brain_uad.downloads import file_sha256
 from napari_brain_uad.errors import BrainUADError
 from napari_brain_uad.model_registry import resolve_model
@@ -112,6 +112,7 @@ def _fit(config, processes, resume, overwrite, show_progress, scans, on_step) ->
     output = Path(config.output)
     _check_output(output, resume, overwrite)
     show = show_progress and processes.is_main
+    config = _with_base_model_space(config)
     spec = config.model_space_spec()
 
     if scans is None:
@@ -273,6 +274,28 @@ def _check_exclusions_fit(config: TrainingConfig, has_exclusions: bool) -> None:
     if config.pretrain:
         raise ConfigError("the denoising pre-training (pretrain) does not leave the exclusion masks' voxels out; "
                           "train without it, or without the exclude_mask column")
+
+
+def _with_base_model_space(config: TrainingConfig) -> TrainingConfig:
+    """A kind that sits on a trained model (SADM) works in that model's space: the settings of
+    the model space the user left at their defaults are the base model's (a choice that differs
+    is refused later, saying so)."""
+    if not config.base_model:
+        return config
+    try:
+        base = read_metadata(resolve_model(config.base_model)).get("model_space")
+    except (BrainUADError, CheckpointError, OSError) as error:
+        raise ConfigError(f"base model {config.base_model}: {error}") from None
+    if not base:
+        return config
+    defaults = TrainingConfig.__dataclass_fields__
+    changes = {}
+    for field_name, key in (("spacing_mm", "spacing_mm"), ("in_plane", "in_plane"), ("modality", "modality"),
+                            ("bias_correction", "bias_correction")):
+        if getattr(config, field_name) == defaults[field_name].default and key in base:
+            value = base[key]
+            changes[field_name] = tuple(value) if field_name == "in_plane" else value
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def _build_model(config: TrainingConfig, spec) -> tuple[ReconstructionModel, dict[str, Any]]:
