@@ -274,6 +274,10 @@ def test_two_scans_that_would_write_the_same_file_are_refused_before_any_work(sh
     error = capsys.readouterr().err
     assert "'A' and 'A_brain' would both write A_brain_mask.nii.gz" in error
     assert not any((tmp_path / "o").glob("*.nii.gz"))  # refused before any work
+    # An output folder that is the scans' own: a second run would score the maps as scans.
+    assert main(["score", str(folder), "--out-dir", str(folder)]) == 2
+    assert "a later run would read the maps written there as scans" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["A.nii.gz", "A_brain.nii.gz"]
 
 
 def test_bids_names_keep_every_entity_but_the_suffix(tmp_path):

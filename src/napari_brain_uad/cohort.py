@@ -137,12 +137,16 @@ def check_id(entry: ScanEntry) -> None:
 def check_outputs_apart(entries: Sequence[ScanEntry], jobs: Sequence[CohortJob]) -> None:
     """Refuse, before any work, a cohort in which two scans would write the same file (one
     scan's outputs would replace the other's, and both would report done), or a scan's output
-    would replace an input (an output folder that is the scans' own folder). Names are compared
+    would replace an input, or an output folder that is the scans' own (a second run read the
+    maps written there as scans: "49 findings, 54 mL" in an anomaly map). Names are compared
     without case: a case-blind disk holds one of "A" and "a"."""
     inputs = {str(Path(path).resolve()).lower(): entry.id for entry in entries
               for path in (entry.scan, entry.brain_mask, entry.lesion_mask) if path is not None}
     written: dict[str, str] = {}
     for entry, job in zip(entries, jobs):
+        if Path(os.path.abspath(entry.scan)).parent == Path(os.path.abspath(job.out_dir)):  # as named: links kept
+            raise SettingsError(f"--out-dir {job.out_dir} holds the scans themselves ({entry.scan.name}): a later run "
+                                "would read the maps written there as scans; choose a folder apart from the scans")
         outputs = scan_outputs(entry, job.out_dir, with_mask=True)
         for path in [*outputs.files.values(), outputs.record]:
             key = str(path.resolve()).lower()
