@@ -316,3 +316,21 @@ def test_evaluate_a_csv_and_a_bids_dataset(shared_data, tmp_path, capsys):
     assert "no lesion mask" in error and "nolesion" in error
     assert main(["evaluate", str(plain), "--images", str(scan), "--masks", str(lesion)]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_one_run_at_a_time_writes_into_an_output_folder(shared_data, tmp_path, capsys):
+    """Two cohort runs on one folder both reported done and mixed their masks; now the second is
+    refused while the first runs, and a lock left by a run that died is taken over."""
+    from napari_brain_uad.cohort import LOCK_FILE
+
+    scan = ixi(shared_data, SUBJECTS[0])[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(str(os.getpid()))  # a run that is still going (this process)
+    assert main(["score", str(scan), str(ixi(shared_data, SUBJECTS[1])[0]), "--out-dir", str(out)]) == 2
+    assert "another brain-uad run" in capsys.readouterr().err
+    assert not any(out.glob("*.nii.gz"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_FILE).write_text(dead.stdout.strip())  # a run that died without cleaning up
+    assert main(["score", str(scan), str(ixi(shared_data, SUBJECTS[1])[0]), "--out-dir", str(out)]) == 0
+    assert not (out / LOCK_FILE).exists() and any(out.glob("*_anomaly_map.nii.gz"))

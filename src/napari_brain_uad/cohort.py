@@ -46,7 +46,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -462,15 +462,67 @@ def score_cohort(entries: Sequence[ScanEntry], job: CohortJob | Sequence[CohortJ
         threads = max(1, _cores() // (workers * processes.local_world_size))
     if processes.distributed:
         _join_process_group(processes)
-    with _routing_warnings():
-        if workers == 1:
-            rows = _score_here(shard, threads, report)
-        else:
-            rows = _score_in_workers(shard, workers, threads, report)
-    if not processes.distributed:
-        write_summary(out_dir, rows, _about(used))
-        return CohortSummary(rows, out_dir, sum(row["status"] == FAILED for row in rows))
-    return _merge_ranks(processes, entries, rows, out_dir, _about(used))
+    # One run writes into a folder at a time (two runs with other settings both reported done,
+    # and only the second one's masks remained); torchrun's ranks are one run, rank 0 holds it.
+    with _output_folder_lock(out_dir) if processes.rank == 0 else nullcontext():
+        with _routing_warnings():
+            if workers == 1:
+                rows = _score_here(shard, threads, report)
+            else:
+                rows = _score_in_workers(shard, workers, threads, report)
+        if not processes.distributed:
+            write_summary(out_dir, rows, _about(used))
+            return CohortSummary(rows, out_dir, sum(row["status"] == FAILED for row in rows))
+        return _merge_ranks(processes, entries, rows, out_dir, _about(used))
+
+
+LOCK_FILE = ".brain-uad-running"
+
+
+@contextmanager
+def _output_folder_lock(out_dir: Path):
+    """Hold ``out_dir`` for this run: a lock file naming this process, created exclusively; one
+    left by a process that no longer runs (a crash, kill -9) is taken over. Refuses while
+    another run holds it."""
+    lock = out_dir / LOCK_FILE
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and _process_runs(holder):
+                raise SettingsError(f"{out_dir}: another brain-uad run (process {holder}) is writing there; wait for "
+                                    "it, or choose another --out-dir") from None
+            lock.unlink(missing_ok=True)  # left by a run that ended without cleaning up
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        break
+    else:
+        raise SettingsError(f"{out_dir}: cannot take the folder's lock {lock}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _process_runs(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _score_here(shard: Sequence[tuple[ScanEntry, CohortJob]], threads: int | None, report) -> list[dict]:
