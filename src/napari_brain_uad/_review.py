@@ -101,16 +101,25 @@ class FindingsReview(Container):
         """The user's saved mask of a scan whose saved results cannot be used (its file or the
         model changed): shown now as the scan's annotation layer, so the re-run the user is asked
         for keeps it, as a re-run keeps any annotation layer."""
-        name = layer_name(ANNOTATION, scan_layer.name)
-        if name in self._viewer.layers:
+        if layer_name(ANNOTATION, scan_layer.name) in self._viewer.layers:
             return
+        placement = {"scale": scan_layer.scale, "translate": scan_layer.translate,
+                     "metadata": {"nifti": scan_layer.metadata["nifti"]}}
+        self._watch(self._add_annotation_layer(scan_layer, annotation, placement))
+
+    def _add_annotation_layer(self, scan_layer, annotation: np.ndarray | None, placement: dict):
+        """The scan's annotation layer, made from ``annotation`` (a mask on the scan's grid) or empty."""
         geometry = scan_layer.metadata["nifti"]
-        layer = self._viewer.add_labels(
-            np.ascontiguousarray(geometry.to_display(np.asarray(annotation, dtype=np.uint8))), name=name,
-            **label_style(ANNOTATION), scale=scan_layer.scale, translate=scan_layer.translate,
-            metadata={"nifti": geometry})
-        self._watched.add(layer.unique_id)
-        layer.events.paint.connect(self._annotation_edited)
+        start = np.zeros(geometry.display_shape, dtype=np.uint8) if annotation is None \
+            else np.ascontiguousarray(geometry.to_display(np.asarray(annotation, dtype=np.uint8)))
+        return self._viewer.add_labels(start, name=layer_name(ANNOTATION, scan_layer.name), **label_style(ANNOTATION),
+                                       **placement)
+
+    def _watch(self, layer) -> None:
+        """Follow the edits of an annotation layer (once), so unexported edits are known."""
+        if layer.unique_id not in self._watched:
+            self._watched.add(layer.unique_id)
+            layer.events.paint.connect(self._annotation_edited)
 
     def show(self, session: ScanSession, scan_layer, placement: dict, *, annotation: np.ndarray | None = None) -> None:
         """A new run's session: the proposal layer is (re)made; the annotation layer of this
@@ -124,12 +133,8 @@ class FindingsReview(Container):
         if name in layers:
             self.annotation_layer = layers[name]  # the user's: never removed, never rewritten
         else:
-            start = np.zeros(geometry.display_shape, dtype=np.uint8) if annotation is None \
-                else np.ascontiguousarray(geometry.to_display(np.asarray(annotation, dtype=np.uint8)))
-            self.annotation_layer = self._viewer.add_labels(start, name=name, **label_style(ANNOTATION), **placement)
-        if self.annotation_layer.unique_id not in self._watched:
-            self._watched.add(self.annotation_layer.unique_id)
-            self.annotation_layer.events.paint.connect(self._annotation_edited)
+            self.annotation_layer = self._add_annotation_layer(scan_layer, annotation, placement)
+        self._watch(self.annotation_layer)
         for kind in (PROPOSAL, UNDER_REVIEW):
             if layer_name(kind, scan_layer.name) in layers:
                 layers.remove(layer_name(kind, scan_layer.name))
@@ -175,8 +180,7 @@ class FindingsReview(Container):
 
     def refresh_proposal(self) -> None:
         """Only the proposal layer (milliseconds: what a slider step redraws)."""
-        if self.session is not None and self.proposal_layer is not None \
-                and any(_same_layer(layer, self.proposal_layer) for layer in self._viewer.layers):
+        if self.session is not None and self._has(self.proposal_layer):
             self.proposal_layer.data = self._open_proposal_display()
             self._unmark()  # the findings are renumbered at a new threshold: the outline goes
 

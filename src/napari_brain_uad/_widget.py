@@ -247,9 +247,8 @@ class BrainUADWidget(Container):
     @staticmethod
     def _is_users_mask(layer) -> bool:
         """Whether a Labels layer may be what Export writes without the user choosing it: not a
-        mask opened from disk as a reference or a brain, nor one of the dock's own brain layers."""
-        return layer is not None and layer.metadata.get("role") not in (REFERENCE, BRAIN) \
-            and not layer.name.endswith(layer_name(BRAIN, ""))
+        reference or brain mask (opened from disk, or a brain the dock found: ``metadata["role"]``)."""
+        return layer is not None and layer.metadata.get("role") not in (REFERENCE, BRAIN)
 
     def _outline_brain_masks(self) -> None:
         """Brain masks opened from disk are drawn as outlines, as the dock's own brain layers are
@@ -608,7 +607,7 @@ class BrainUADWidget(Container):
         geometry = scan_layer.metadata["nifti"]
         layer = self._replace(layer_name(BRAIN, scan_layer.name), "labels",
                               geometry.to_display(analysis.brain.mask.astype(np.uint8)), **label_style(BRAIN),
-                              **placement)
+                              **{**placement, "metadata": {**placement["metadata"], "role": BRAIN}})
         finish_labels(layer, BRAIN)
         self.brain_mask.reset_choices()
         self.brain_mask.value = layer
