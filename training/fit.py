@@ -290,11 +290,9 @@ def _with_base_model_space(config: TrainingConfig) -> TrainingConfig:
         return config
     defaults = TrainingConfig.__dataclass_fields__
     changes = {}
-    for field_name, key in (("spacing_mm", "spacing_mm"), ("in_plane", "in_plane"), ("modality", "modality"),
-                            ("bias_correction", "bias_correction")):
-        if getattr(config, field_name) == defaults[field_name].default and key in base:
-            value = base[key]
-            changes[field_name] = tuple(value) if field_name == "in_plane" else value
+    for name in ("spacing_mm", "in_plane", "modality", "bias_correction"):  # named alike in both
+        if getattr(config, name) == defaults[name].default and name in base:
+            changes[name] = tuple(base[name]) if name == "in_plane" else base[name]
     return dataclasses.replace(config, **changes) if changes else config
 
 

@@ -244,15 +244,19 @@ class Worklist:
         """The user's saved mask of scan ``entry_id`` when it fits a grid of ``shape``, even when
         its results can no longer be used (the scan's file changed, the model did): a re-run must
         start from it, not from nothing. None when there is none or it does not fit."""
-        path = self.review_path(entry_id)
-        if not path.is_file():
+        if not self.review_path(entry_id).is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as review:
-                annotation = np.asarray(review["annotation"], dtype=np.uint8)
+            annotation, _ = self._read_review(entry_id)
         except (OSError, ValueError, KeyError):
             return None
+        annotation = annotation.astype(np.uint8, copy=False)
         return annotation if annotation.shape == tuple(shape) and annotation.any() else None
+
+    def _read_review(self, entry_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The saved mask and rejected voxels of scan ``entry_id`` (no code runs from the file)."""
+        with np.load(self.review_path(entry_id), allow_pickle=False) as review:
+            return review["annotation"], review["rejected"].astype(bool)
 
     def restore(self, entry_id: str, *, model_sha256: str | None = None,
                 scan: NiftiVolume | None = None) -> RestoredScan | None:
@@ -277,8 +281,7 @@ class Worklist:
         annotation = np.zeros(scan.data.shape, np.uint8)
         if self.review_path(entry_id).is_file():
             try:
-                with np.load(self.review_path(entry_id), allow_pickle=False) as review:
-                    annotation, rejected = review["annotation"], review["rejected"].astype(bool)
+                annotation, rejected = self._read_review(entry_id)
             except (OSError, ValueError, KeyError) as error:
                 raise StaleResults(f"{self.review_path(entry_id)}: the saved review cannot be read ({error})") from error
             if annotation.shape != scan.data.shape:

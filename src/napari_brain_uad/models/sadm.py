@@ -235,7 +235,8 @@ def synthetic_anomalies(
         if float(draw[0]) >= config.anomaly_probability:
             continue
         exponents = random_integers(low, high + 1, (2,), generator, device)
-        noise = perlin_noise_2d((height, width), (2 ** int(exponents[0]), 2 ** int(exponents[1])), generator, device)
+        cells = (2 ** int(exponents[0]), 2 ** int(exponents[1]))
+        noise = perlin_noise_2d((height, width), cells, generator, device)
         threshold = (config.perlin_threshold if config.perlin_threshold is not None
                      else float(random_uniform((1,), generator, device, 0.1, 0.6)))
         mask = noise > threshold
@@ -244,8 +245,7 @@ def synthetic_anomalies(
         image = slices[index, 0]
         # A second field at the same scale: its values span the whole range inside the mask,
         # where the first one's lie near its top.
-        texture = _stretch(perlin_noise_2d((height, width), (2 ** int(exponents[0]), 2 ** int(exponents[1])),
-                                           generator, device))
+        texture = _stretch(perlin_noise_2d((height, width), cells, generator, device))
         order = random_permutation(len(names), generator, device)
         for choice in order[: config.augmentations_per_texture].tolist():
             texture = TEXTURE_AUGMENTATIONS[names[choice]](texture, generator)
