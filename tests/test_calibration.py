@@ -43,7 +43,8 @@ def calibrated(scanner_scans, capsys, monkeypatch):
     threshold_of = calibration.healthy_percentile_threshold
 
     def recording(maps, *arguments, **keywords):
-        measured.extend(maps)
+        if not measured:  # the threshold's own call; later ones leave one scan out to check it
+            measured.extend(maps)
         return threshold_of(maps, *arguments, **keywords)
 
     monkeypatch.setattr(calibration, "healthy_percentile_threshold", recording)
@@ -71,6 +72,50 @@ def test_the_healthy_threshold_is_the_99th_percentile_of_healthy_scores():
     assert healthy_threshold_name() == "healthy-99"
 
 
+def test_a_scan_with_lesions_among_the_healthy_ones_is_named():
+    """By hand: four "healthy" maps of 1,000 brain voxels each. Three hold the same healthy
+    scores; the fourth holds them too, except that 10 % of its voxels (a patient's lesions) score
+    far above. At the threshold the other three give (their 99th percentile, 0.99), 1 % of a
+    healthy scan lies above — within the budget — and of the fourth its 100 lesion voxels and the
+    9 healthy ones above 0.99 that they did not replace, 10.9 %: named, with its share."""
+    healthy_scores = np.linspace(0.0, 1.0, 1000, dtype=np.float32)
+    lesioned = healthy_scores.copy()
+    lesioned[::10] = 5.0
+
+    def as_map(scores):
+        region = np.ones((10, 10, 10), dtype=bool)
+        return FilteredMap(scores.reshape(region.shape), region, region.copy())
+
+    maps = [as_map(healthy_scores) for _ in range(3)] + [as_map(lesioned)]
+    labels = ["a", "b", "c", "patient"]
+    with pytest.warns(calibration.CalibrationWarning, match=r"patient: 10\.9 % of its brain scores above .*leave it out"):
+        unusual = calibration.unusual_healthy_scans(maps, labels, percentile=99.0)
+    assert list(unusual) == ["patient"] and unusual["patient"] == pytest.approx(0.109)
+    # Two scans cannot say which is the odd one: no verdict.
+    assert calibration.unusual_healthy_scans(maps[2:], labels[2:], percentile=99.0) == {}
+
+
+def test_calibrate_refuses_a_name_it_cannot_register_before_any_work(scanner_scans, tmp_path, monkeypatch, capsys):
+    """A bundled model's name was refused only after the whole calibration (44 s); an existing
+    name of the user's was silently pointed at the new file."""
+    def no_analysis(*arguments, **keywords):
+        raise AssertionError("the calibration ran before the name was checked")
+
+    monkeypatch.setattr(calibration, "analyse_cases", no_analysis)
+    assert main(["calibrate", "--healthy", str(scanner_scans), "--name", "ixi-t1-dae-n4", "--quiet",
+                 "--output", str(tmp_path / "a.safetensors")]) == 2
+    assert "is the name of a model of the plugin" in capsys.readouterr().err
+    from napari_brain_uad.model_registry import register_user_model
+
+    older = tmp_path / "older.safetensors"
+    older.write_bytes(b"an older calibration")
+    register_user_model("my-scanner", older)
+    assert main(["calibrate", "--healthy", str(scanner_scans), "--name", "my-scanner", "--quiet",
+                 "--output", str(tmp_path / "b.safetensors")]) == 2
+    assert "already names your model" in capsys.readouterr().err
+    assert resolve_model("my-scanner") == older.resolve()  # still the file it named
+
+
 def test_calibrate_writes_a_copy_beside_the_data_that_every_door_can_name(calibrated, scanner_scans):
     output, message, measured = calibrated
     assert output.is_file() and "--model my-scanner" in message
@@ -85,6 +130,7 @@ def test_calibrate_writes_a_copy_beside_the_data_that_every_door_can_name(calibr
     assert healthy["value"] == pytest.approx(float(np.percentile(scores, 99)), rel=1e-6)
     assert np.mean(scores > healthy["value"]) == pytest.approx(0.01, abs=0.002)
     assert healthy["percentile"] == 99 and healthy["false_positive_fraction"] == pytest.approx(0.01, abs=0.002)
+    assert "unusual_scans" not in healthy  # three healthy scans: none called unusual
     assert card["thresholds"]["mslub-dice"] == bundled["thresholds"]["mslub-dice"]  # the rest kept
     assert len(card["typicality"]["healthy_values"]) == 3 and card["typicality"]["scorer"] == card["default_scorer"]
     assert card["calibrated_for_scanner"]["from_model"] == "ixi-t1-dae-n4"

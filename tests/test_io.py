@@ -272,3 +272,18 @@ def test_a_tiny_file_declaring_a_huge_volume_is_refused_before_reading(tmp_path)
     assert path.stat().st_size < 1000
     with pytest.raises(ScanError, match=r"declares 1200 × 1200 × 1100 voxels .*not read"):
         read_nifti(path)
+
+
+@pytest.mark.parametrize("srow_z, problem", [([0, 0, np.nan, 0], "NaN or infinite"),
+                                             ([0, 0, 0, 0], "gives voxels no volume")])
+def test_an_affine_that_places_no_voxel_is_refused_on_reading(tmp_path, srow_z, problem):
+    """A header whose voxel-to-world matrix holds NaN, or collapses an axis, was read and then
+    failed deep in the analysis as an "internal error"; it is the file's fault and is said so."""
+    data = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32)
+    header = nib.Nifti1Image(data, np.eye(4)).header
+    header["qform_code"], header["sform_code"], header["srow_z"] = 0, 1, srow_z
+    path = tmp_path / "bad_header.nii.gz"
+    nib.save(nib.Nifti1Image(data, None, header), path)
+    assert not np.all(np.isfinite(nib.load(path).affine)) or np.linalg.norm(nib.load(path).affine[:3, 2]) == 0
+    with pytest.raises(ScanError, match=rf"bad_header\.nii\.gz: its header's affine .*{problem}.*fix the header"):
+        read_nifti(path)

@@ -70,6 +70,32 @@ def test_paths_and_unknown_names(tmp_path):
     assert resolve_model(str(own)) == own  # a user's file is taken as given; loading checks it
 
 
+@pytest.mark.parametrize("content", ['{"mine": "/data/mine.safetensors"}', '["mine"]', '{"mine": {"path": 3}}',
+                                     '{"mine": '])
+def test_a_hand_edited_list_of_registered_models_is_named_with_the_fix(content):
+    """A malformed user_models.json (edited by hand, cut short) surfaced as an internal error."""
+    index = model_registry.cache_dir() / model_registry.USER_MODELS_FILE
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(content)
+    with pytest.raises(ModelUnavailable, match=r"user_models\.json: the list of your registered models .*delete it"):
+        resolve_model("mine")
+
+
+def test_a_registered_name_is_pointed_elsewhere_only_when_asked(tmp_path):
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    first.write_bytes(b"one")
+    second.write_bytes(b"two")
+    model_registry.register_user_model("mine", first)
+    with pytest.raises(ModelUnavailable, match="already names your model"):
+        model_registry.register_user_model("mine", second)
+    assert resolve_model("mine") == first.resolve()
+    model_registry.register_user_model("mine", first)  # the same file again (its hash renewed): fine
+    model_registry.register_user_model("mine", second, replace=True)
+    assert resolve_model("mine") == second.resolve()
+    with pytest.raises(ModelUnavailable, match="name of a model of the plugin"):
+        model_registry.register_user_model(default_model_name(), first)
+
+
 @pytest.fixture
 def served_checkpoint(tmp_path):
     """A checkpoint on a local HTTP server (a real pooch download), and its hash."""

@@ -54,6 +54,10 @@ def test_csv_mistakes_name_the_line(shared_data, tmp_path):
     listing.write_text(f"image,id\n{_scan(shared_data, SUBJECTS[0])},a\n{_scan(shared_data, SUBJECTS[1])},a\n")
     with pytest.raises(ScanListError, match="two scans have the id 'a'"):
         read_scan_list(listing)
+    long_id = "x" * 300  # an id names output files: refused at reading, not as an "internal error" at writing
+    listing.write_text(f"image,id\n{_scan(shared_data, SUBJECTS[0])},{long_id}\n")
+    with pytest.raises(ScanListError, match=r"is 300 bytes long; ids name output files, which take at most 200"):
+        read_scan_list(listing)
     listing.write_text("path\nx.nii.gz\n")
     with pytest.raises(ScanListError, match="must name a 'scan' column"):
         read_scan_list(listing)

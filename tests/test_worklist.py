@@ -182,3 +182,38 @@ def test_a_scan_whose_results_went_stale_still_gives_back_the_users_mask(ixi_wor
     saved = work.saved_annotation(scan, restored.annotation.shape)
     np.testing.assert_array_equal(saved, restored.annotation)
     assert work.saved_annotation(scan, (4, 4, 4)) is None  # another grid: not this mask
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bytes overwritten"])
+def test_damaged_saved_files_are_reported_and_the_review_kept_aside(ixi_worklist_csv, damage):
+    """A results or review file damaged on disk (a full disk, a sync tool) is the file's fault:
+    the user is told which file and what to do — never "internal error" — and an unreadable
+    review is moved aside, not written over by the next save."""
+    work = Worklist.open(ixi_worklist_csv)
+    scan = SUBJECTS[0]
+    work.run(scan, default_model_name())
+    restored = work.restore(scan)
+    restored.annotation[50, 50, 40] = 1
+    work.save_review(scan, restored.session, restored.annotation)
+
+    def spoil(path):
+        content = bytearray(path.read_bytes())
+        if damage == "truncated":
+            path.write_bytes(bytes(content[: len(content) // 2]))
+        else:
+            middle = len(content) // 2
+            content[middle:middle + 200] = b"\0" * 200
+            path.write_bytes(bytes(content))
+
+    review = work.review_path(scan)
+    original = review.read_bytes()
+    spoil(review)
+    damaged = review.read_bytes()
+    with pytest.raises(StaleResults, match=r"review\.npz: the saved review cannot be read .*kept as review\.damaged-"):
+        work.restore(scan)
+    kept = list(review.parent.glob("review.damaged-*.npz"))
+    assert not review.exists() and len(kept) == 1 and kept[0].read_bytes() == damaged != original
+
+    spoil(work.results_path(scan))
+    with pytest.raises(StaleResults, match=r"results\.npz: the saved results cannot be read"):
+        work.restore(scan)

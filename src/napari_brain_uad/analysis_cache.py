@@ -21,6 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,11 @@ from .io import NiftiVolume, write_atomically
 from .preprocess import ModelSpaceTransform, ModelSpaceVolume
 
 CACHE_FORMAT = 1
+
+
+# What reading a damaged or foreign .npz raises (a truncated or overwritten zip, a bad member,
+# a missing or mis-shaped entry): each is the file's fault, never ours.
+NPZ_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 class StaleResults(BrainUADError):
@@ -109,24 +117,26 @@ def load_analysis(path: str | os.PathLike, scan: NiftiVolume, *, scan_sha256: st
         if model_sha256 is not None and record["model_sha256"] != model_sha256:
             raise StaleResults(f"{scan.path}: the model file changed since these results were made; run it again")
         arrays = {name: saved[name] for name in saved.files if name != "record"}
-    transform_values = record["transform"]
-    transform = ModelSpaceTransform(**{
-        field.name: (tuple(_tuple(v) for v in value) if isinstance(value, list) else value)
-        for field in fields(ModelSpaceTransform) for value in [transform_values[field.name]]
-    })
-    volume = ModelSpaceVolume(image=arrays["image"], brain_mask=arrays["model_brain_mask"].astype(bool),
-                              transform=transform, bias_field=arrays.get("bias_field"))
-    brain_mask = arrays["brain_mask"].astype(bool)
-    if brain_mask.shape != scan.data.shape:
-        raise StaleResults(f"{path}: saved for a grid of {brain_mask.shape}, not this scan's {scan.data.shape}")
-    brain = BrainMask(brain_mask, **record["brain"])
-    settings_values = dict(record["settings"])
-    if settings_values.get("noise_levels") is not None:
-        settings_values["noise_levels"] = tuple(settings_values["noise_levels"])
+        transform_values = record["transform"]
+        transform = ModelSpaceTransform(**{
+            field.name: (tuple(_tuple(v) for v in value) if isinstance(value, list) else value)
+            for field in fields(ModelSpaceTransform) for value in [transform_values[field.name]]
+        })
+        volume = ModelSpaceVolume(image=arrays["image"], brain_mask=arrays["model_brain_mask"].astype(bool),
+                                  transform=transform, bias_field=arrays.get("bias_field"))
+        brain_mask = arrays["brain_mask"].astype(bool)
+        if brain_mask.shape != scan.data.shape:
+            raise StaleResults(f"{path}: saved for a grid of {brain_mask.shape}, not this scan's {scan.data.shape}")
+        brain = BrainMask(brain_mask, **record["brain"])
+        settings_values = dict(record["settings"])
+        if settings_values.get("noise_levels") is not None:
+            settings_values["noise_levels"] = tuple(settings_values["noise_levels"])
+        settings = AnalysisSettings(**settings_values)
+        score_map, reconstruction, voxel_ml = arrays["score"], arrays["reconstruction"], float(record["model_voxel_ml"])
+    # Outside the reading guard: a failure from here on is ours, not the file's.
     analysis = analysis_from_model_space(
-        scan, volume, brain, AnalysisSettings(**settings_values), score_map=arrays["score"],
-        mean_reconstruction=arrays["reconstruction"], spread=arrays.get("spread"),
-        model_voxel_ml=float(record["model_voxel_ml"]),
+        scan, volume, brain, settings, score_map=score_map, mean_reconstruction=reconstruction,
+        spread=arrays.get("spread"), model_voxel_ml=voxel_ml,
         model_maps={name[len(_MAP_PREFIX):]: values for name, values in arrays.items() if name.startswith(_MAP_PREFIX)})
     return analysis, record["model_metadata"]
 
@@ -135,11 +145,18 @@ def _tuple(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+@contextmanager
 def _open(path: str | os.PathLike):
+    """The saved results, opened without running code; any damage found while reading them
+    (members are read lazily, so also inside the ``with``) is a :class:`StaleResults`."""
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise StaleResults(f"{path}: the saved results cannot be read ({error}); run the scan again") from error
+        with np.load(path, allow_pickle=False) as saved:
+            yield saved
+    except StaleResults:
+        raise
+    except NPZ_READ_ERRORS as error:
+        raise StaleResults(f"{path}: the saved results cannot be read ({type(error).__name__}: {error}); "
+                           "run the scan again") from error
 
 
 def _record(saved, path) -> dict[str, Any]:

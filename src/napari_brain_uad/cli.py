@@ -459,7 +459,7 @@ def calibrate_command(arguments) -> int:
     """A copy of the model calibrated on the user's healthy scans (``calibration``)."""
     from .calibration import calibrate_for_scanner
     from .evaluation import LabelledCase
-    from .model_registry import register_user_model, scan_contrast
+    from .model_registry import check_user_model_name, register_user_model, scan_contrast
     from .thresholds import HEALTHY_PERCENTILE, healthy_threshold_name
 
     entries = _cohort_entries(arguments, arguments.healthy)
@@ -474,13 +474,15 @@ def calibrate_command(arguments) -> int:
     output = Path(arguments.output) if arguments.output else default_calibrated_path(arguments.healthy[0], model_name)
     if output.exists() and not arguments.overwrite:
         raise OutputExists(f"{output}: already exists; not overwriting it")
+    if arguments.name:  # before the work, not after it
+        check_user_model_name(arguments.name, output, replace=arguments.overwrite)
     percentile = HEALTHY_PERCENTILE if arguments.percentile is None else arguments.percentile
     say = (lambda text: None) if arguments.quiet else (lambda text: print(f"brain-uad: {text}", file=sys.stderr))
     with _warnings_as_lines():
         card = calibrate_for_scanner(model_name, healthy, output, percentile=percentile,
                                      device=arguments.device, overwrite=arguments.overwrite, say=say)
     if arguments.name:
-        register_user_model(arguments.name, output)
+        register_user_model(arguments.name, output, replace=arguments.overwrite)
     threshold = card["thresholds"][healthy_threshold_name(percentile)]["value"]
     print(f"brain-uad: wrote {output}: {healthy_threshold_name(percentile)} = {threshold:.4g} on {len(healthy)} "
           f"healthy scans" + (f"; use it as --model {arguments.name}" if arguments.name else

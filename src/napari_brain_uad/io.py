@@ -288,6 +288,7 @@ def read_nifti(path: str | os.PathLike, *, allow_empty: bool = False) -> NiftiVo
         # declare a volume that fills any memory.
         raise ScanError(f"{name}: declares {' × '.join(str(n) for n in shape[:3])} voxels ({voxels / 1e6:.0f} million); "
                         f"no head MRI has more than {MAX_SCAN_VOXELS / 1e6:.0f} million, so it is not read")
+    _check_affine(name, image.affine)
 
     try:
         if len(shape) > 3:
@@ -328,6 +329,21 @@ def read_nifti(path: str | os.PathLike, *, allow_empty: bool = False) -> NiftiVo
     )
     warn_if_oblique(geometry)
     return NiftiVolume(data=data, geometry=geometry)
+
+
+def _check_affine(name: str, affine: np.ndarray | None) -> None:
+    """Refuse an affine that places no voxel anywhere: NaN or infinite entries, or axes that
+    collapse (zero spacing, two axes along one line). Every map, mask and export is placed by it,
+    so such a file cannot be analysed; its header, not the voxels, is what needs fixing."""
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise ScanError(f"{name}: its header's affine (voxel-to-world matrix) holds NaN or infinite values; "
+                        "fix the header (e.g. reconvert the DICOM series) before analysing it")
+    columns = np.asarray(affine, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if np.any(spacing <= 0) or abs(np.linalg.det(columns / spacing)) < 1e-3:
+        raise ScanError(f"{name}: its header's affine gives voxels no volume (spacing "
+                        f"{', '.join(f'{v:g}' for v in spacing)} mm, or two axes along one line); "
+                        "fix the header before analysing it")
 
 
 def warn_if_oblique(geometry: NiftiGeometry) -> None:

@@ -73,16 +73,39 @@ def user_models() -> dict[str, dict[str, str]]:
     try:
         entries = json.loads(index.read_text())
     except (OSError, ValueError) as error:
-        raise ModelUnavailable(f"{index}: the list of your registered models cannot be read ({error})") from error
+        raise ModelUnavailable(f"{index}: the list of your registered models cannot be read ({error}); "
+                               "fix it, or delete it and register your models again (brain-uad calibrate --name)"
+                               ) from error
+    # Written by us as {name: {"path": ..., "sha256": ...}}; anything else was edited by hand or
+    # damaged, and would otherwise fail later, far from its cause.
+    if not isinstance(entries, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str)
+            for entry in entries.values()):
+        raise ModelUnavailable(f"{index}: the list of your registered models is not as written by brain-uad "
+                               "(each name needs a 'path' and a 'sha256'); fix it, or delete it and register "
+                               "your models again (brain-uad calibrate --name)")
     return {name: entry for name, entry in entries.items() if name not in registry()["models"]}
 
 
-def register_user_model(name: str, path: str | os.PathLike) -> None:
+def check_user_model_name(name: str, path: str | os.PathLike, *, replace: bool = False) -> None:
+    """Refuse, before any work, a name that cannot register ``path``: empty, with a slash, a
+    registry model's name, or already naming another file of the user's (re-pointing a name
+    silently would change what every later ``--model NAME`` analyses) unless ``replace``."""
+    if not name or any(c in name for c in "/\\"):
+        raise ModelUnavailable(f"{name!r} cannot name your model: give a name without slashes")
+    if name in registry()["models"]:
+        raise ModelUnavailable(f"{name!r} is the name of a model of the plugin; give your model another name")
+    registered = user_models().get(name)
+    if registered and Path(registered["path"]) != Path(path).resolve() and not replace:
+        raise ModelUnavailable(f"{name!r} already names your model {registered['path']}; give another name, "
+                               "or --overwrite to point it at the new file")
+
+
+def register_user_model(name: str, path: str | os.PathLike, *, replace: bool = False) -> None:
     """Let every door pick the checkpoint ``path`` by ``name`` (kept with its SHA256)."""
     from .io import write_atomically
 
-    if not name or name in registry()["models"] or any(c in name for c in "/\\"):
-        raise ModelUnavailable(f"{name!r} cannot name your model: it is empty, has a slash, or is a registry model's name")
+    check_user_model_name(name, path, replace=replace)
     path = Path(path).resolve()
     entries = {**user_models(), name: {"path": str(path), "sha256": file_sha256(path)}}
     index = cache_dir() / USER_MODELS_FILE

@@ -250,9 +250,28 @@ def _matching_mask(masks, image_entities: dict[str, str], kind: str, image: Path
 
 # ---------------------------------------------------------------------------- checks
 
+# An id names files and folders (``<id>_anomaly_map.nii.gz``, a session's ``<id>/``): file
+# systems take 255 bytes per name, and the longest suffix we add is under 55.
+MAX_ID_BYTES = 200
+
+
+def id_problem(entry_id: str) -> str | None:
+    """Why ``entry_id`` cannot name a scan's outputs, or None when it can."""
+    if not entry_id or entry_id in (".", "..") or any(sep in entry_id for sep in ("/", "\\", "\0")):
+        return f"its id {entry_id!r} cannot name output files (empty, '.', '..', or holding '/' or '\\')"
+    if len(entry_id.encode("utf-8")) > MAX_ID_BYTES:
+        return (f"its id {entry_id[:40]!r}… is {len(entry_id.encode('utf-8'))} bytes long; ids name output files, "
+                f"which take at most {MAX_ID_BYTES}")
+    return None
+
+
 def _check_unique(entries: list[ScanEntry], source: Path) -> None:
+    """Refuse, before any work, ids that cannot name outputs or that two scans share."""
     seen: dict[str, Path] = {}
     for entry in entries:
+        problem = id_problem(entry.id)
+        if problem:
+            raise ScanListError(f"{source}: {entry.scan}: {problem}; give another in the list's 'id' column")
         if entry.id in seen:
             raise ScanListError(f"{source}: two scans have the id {entry.id!r} ({seen[entry.id]} and {entry.scan}); "
                                 "ids name the outputs, so they must differ (give an 'id' column)")

@@ -6,7 +6,8 @@ and a session folder beside the outputs that holds, for each scan:
 - ``<id>/results.npz``: the analysis (``analysis_cache``), tied to the scan's and the model's
   SHA256, so reopening a scan shows its results without running the network;
 - ``<id>/review.npz``: the user's mask (their strokes and accepted findings) and the voxels
-  they rejected, on the scan's own grid;
+  they rejected, on the scan's own grid (one that can no longer be read is moved aside as
+  ``review.damaged-<time>.npz``, never written over);
 
 and ``worklist.json`` with each scan's status and choices (model, threshold, preset, minimum
 size, median filter) and the scan last looked at. Every file is written atomically (a new
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .analysis_cache import StaleResults, load_analysis, save_analysis, scan_sha256
+from .analysis_cache import NPZ_READ_ERRORS, StaleResults, load_analysis, save_analysis, scan_sha256
 from .errors import BrainUADError
 from .io import NiftiVolume, read_scan, write_atomically
 from .scan_list import DEFAULT_BIDS_SUFFIX, ScanEntry, is_bids_dataset, read_scan_list, write_bids_description
@@ -248,10 +249,20 @@ class Worklist:
             return None
         try:
             annotation, _ = self._read_review(entry_id)
-        except (OSError, ValueError, KeyError):
+        except NPZ_READ_ERRORS:
+            self._set_aside_damaged_review(entry_id)
             return None
         annotation = annotation.astype(np.uint8, copy=False)
         return annotation if annotation.shape == tuple(shape) and annotation.any() else None
+
+    def _set_aside_damaged_review(self, entry_id: str) -> Path:
+        """Move a review that cannot be read out of the way under a name of its own, so the next
+        save does not replace what may still be recovered from it."""
+        path = self.review_path(entry_id)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        kept = path.with_name(f"review.damaged-{stamp}.npz")
+        os.replace(path, kept)
+        return kept
 
     def _read_review(self, entry_id: str) -> tuple[np.ndarray, np.ndarray]:
         """The saved mask and rejected voxels of scan ``entry_id`` (no code runs from the file)."""
@@ -282,8 +293,11 @@ class Worklist:
         if self.review_path(entry_id).is_file():
             try:
                 annotation, rejected = self._read_review(entry_id)
-            except (OSError, ValueError, KeyError) as error:
-                raise StaleResults(f"{self.review_path(entry_id)}: the saved review cannot be read ({error})") from error
+            except NPZ_READ_ERRORS as error:
+                kept = self._set_aside_damaged_review(entry_id)
+                raise StaleResults(f"{self.review_path(entry_id)}: the saved review cannot be read "
+                                   f"({type(error).__name__}: {error}); it is kept as {kept.name}. "
+                                   "Run the scan again to review it anew") from error
             if annotation.shape != scan.data.shape:
                 raise StaleResults(f"{self.review_path(entry_id)}: saved for a grid of {annotation.shape}, "
                                    f"not this scan's {scan.data.shape}")
