@@ -192,6 +192,39 @@ def test_real_ms_case_from_flair_to_findings(ms_model_space):
     assert dice(mask, lesions) > 0.2
 
 
+def _labels_by_hand(filtered: FilteredMap, threshold: float, min_size_voxels: float) -> np.ndarray:
+    """The kept components as the papers' code finds them: the whole volume labelled with
+    26-connectivity, components of at most the minimum size dropped, the rest numbered from the
+    largest (ties in raster order of their first voxel)."""
+    labels, _ = ndimage.label((filtered.values > np.float64(threshold)) & filtered.region, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(labels.ravel())
+    kept = [label for label in range(1, sizes.size) if sizes[label] > min_size_voxels]
+    kept.sort(key=lambda label: -sizes[label])  # sort is stable: ties stay in raster order
+    numbered = np.zeros(sizes.size, np.int32)
+    numbered[kept] = np.arange(1, len(kept) + 1)
+    return numbered[labels]
+
+
+def test_findings_on_a_real_map_are_those_of_labelling_the_whole_volume(ms_model_space):
+    """A slider step finds components on a graph of the voxels above the threshold when they are
+    few, and labels the brain's box otherwise: at every threshold, from the top of the scores to
+    below them all, both must give exactly the components, sizes and numbers of labelling the
+    whole volume."""
+    model, _ = ms_model_space
+    filtered = prepare(model.image, model.brain_mask)
+    scores = filtered.scores()
+    share_above = []
+    for percentile in (99.99, 99.9, 99.5, 99, 98, 96, 93, 90, 80, 50, 0):
+        threshold = float(np.percentile(scores, percentile))
+        for min_size in (7, 0, 40):
+            expected = _labels_by_hand(filtered, threshold, min_size)
+            np.testing.assert_array_equal(filtered.labels_at(threshold, min_size), expected)
+            np.testing.assert_array_equal(filtered.mask_at(threshold, min_size), expected > 0)
+        share_above.append(np.count_nonzero(scores > threshold) / filtered._padded_scores.size)
+    # Both ways were taken (the share that switches between them is postprocess._SPARSE_SHARE).
+    assert min(share_above) < 0.01 and max(share_above) > 0.2
+
+
 # ----------------------------------------------------------------------------------------------
 # bad inputs
 

@@ -106,7 +106,7 @@ class ScanAnalysis:
     def mask_at(self, threshold: float, min_size_ml: float | None = None) -> np.ndarray:
         """Binary mask (uint8, native grid): filtered score > threshold, small components removed."""
         size = self.default_min_size_ml if min_size_ml is None else min_size_ml
-        return self.filtered.mask_at(threshold, min_size_ml=size).astype(np.uint8)
+        return self.filtered.mask_at(threshold, min_size_ml=size).view(np.uint8)  # 0/1 as they are: no copy
 
     def labels_at(self, threshold: float, min_size_ml: float | None = None) -> np.ndarray:
         size = self.default_min_size_ml if min_size_ml is None else min_size_ml

@@ -23,13 +23,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse import csgraph
 
 from .metrics import _as_numpy, _as_scores
 
 MEDIAN_SIZE = 5
 MIN_COMPONENT_VOXELS = 7  # components of this many voxels or fewer are dropped
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+# When at most this share of the brain's box lies above the threshold (thresholds near the
+# healthy ones, where a reader moves the slider: a few % of the brain), its components are found
+# on a graph of those voxels alone, several times faster than labelling the whole box; above it,
+# labelling the box is faster. Both give the same components, numbered alike.
+_SPARSE_SHARE = 0.05
 # A 2D cross in the axial plane and nothing across slices: binary erosion with it erodes each
 # axial slice on its own, in one call for the whole volume.
 _AXIAL_CROSS = ndimage.generate_binary_structure(2, 1)[:, :, np.newaxis]
@@ -146,17 +152,25 @@ class FilteredMap:
     median: bool = True
     iterations: int = 3
     _box: tuple[slice, slice, slice] = field(init=False, repr=False)
-    _boxed_scores: np.ndarray = field(init=False, repr=False)
+    _padded_scores: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.values.shape != self.region.shape or not self.region.any():
             raise ValueError("a FilteredMap needs a non-empty region of the same shape as its values")
         box = ndimage.find_objects(self.region.astype(np.uint8))[0]
         # Outside the region the score is -inf inside the box, so "score > threshold" needs no
-        # second comparison with the mask, for any finite threshold.
-        boxed = np.where(self.region[box], self.values[box], -np.inf).astype(np.float32)
+        # second comparison with the mask, for any finite threshold. A border of one -inf voxel
+        # around the box lets the graph of voxels above a threshold find a voxel's neighbours by
+        # adding a fixed offset to its index: a voxel above is never on the border, so no offset
+        # wraps onto another row.
+        padded = np.full(tuple(s.stop - s.start + 2 for s in box), -np.inf, dtype=np.float32)
+        padded[1:-1, 1:-1, 1:-1] = np.where(self.region[box], self.values[box], -np.inf)
         object.__setattr__(self, "_box", box)
-        object.__setattr__(self, "_boxed_scores", boxed)
+        object.__setattr__(self, "_padded_scores", padded)
+
+    @property
+    def _boxed_scores(self) -> np.ndarray:
+        return self._padded_scores[1:-1, 1:-1, 1:-1]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -183,16 +197,30 @@ class FilteredMap:
             raise ValueError(f"minimum component size must be >= 0 voxels, got {min_size_voxels!r}")
         return float(min_size_voxels)
 
-    def _boxed_labels(self, threshold, min_size_voxels, min_size_ml) -> tuple[np.ndarray, np.ndarray]:
-        """Component labels inside the box (small ones already dropped) and each label's size."""
-        above = self._boxed_scores > _check_threshold(threshold)
-        labels, _ = ndimage.label(above, structure=_CONNECTIVITY_26)
-        sizes = np.bincount(labels.ravel())
+    def _kept_components(self, threshold, min_size_voxels, min_size_ml) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The voxels of the kept components: their indices in the (unpadded) box, raveled and
+        ascending; each one's component, numbered 0, 1, ... in the raster order of the
+        components' first voxels; and each component's size."""
+        above = self._padded_scores > _check_threshold(threshold)
+        count = int(np.count_nonzero(above))
+        if count <= _SPARSE_SHARE * above.size:
+            points, component = _components_of_points(np.flatnonzero(above), above.shape)
+            points = _unpadded_index(points, above.shape)
+        else:
+            labels, _ = ndimage.label(above[1:-1, 1:-1, 1:-1], structure=_CONNECTIVITY_26)
+            labels = labels.ravel()
+            points = np.flatnonzero(labels)
+            component = labels[points] - 1
+        sizes = np.bincount(component)
         keep = sizes > self._max_dropped(min_size_voxels, min_size_ml)
-        keep[0] = False
-        return labels, keep
+        kept_points = keep[component]
+        renumber = np.cumsum(keep) - 1  # kept components renumbered 0, 1, ... in the same order
+        return points[kept_points], renumber[component[kept_points]], sizes[keep]
 
-    def _unbox(self, boxed: np.ndarray) -> np.ndarray:
+    def _unbox(self, points: np.ndarray, values) -> np.ndarray:
+        """A volume of the map's shape holding ``values`` at the box's raveled ``points``."""
+        boxed = np.zeros(self._boxed_scores.shape, dtype=np.asarray(values).dtype)
+        boxed.ravel()[points] = values
         full = np.zeros(self.shape, dtype=boxed.dtype)
         full[self._box] = boxed
         return full
@@ -204,27 +232,62 @@ class FilteredMap:
 
         ``min_size_ml``, when given, replaces ``min_size_voxels`` (converted with ``spacing_mm``).
         """
-        labels, keep = self._boxed_labels(threshold, min_size_voxels, min_size_ml)
-        return self._unbox(keep[labels])
+        points, _, _ = self._kept_components(threshold, min_size_voxels, min_size_ml)
+        return self._unbox(points, np.True_)
 
     def labels_at(
         self, threshold: float, min_size_voxels: float = MIN_COMPONENT_VOXELS, min_size_ml: float | None = None
     ) -> np.ndarray:
         """The kept components as an int32 label volume, numbered 1, 2, ... from the largest."""
-        labels, keep = self._boxed_labels(threshold, min_size_voxels, min_size_ml)
-        sizes = np.bincount(labels.ravel())
-        kept = np.flatnonzero(keep)
-        # Largest first; equal sizes in label order (stable sort), so the numbering is reproducible.
-        order = kept[np.argsort(-sizes[kept], kind="stable")]
-        renumber = np.zeros(sizes.size, dtype=np.int32)
-        renumber[order] = np.arange(1, order.size + 1, dtype=np.int32)
-        return self._unbox(renumber[labels])
+        points, component, sizes = self._kept_components(threshold, min_size_voxels, min_size_ml)
+        # Largest first; equal sizes in raster order (stable sort), so the numbering is reproducible.
+        order = np.argsort(-sizes, kind="stable")
+        number = np.empty(sizes.size, dtype=np.int32)
+        number[order] = np.arange(1, sizes.size + 1, dtype=np.int32)
+        return self._unbox(points, number[component])
 
     def findings(
         self, threshold: float, min_size_voxels: float = MIN_COMPONENT_VOXELS, min_size_ml: float | None = None
     ) -> list[dict]:
         """One row per kept component, largest first; ``label`` matches :meth:`labels_at`."""
         return findings_table(self.labels_at(threshold, min_size_voxels, min_size_ml), self.values, self.spacing_mm)
+
+
+def _components_of_points(points: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """26-connected components of a few voxels given by their raveled indices (ascending) in a
+    volume of ``shape`` whose border holds none of them: each voxel is joined to those of its
+    13 forward neighbours that are among them. Returns the points and their components,
+    numbered in the raster order of each one's first voxel (as ``ndimage.label`` numbers them)."""
+    if points.size == 0:
+        return points, np.zeros(0, dtype=np.int64)
+    # Each voxel of the volume -> its point's number, or -1: a neighbour is found by one lookup.
+    number_of = np.full(int(np.prod(shape)), -1, dtype=np.int32)
+    number_of[points] = np.arange(points.size, dtype=np.int32)
+    rows, columns = shape[1] * shape[2], shape[2]  # the raveled steps of one row and one column
+    sources, targets = [], []
+    for dz in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                offset = dz * rows + dy * columns + dx
+                if offset <= 0:
+                    continue  # each pair once: from the voxel earlier in raster order
+                neighbour = number_of[points + offset]
+                found = np.flatnonzero(neighbour >= 0)
+                sources.append(found)
+                targets.append(neighbour[found])
+    sources, targets = np.concatenate(sources), np.concatenate(targets)
+    graph = sparse.csr_matrix((np.ones(sources.size, dtype=np.int8), (sources, targets)),
+                              shape=(points.size, points.size))
+    # Components are numbered as their lowest node is met, and nodes are in raster order.
+    _, component = csgraph.connected_components(graph, directed=False)
+    return points, component
+
+
+def _unpadded_index(points: np.ndarray, padded_shape: tuple[int, int, int]) -> np.ndarray:
+    """Raveled indices in a volume padded by one voxel on every side, as indices in the volume."""
+    z, y, x = np.unravel_index(points, padded_shape)
+    inner = tuple(n - 2 for n in padded_shape)
+    return np.ravel_multi_index((z - 1, y - 1, x - 1), inner)
 
 
 def prepare(

@@ -211,12 +211,13 @@ class ScanSession:
     def open_proposal(self, annotation: np.ndarray | None = None) -> np.ndarray:
         """What the model still proposes (uint8, the scan's grid): the proposed mask without the
         voxels the user has in their mask or rejected."""
-        open_voxels = self.proposed_mask() > 0
+        # In place on the fresh mask: a slider step computes this, so no full-volume copies.
+        open_voxels = self.proposed_mask().view(bool)
         if annotation is not None:
-            open_voxels &= ~(np.asarray(annotation) > 0)
+            open_voxels[np.asarray(annotation) > 0] = False
         if self.rejected is not None:
-            open_voxels &= ~self.rejected
-        return open_voxels.astype(np.uint8)
+            open_voxels[self.rejected] = False
+        return open_voxels.view(np.uint8)
 
     def _brain_centre_x(self) -> float:
         """The brain's centre along the scanner's right-left axis (mm): the midline for "side"."""
