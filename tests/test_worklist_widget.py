@@ -3,6 +3,8 @@ the viewer closed and opened again, every decision still there and no network ru
 
 from __future__ import annotations
 
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -162,3 +164,40 @@ def test_a_rerun_after_stale_results_keeps_the_users_saved_mask(make_napari_view
     saved = panel.worklist.saved_annotation(first, geometry.shape)
     np.testing.assert_array_equal(saved, geometry.to_source(painted))
     assert panel.worklist.status(first) == REVIEWED
+
+
+def test_with_a_worklist_open_the_review_fits_a_1280_by_800_window(make_napari_viewer, qtbot, ixi_worklist_csv):
+    """The reader's path in a small window: a list of three scans open and the first run, the
+    findings table (its first rows) and the review buttons are on screen without scrolling; the
+    scan and model fold themselves with a summary of what they hold, and the table's numbers
+    read in one format (a small mean was drawn as 9.900e-02 beside 0.1102)."""
+    viewer = make_napari_viewer(show=True)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-brain-uad")
+    window = dock.window()
+    window.resize(1280, 800)
+    panel = widget.worklist
+    panel.open(ixi_worklist_csv)
+    qtbot.wait(200)
+    assert widget.setup_shown.value and widget.scan.native.isVisible()  # before any run: all to set up
+    widget.run()
+    _settled(widget, qtbot)
+    _a_threshold_with_findings(widget)
+    qtbot.wait(200)
+    assert not widget.setup_shown.value and not widget.scan.native.isVisible()
+    assert widget.setup_shown.text.startswith(f"Scan and model: {SUBJECTS[0]} · ")
+    table = widget.review.table.native
+    first_row = table.visualRect(table.model().index(0, 0))
+    assert table.viewport().visibleRegion().contains(first_row.center()), "the first finding is off screen"
+    for button in (widget.review.accept_button, widget.review.reject_button, widget.review.next_button):
+        assert not button.native.visibleRegion().isEmpty(), f"{button.text} needs scrolling"
+    assert panel.table.native.isVisible() and not panel.next_button.native.visibleRegion().isEmpty()
+    delegate = table.itemDelegate()
+    shown = [delegate.displayText(table.item(row, column).text(), table.locale())
+             for row in range(table.rowCount()) for column in (2, 3, 4)]
+    assert all(re.fullmatch(r"\d+\.\d{3,4}", text) for text in shown), shown
+    # Unfolded on request, and the user's choice then holds over the next results.
+    widget.setup_shown.value = True
+    widget.run()
+    _settled(widget, qtbot)
+    qtbot.wait(100)
+    assert widget.setup_shown.value and widget.scan.native.isVisible()

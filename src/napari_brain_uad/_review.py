@@ -30,7 +30,7 @@ import napari
 import numpy as np
 from magicgui.widgets import Container, Label, PushButton, Table
 from qtpy.QtCore import QEvent, QObject
-from qtpy.QtWidgets import QMessageBox
+from qtpy.QtWidgets import QMessageBox, QStyledItemDelegate
 
 from ._styles import ANNOTATION, PROPOSAL, UNDER_REVIEW, finish_labels, label_style, layer_name
 
@@ -52,6 +52,9 @@ class FindingsReview(Container):
         self._viewer = viewer
         self.title = Label(value="Findings: run the analysis first")
         self.table = Table(value={"data": [], "index": [], "columns": list(COLUMNS)})
+        # Cells show the text as _row formats it: magicgui's own delegate re-reads numbers and
+        # writes small ones as 9.900e-02 beside 0.1102.
+        self.table.native.setItemDelegate(QStyledItemDelegate(self.table.native))
         self.previous_button = PushButton(text="◀", tooltip=f"previous finding ({KEYS['previous']})")
         self.next_button = PushButton(text="▶", tooltip=f"next finding ({KEYS['next']})")
         self.accept_button = PushButton(text="Accept", tooltip=f"add this finding to your mask ({KEYS['accept']})")

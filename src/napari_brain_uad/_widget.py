@@ -81,9 +81,6 @@ WARNING_MARK = "⚠"  # starts a line of the model card that must stay in view
 # Combo boxes show this many characters and elide the rest (long layer and model names would
 # otherwise set the dock's width); the full name is in the open list.
 _COMBO_CHARACTERS = 14
-# The worklist's table scrolls beyond this height (pixels), so a long list leaves room for the rest.
-_WORKLIST_TABLE_HEIGHT = 160
-
 
 
 class BrainUADWidget(Container):
@@ -110,6 +107,20 @@ class BrainUADWidget(Container):
         self.noise_levels = ComboBox(label="Noise level", choices=["model's t_test", "250, 500, 750"],
                                      value="model's t_test")
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        # Two folds keep the review (threshold, findings, decisions) on screen in a 1280 × 800
+        # window with a worklist open; folded, each switch names what it holds. The analysis
+        # settings (the model's defaults serve a reader; a researcher opens them) start folded;
+        # the scan and model fold themselves once results are shown.
+        self.settings_shown = CheckBox(value=False, tooltip="scorer, lesion direction, samples, noise level, device")
+        self.settings_box = Container(widgets=[self.scorer, self.lesion_direction, self.samples, self.noise_levels,
+                                               self.device], labels=True)
+        self.setup_shown = CheckBox(value=True, tooltip="the scan, its brain mask, the model and the analysis settings")
+        self.setup_box = Container(widgets=[
+            self.scan, self.scan_info, self.brain_mask, self.model_choice, self.model_file, self.model_pick,
+            self.model_headline, self.model_details, self.model_info, self.settings_shown, self.settings_box,
+        ], labels=True)
+        for box in (self.settings_box, self.setup_box):
+            box.margins = (0, 0, 0, 0)
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", min=0, max=1000, value=0)
@@ -127,10 +138,8 @@ class BrainUADWidget(Container):
         self.export_results_button = PushButton(text="Export map and reconstruction…")
         self.status = Label(value="")
         self.extend([
-            self.worklist, self.scan, self.scan_info, self.brain_mask, self.model_choice, self.model_file, self.model_pick,
-            self.model_headline,
-            self.model_details, self.model_info,
-            self.scorer, self.lesion_direction, self.samples, self.noise_levels, self.device, self.run_button, self.cancel_button,
+            self.worklist, self.setup_shown, self.setup_box,
+            Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
             self.progress, self.threshold, self.threshold_preset, self.min_size_ml, self.median,
             self.review,
             self.mask, self.export_button, self.export_results_button, self.status,
@@ -144,6 +153,7 @@ class BrainUADWidget(Container):
         # Until the user chooses a model, each scan gets its contrast's; their choice then holds.
         self.model_chosen_by_user = False
         self._mask_chosen_by_user = False  # else Export writes the scan's annotation layer, or nothing
+        self._setup_folded_once = False
         self._picking_model = False  # the dock itself is setting the model choice
         self._cancel = threading.Event()
         self._relay = ProgressRelay()
@@ -152,6 +162,9 @@ class BrainUADWidget(Container):
         self.model_choice.changed.connect(self._model_chosen)
         self.model_file.changed.connect(self._file_chosen)
         self.model_details.changed.connect(self._show_model_headline)
+        for switch_or_setting in (self.settings_shown, self.setup_shown, self.scan, self.model_choice, self.scorer,
+                                  self.lesion_direction, self.samples, self.noise_levels, self.device):
+            switch_or_setting.changed.connect(self._show_folds)
         self.scorer.changed.connect(self._scorer_changed)
         self.lesion_direction.changed.connect(self._lesion_direction_changed)
         self.threshold_preset.changed.connect(self._preset_chosen)
@@ -183,6 +196,7 @@ class BrainUADWidget(Container):
         self._fit_narrow()
         self._show_scan_info()
         self._model_changed()
+        self._show_folds()
 
     @property
     def session(self) -> ScanSession | None:
@@ -199,7 +213,7 @@ class BrainUADWidget(Container):
     def _fit_narrow(self):
         """Let nothing set a wide minimum: texts wrap, combo boxes elide, and what has no row label
         (texts, the findings table) spans the dock's width instead of sitting beside an empty one."""
-        for widget in self:
+        for widget in (*self, *self.setup_box, *self.settings_box):
             row = widget.native.parentWidget()
             layout = row.layout() if row is not None else None
             # magicgui puts each labelled widget in a row of two: its label, then the widget.
@@ -215,6 +229,10 @@ class BrainUADWidget(Container):
             policy = QSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
             policy.setHeightForWidth(True)  # a wrapped text grows down as the dock narrows
             text.setSizePolicy(policy)
+        for switch in (self.setup_shown, self.settings_shown):
+            # A folded switch names what it holds, which may be long: cut at the dock's edge
+            # rather than widening the dock (the whole text is in the open fold).
+            switch.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         for combo in self.native.findChildren(QComboBox):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(_COMBO_CHARACTERS)
@@ -223,7 +241,6 @@ class BrainUADWidget(Container):
         for table in (self.review.table.native, self.worklist.table.native):
             table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.review.table.native.verticalHeader().setVisible(False)  # the "#" column already numbers the rows
-        self.worklist.table.native.setMaximumHeight(_WORKLIST_TABLE_HEIGHT)
 
     def reset_choices(self, *_):  # napari calls this when layers are added or removed
         preset = self.threshold_preset.value
@@ -415,6 +432,19 @@ class BrainUADWidget(Container):
         self._describe_model()
         self._show_model_headline()
 
+    def _show_folds(self, *_):
+        """The scan-and-model and analysis-settings folds, open or folded; folded, each switch
+        names what it holds."""
+        self.settings_box.visible = self.settings_shown.value
+        self.setup_box.visible = self.setup_shown.value
+        noise = "" if self.noise_levels.value == "model's t_test" else f", t = {self.noise_levels.value}"
+        settings = f"{self.scorer.value}, N = {self.samples.value}{noise}, {self.device.value}"
+        self.settings_shown.text = "Analysis settings" + ("" if self.settings_shown.value else f": {settings}")
+        scan = self.scan.value.name if self.scan.value is not None else "no scan"
+        summary = f"{scan} · {self.model_choice.value} · {settings}"
+        self.setup_shown.text = "Scan and model" + ("" if self.setup_shown.value else f": {summary}")
+        self.setup_shown.tooltip = summary  # whole, where the dock's edge cuts the switch's text
+
     def _show_model_headline(self, *_):
         """The card's first line and its warnings always; the whole card when "Model details" is on.
         The switch shows only when the card says more than its headline."""
@@ -584,6 +614,9 @@ class BrainUADWidget(Container):
                           blending="additive", visible=False, **placement)
         self._show_brain(scan_layer, analysis, placement)
         self.review.show(session, scan_layer, placement, annotation=annotation)
+        if not self._setup_folded_once:  # the first results make room for the review; then the user decides
+            self._setup_folded_once = True
+            self.setup_shown.value = False
         with self.min_size_ml.changed.blocked(), self.median.changed.blocked():
             self.min_size_ml.value = session.min_size_ml
             self.median.value = analysis.filtered.median

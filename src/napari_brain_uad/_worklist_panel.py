@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .worklist import RestoredScan, Worklist
 
 COLUMNS = ("scan", "status")
+VISIBLE_ROWS = 5  # rows of the list shown at once; a longer list scrolls
 # How long the user's work rests before the session is saved (a slider drag saves once).
 SAVE_DELAY_MS = 1000
 
@@ -129,10 +130,19 @@ class WorklistPanel(Container):
             status = self.worklist.status(entry.id)
             counts[status] = counts.get(status, 0) + 1
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
-        self.title.value = (f"Worklist: {len(entries)} scans ({summary}); session saved in "
-                            f"{self.worklist.folder} (double-click a row to open it)")
+        self.title.value = f"Worklist: {len(entries)} scans ({summary}); double-click a row to open it"
+        self.title.tooltip = f"the session (statuses, results, your masks) is saved in {self.worklist.folder}"
+        self._fit_table_height(len(entries))
         if self.current is not None:
             self.table.native.selectRow(self.worklist.index(self.current))
+
+    def _fit_table_height(self, rows: int) -> None:
+        """As tall as its rows, up to a few: a short list leaves its room to the review below;
+        a long one scrolls."""
+        table = self.table.native
+        shown = min(max(rows, 1), VISIBLE_ROWS)
+        table.setMaximumHeight(table.horizontalHeader().height() + shown * table.verticalHeader().defaultSectionSize()
+                               + 2 * table.frameWidth())
 
     # ------------------------------------------------------------------ moving between scans
 
