@@ -516,3 +516,15 @@ def test_sadm_score_adds_the_segmentation_to_the_ssim_dissimilarity():
     np.testing.assert_allclose(
         scoring.score("residual+segmentation", image, reconstruction, mask=mask, maps=maps, weight=0.8),
         np.where(mask, 0.8 * error + 0.2 * segmentation, 0), atol=1e-12)
+
+
+def test_every_kinds_default_scorer_is_a_scorer_its_maps_can_feed():
+    """A kind declares its paper's scorer (``default_scorer``); the card falls back otherwise."""
+    from napari_brain_uad.model_card import FALLBACK_SCORER, default_scorer
+    from napari_brain_uad.models import MODEL_KINDS
+
+    for kind, model_class in MODEL_KINDS.items():
+        name = default_scorer({"kind": kind})
+        assert name == (model_class.default_scorer or FALLBACK_SCORER)
+        assert scoring.SCORERS[name].usable_with(model_class.extra_maps), kind
+    assert default_scorer({"kind": "unknown"}) == default_scorer({}) == FALLBACK_SCORER

@@ -445,6 +445,8 @@ class PHANES(ReconstructionModel):
     uses_noise_level = False
     samples_differ = False
     extra_maps = ("mask", "perceptual")
+    # The paper's anomaly map: the residual weighed by the perceptual map (scoring's "phanes").
+    default_scorer = "phanes"
 
     def __init__(self, config: PHANESConfig = PHANESConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__(config, spec)

@@ -334,6 +334,8 @@ class SADM(ReconstructionModel):
     kind = "sadm"
     config_class = SADMConfig
     extra_maps = ("segmentation",)
+    # The paper's score: its segmentation added to 1 − SSIM.
+    default_scorer = "ssim+segmentation"
     needs_base_model = True
     excludes_voxels = True
 
