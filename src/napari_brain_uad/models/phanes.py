@@ -54,8 +54,9 @@ the model fails and says so. The code's threshold 0.153 was set for LPIPS's scal
 encoder's distance it masked about 22 % of each healthy slice, hence the measured default.
 
 **Maps.** :meth:`PHANES.reconstruct_with_maps` returns x_ph and the maps "mask" (m) and
-"perceptual" (S_perc(x_ph, x)); scoring's ``phanes`` scorer is the paper's anomaly map
-|x_ph − x| · S_perc(x_ph, x).
+"perceptual" (S_perc(x_ph, x)). The ``phanes`` scorer, the paper's anomaly map
+|x_ph − x| · S_perc(x_ph, x) (:func:`phanes_score`), is defined at the end of this module and
+registered with scoring's registry; it is the kind's default scorer.
 
 **Training in one run.** ``fit`` calls :meth:`PHANES.training_loss` once per step with one Adam
 over every trainable parameter. The model keeps its own step counter (a buffer, so it is saved in
@@ -75,6 +76,7 @@ perceptual; the adversarial terms score a game between two networks, not the inp
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +87,10 @@ from torch import nn
 from torch.func import functional_call
 
 from ..preprocess import ModelSpaceSpec
-from ..scoring import gaussian_kernel, mirrored_indices
+from ..scoring import Scorer, register_scorer
+from ..scoring import residual as absolute_residual  # `residual` names local maps below
+from ..scoring.arrays import ArrayLike, as_mask, as_tensor, device_of, output_like, work_dtype
+from ..scoring.filters import gaussian_kernel, mirrored_indices
 from .autoencoders import VAEConfig, VariationalCoding, kl_divergence, reconstruction_error, variational_network
 from .base import ModelConfig, ReconstructionModel
 # Re-exported too: they were defined here, and tests and callers import them from this module.
@@ -110,6 +115,7 @@ __all__ = [
     "gaussian_blur",
     "healthy_mask_threshold",
     "normalise_95",
+    "phanes_score",
     "random_ellipses",
     "rasterise_ellipses",
 ]
@@ -331,7 +337,7 @@ class PHANES(ReconstructionModel):
     uses_noise_level = False
     samples_differ = False
     extra_maps = ("mask", "perceptual")
-    # The paper's anomaly map: the residual weighed by the perceptual map (scoring's "phanes").
+    # The paper's anomaly map: the residual weighed by the perceptual map (``phanes_score``).
     default_scorer = "phanes"
 
     def __init__(self, config: PHANESConfig = PHANESConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
@@ -558,3 +564,38 @@ def healthy_mask_threshold(model: PHANES, slices: torch.Tensor, percentile: floa
         model.train(was_training)
     values = scores[brain_mask.bool()] if brain_mask is not None else scores.flatten()
     return float(np.percentile(values.cpu().numpy(), percentile))
+
+
+# --------------------------------------------------------------------------- PHANES's score
+# The kind owns its score: defined here and registered with scoring's registry when this module
+# is imported (``scoring.registry`` explains why the registry, in turn, imports the kinds).
+
+
+def phanes_score(
+    image: ArrayLike,
+    reconstruction: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    maps: Mapping[str, ArrayLike],
+) -> ArrayLike:
+    """PHANES's anomaly map: |x − x_ph| · S_perc(x_ph, x), the residual to the pseudo-healthy
+    reconstruction times the model's perceptual difference map ("perceptual"). 0 outside ``mask``."""
+    device = device_of(image, reconstruction)
+    difference = as_tensor(absolute_residual(image, reconstruction), "residual", device, work_dtype(image))
+    perceptual = as_tensor(maps["perceptual"], "perceptual", device, difference.dtype)
+    if perceptual.shape != difference.shape:
+        raise ValueError(f"perceptual has shape {tuple(perceptual.shape)}, the image {tuple(difference.shape)}")
+    combined = difference * perceptual
+    region = as_mask(mask, tuple(combined.shape), device)
+    if region is not None:
+        combined = torch.where(region, combined, torch.zeros((), dtype=combined.dtype, device=device))
+    return output_like(combined, image)
+
+
+register_scorer(Scorer(
+    "phanes", phanes_score, "reconstruction",
+    "PHANES: |x − x̂| × the model's perceptual difference map S_perc(x̂, x)",
+    # The paper's map as it is: it is exactly 0 outside the inpainted region, which
+    # a 5³ median would erase where it is 4 mm thick or less.
+    {}, needs_maps=("perceptual",), median_filtered=False, brain_eroded=False,
+))
