@@ -90,7 +90,7 @@ from ..preprocess import ModelSpaceSpec
 from ..scoring import Scorer, register_scorer
 from ..scoring import residual as absolute_residual  # `residual` names local maps below
 from ..scoring.arrays import ArrayLike, as_mask, as_tensor, device_of, output_like, work_dtype
-from ..scoring.filters import gaussian_kernel, mirrored_indices
+from ..scoring.filters import SMOOTH_TRUNCATE, gaussian_filter
 from .autoencoders import VAEConfig, VariationalCoding, kl_divergence, reconstruction_error, variational_network
 from .base import ModelConfig, ReconstructionModel
 # Re-exported too: they were defined here, and tests and callers import them from this module.
@@ -232,25 +232,15 @@ class PHANESConfig(ModelConfig):
 # --------------------------------------------------------------------------- image operations
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float, mode: str = "reflect", truncate: float = 4.0) -> torch.Tensor:
+def gaussian_blur(images: torch.Tensor, sigma: float, mode: str = "reflect",
+                  truncate: float = SMOOTH_TRUNCATE) -> torch.Tensor:
     """Each 2D image of (B, C, H, W) smoothed by a Gaussian of ``sigma`` pixels, as
     ``scipy.ndimage.gaussian_filter(image, sigma)`` (mode "reflect", truncate 4) or with zeros
-    outside (mode "constant")."""
-    weights = gaussian_kernel(sigma, truncate, dtype=images.dtype, device=images.device)
-    radius = (len(weights) - 1) // 2
+    outside (mode "constant"). Scoring's filter engine does it (``scoring.filters``), so the
+    blurs here and the smoothing of the scores are one implementation."""
     batch, channels, height, width = images.shape
-    flat = images.reshape(batch * channels, 1, height, width)
-    if mode == "reflect":
-        flat = flat[:, :, mirrored_indices(height, radius, images.device)]
-        flat = flat[:, :, :, mirrored_indices(width, radius, images.device)]
-        padding = 0
-    elif mode == "constant":
-        padding = radius
-    else:
-        raise ValueError(f"mode must be 'reflect' or 'constant', not {mode!r}")
-    flat = F.conv2d(flat, weights.view(1, 1, -1, 1), padding=(padding, 0))
-    flat = F.conv2d(flat, weights.view(1, 1, 1, -1), padding=(0, padding))
-    return flat.reshape(batch, channels, height, width)
+    flat = images.reshape(batch * channels, height, width)
+    return gaussian_filter(flat, sigma, (0, 1), truncate, mode).reshape(batch, channels, height, width)
 
 
 def equalize_adaptive(images: torch.Tensor, clip_limit: float = 0.01) -> torch.Tensor:
