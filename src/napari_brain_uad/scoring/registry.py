@@ -54,6 +54,7 @@ MHD_PARAMS = {"reg": 1e-2, "smooth_sigma": 1.0}
 SSIM_PARAMS = {"sigma": 1.0, "data_range": None}
 """The parameters, with their defaults, of every scorer built on one SSIM map (kinds' too)."""
 
+
 @dataclass(frozen=True)
 class Scorer:
     """One anomaly score: ``fn(image, other, mask=None, **params)``, higher = more anomalous.
