@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -516,3 +518,35 @@ def test_sadm_score_adds_the_segmentation_to_the_ssim_dissimilarity():
     np.testing.assert_allclose(
         scoring.score("residual+segmentation", image, reconstruction, mask=mask, maps=maps, weight=0.8),
         np.where(mask, 0.8 * error + 0.2 * segmentation, 0), atol=1e-12)
+
+
+def test_every_kinds_default_scorer_is_a_scorer_its_maps_can_feed():
+    """A kind declares its paper's scorer (``default_scorer``); the card falls back otherwise."""
+    from napari_brain_uad.model_card import FALLBACK_SCORER, default_scorer
+    from napari_brain_uad.models import MODEL_KINDS
+
+    for kind, model_class in MODEL_KINDS.items():
+        name = default_scorer({"kind": kind})
+        assert name == (model_class.default_scorer or FALLBACK_SCORER)
+        assert scoring.SCORERS[name].usable_with(model_class.extra_maps), kind
+    assert default_scorer({"kind": "unknown"}) == default_scorer({}) == FALLBACK_SCORER
+
+
+def test_importing_scoring_alone_lists_the_kinds_own_scorers():
+    """SADM's and PHANES's scorers are defined with their kinds, which import scoring; scoring
+    imports the kinds only when its registry is first read, so a fresh process that imports
+    scoring alone still lists them, in the fixed order."""
+    code = ("import sys\n"
+            "from napari_brain_uad import scoring\n"
+            "print('napari_brain_uad.models' in sys.modules)\n"
+            "print(','.join(scoring.SCORERS))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    imported_before_reading, names = result.stdout.strip().splitlines()[-2:]
+    assert imported_before_reading == "False"
+    assert tuple(names.split(",")) == SCORER_NAMES
+
+
+def test_a_scorer_name_is_registered_once():
+    with pytest.raises(ValueError, match="already registered"):
+        scoring.register_scorer(scoring.Scorer("ssim", scoring.ssim_ens, "reconstruction", "another ssim"))
+    assert scoring.SCORERS["ssim"].description.startswith("1 − SSIM")

@@ -8,7 +8,8 @@ measured results, limits and the command that trained it. The widget shows :func
 :func:`modality_mismatch` when a scan's name suggests another contrast than the model's
 (the guess from names is ``model_registry.guess_contrast``'s).
 
-No Qt, napari or torch import here.
+No Qt, napari or torch import at module level: a card is read without them. Only a default
+scorer that must come from the model's kind imports the kinds (and so torch), when asked for.
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ _TRAINING_DATA_SHOWN = ("description", "licence", "training_subjects", "validati
                         "training_volumes")
 
 
-# A kind's own scorer, from its paper, for a checkpoint not yet calibrated: SADM adds its
-# segmentation to SSIM; PHANES weighs the residual by its perceptual map; the 3D VAE (thesis ch. 8)
-# and MAEDiff score with the l1 residual |x − x̂|.
-KIND_SCORERS = {"sadm": "ssim+segmentation", "phanes": "phanes", "vae3d": "residual", "maediff": "residual"}
-
-
 def default_scorer(metadata: Mapping[str, Any]) -> str:
     """The scorer the model was calibrated with, else its kind's own, else :data:`FALLBACK_SCORER`."""
-    return metadata.get("default_scorer") or KIND_SCORERS.get(metadata.get("kind")) or FALLBACK_SCORER
+    return metadata.get("default_scorer") or kind_scorer(metadata.get("kind")) or FALLBACK_SCORER
+
+
+def kind_scorer(kind: str | None) -> str | None:
+    """The scorer a model kind declares as its paper's (``ReconstructionModel.default_scorer``:
+    SADM adds its segmentation to SSIM, PHANES weighs the residual by its perceptual map, the 3D
+    VAE and MAEDiff use the l1 residual), or None for a kind without one or an unknown kind."""
+    from .models import MODEL_KINDS  # here, not at the top: see the module docstring
+
+    kind_class = MODEL_KINDS.get(kind) if isinstance(kind, str) else None
+    return kind_class.default_scorer if kind_class is not None else None
 
 
 def card(path: str | os.PathLike) -> dict[str, Any]:

@@ -83,6 +83,10 @@ class ReconstructionModel(torch.nn.Module):
     # True for kinds whose training loss can leave voxels out (``training_loss(excluded=...)``):
     # lesions in a patient's training scan, marked by an exclusion mask.
     excludes_voxels: ClassVar[bool] = False
+    # The scorer of the kind's paper (a name in ``scoring.SCORERS``), for a checkpoint whose card
+    # names none (not yet calibrated); None: ``model_card.FALLBACK_SCORER``. The kind declares it
+    # so that a new kind needs no change in ``model_card``.
+    default_scorer: ClassVar[str | None] = None
 
     def __init__(self, config: ModelConfig, spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__()

@@ -247,6 +247,8 @@ class MAEDiff(PDDPM):
 
     kind = "maediff"
     config_class = MAEDiffConfig
+    # The paper scores with the l1 residual |x − x̂|.
+    default_scorer = "residual"
 
     def __init__(self, config: MAEDiffConfig = MAEDiffConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__(config, spec)

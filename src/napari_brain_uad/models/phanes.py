@@ -27,22 +27,22 @@ Bercea et al., "Reversing the abnormal: pseudo-healthy generative networks for a
     equalised images, the code of the plain ones (``mask_perceptual_on_equalised``, default
     False as in the code). The code keeps the sub-threshold scores instead of zeroing them and
     blurs across the batch axis too; we binarise and blur each slice, as the paper says.
-(c) **Inpainting GAN** (AOT-GAN): the input is the slice with its masked pixels set to 1 plus
-    the mask; a 7×7 convolution and two stride-2 convolutions, AOT blocks (four dilated 3×3
-    branches, dilations 1/2/4/8, fused, and mixed with the input through a spatial gate), two
-    up-sampling convolutions and tanh. x_ph = x⊙(1−m) + G(x⊙(1−m) + m, m)⊙m: unmasked pixels are
-    the input's. The paper's widths are 64-128-256 with 8 AOT blocks; the defaults here are a
-    quarter of that, 16-32-64 with 4 blocks, to train on a 2-core CPU (same structure). The
-    discriminator is a spectral-norm PatchGAN (64-128-256-512 there, 16-32-64-128 here) that
-    predicts the Gaussian-blurred inpainting mask on the composite and 0 on real slices (the
-    "soft mask-guided" GAN, least squares). The generator's loss is 1·L1 + 250·style +
-    0.1·perceptual + 0.01·adversarial. The reference code computes the generator's adversarial
-    term but never backpropagates it; **we do**. Its style and perceptual losses use ImageNet
-    VGG19 features, which cannot be downloaded here: **ours use the stage-(a) encoder's
-    features** (Gram matrices for style, L1 for perceptual, every encoder level weighted 1).
-    GAN training masks: the stage-(b) mask at the training threshold plus 10 random ellipses per
-    slice (centres in the middle half of the slice, semi-axes |N(2, 4)| pixels at 128², at least
-    2, scaled to our slice size).
+(c) **Inpainting GAN** (AOT-GAN; networks and random ellipses in ``models.inpainting``): the
+    input is the slice with its masked pixels set to 1 plus the mask; a 7×7 convolution and two
+    stride-2 convolutions, AOT blocks (four dilated 3×3 branches, dilations 1/2/4/8, fused, and
+    mixed with the input through a spatial gate), two up-sampling convolutions and tanh. x_ph =
+    x⊙(1−m) + G(x⊙(1−m) + m, m)⊙m: unmasked pixels are the input's. The paper's widths are
+    64-128-256 with 8 AOT blocks; the defaults here are a quarter of that, 16-32-64 with 4
+    blocks, to train on a 2-core CPU (same structure). The discriminator is a spectral-norm
+    PatchGAN (64-128-256-512 there, 16-32-64-128 here) that predicts the Gaussian-blurred
+    inpainting mask on the composite and 0 on real slices (the "soft mask-guided" GAN, least
+    squares). The generator's loss is 1·L1 + 250·style + 0.1·perceptual + 0.01·adversarial. The
+    reference code computes the generator's adversarial term but never backpropagates it; **we
+    do**. Its style and perceptual losses use ImageNet VGG19 features, which cannot be
+    downloaded here: **ours use the stage-(a) encoder's features** (Gram matrices for style, L1
+    for perceptual, every encoder level weighted 1). GAN training masks: the stage-(b) mask at
+    the training threshold plus 10 random ellipses per slice (centres in the middle half of the
+    slice, semi-axes |N(2, 4)| pixels at 128², at least 2, scaled to our slice size).
 
 **The perceptual map S_perc.** The paper uses LPIPS, which needs ImageNet weights torchvision
 downloads on first use. The default here ships with us: the stage-(a) encoder's features of the
@@ -54,8 +54,9 @@ the model fails and says so. The code's threshold 0.153 was set for LPIPS's scal
 encoder's distance it masked about 22 % of each healthy slice, hence the measured default.
 
 **Maps.** :meth:`PHANES.reconstruct_with_maps` returns x_ph and the maps "mask" (m) and
-"perceptual" (S_perc(x_ph, x)); scoring's ``phanes`` scorer is the paper's anomaly map
-|x_ph − x| · S_perc(x_ph, x).
+"perceptual" (S_perc(x_ph, x)). The ``phanes`` scorer, the paper's anomaly map
+|x_ph − x| · S_perc(x_ph, x) (:func:`phanes_score`), is defined at the end of this module and
+registered with scoring's registry; it is the kind's default scorer.
 
 **Training in one run.** ``fit`` calls :meth:`PHANES.training_loss` once per step with one Adam
 over every trainable parameter. The model keeps its own step counter (a buffer, so it is saved in
@@ -75,7 +76,7 @@ perceptual; the adversarial terms score a game between two networks, not the inp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,13 +85,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.nn.utils.parametrizations import spectral_norm
 
-from ..noise import gaussian_noise
 from ..preprocess import ModelSpaceSpec
-from ..scoring import gaussian_kernel, mirrored_indices
+from ..scoring import Scorer, register_scorer
+from ..scoring import residual as absolute_residual  # `residual` names local maps below
+from ..scoring.arrays import ArrayLike, as_mask, as_tensor, device_of, output_like, work_dtype
+from ..scoring.filters import SMOOTH_TRUNCATE, gaussian_filter
 from .autoencoders import VAEConfig, VariationalCoding, kl_divergence, reconstruction_error, variational_network
-from .base import ModelConfig, ReconstructionModel, random_uniform
+from .base import ModelConfig, ReconstructionModel
+# Re-exported too: they were defined here, and tests and callers import them from this module.
+from .inpainting import (
+    AOTBlock,
+    InpaintingGenerator,
+    PatchDiscriminator,
+    gate_normalise,
+    random_ellipses,
+    rasterise_ellipses,
+)
 
 __all__ = [
     "AOTBlock",
@@ -104,6 +115,7 @@ __all__ = [
     "gaussian_blur",
     "healthy_mask_threshold",
     "normalise_95",
+    "phanes_score",
     "random_ellipses",
     "rasterise_ellipses",
 ]
@@ -220,25 +232,15 @@ class PHANESConfig(ModelConfig):
 # --------------------------------------------------------------------------- image operations
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float, mode: str = "reflect", truncate: float = 4.0) -> torch.Tensor:
+def gaussian_blur(images: torch.Tensor, sigma: float, mode: str = "reflect",
+                  truncate: float = SMOOTH_TRUNCATE) -> torch.Tensor:
     """Each 2D image of (B, C, H, W) smoothed by a Gaussian of ``sigma`` pixels, as
     ``scipy.ndimage.gaussian_filter(image, sigma)`` (mode "reflect", truncate 4) or with zeros
-    outside (mode "constant")."""
-    weights = gaussian_kernel(sigma, truncate, dtype=images.dtype, device=images.device)
-    radius = (len(weights) - 1) // 2
+    outside (mode "constant"). Scoring's filter engine does it (``scoring.filters``), so the
+    blurs here and the smoothing of the scores are one implementation."""
     batch, channels, height, width = images.shape
-    flat = images.reshape(batch * channels, 1, height, width)
-    if mode == "reflect":
-        flat = flat[:, :, mirrored_indices(height, radius, images.device)]
-        flat = flat[:, :, :, mirrored_indices(width, radius, images.device)]
-        padding = 0
-    elif mode == "constant":
-        padding = radius
-    else:
-        raise ValueError(f"mode must be 'reflect' or 'constant', not {mode!r}")
-    flat = F.conv2d(flat, weights.view(1, 1, -1, 1), padding=(padding, 0))
-    flat = F.conv2d(flat, weights.view(1, 1, 1, -1), padding=(0, padding))
-    return flat.reshape(batch, channels, height, width)
+    flat = images.reshape(batch * channels, height, width)
+    return gaussian_filter(flat, sigma, (0, 1), truncate, mode).reshape(batch, channels, height, width)
 
 
 def equalize_adaptive(images: torch.Tensor, clip_limit: float = 0.01) -> torch.Tensor:
@@ -266,128 +268,8 @@ def anomaly_mask(scores: torch.Tensor, threshold: float, blur_sigma: float = 1.2
     return (gaussian_blur(binary, blur_sigma) > grow_level).to(scores.dtype)
 
 
-def random_ellipses(batch: int, size: tuple[int, int], count: int, axis_mean: float, axis_std: float,
-                    axis_min: float, generator=None, device="cpu") -> torch.Tensor:
-    """``count`` random ellipses per slice, (B, count, 5): centre row, centre column, the two
-    semi-axes and the angle. Centres are uniform in the middle half of the slice; semi-axes
-    |N(axis_mean, axis_std)|, at least ``axis_min`` and at most a quarter of the slice's shorter
-    side, so that every ellipse lies inside the slice; angles uniform in [0, π)."""
-    height, width = size
-    rows = random_uniform((batch, count), generator, device, 0.25 * height, 0.75 * height)
-    columns = random_uniform((batch, count), generator, device, 0.25 * width, 0.75 * width)
-    axes = axis_mean + axis_std * gaussian_noise((batch, count, 2), generator=generator, device=device)
-    axes = axes.abs().clamp(min=axis_min, max=0.25 * min(height, width))
-    angles = random_uniform((batch, count), generator, device, 0.0, math.pi)
-    return torch.stack([rows, columns, axes[..., 0], axes[..., 1], angles], dim=-1)
-
-
-def rasterise_ellipses(ellipses: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The union of each slice's filled ellipses as a float mask (B, 1, H, W): pixel centres
-    (row i, column j) with ((u/a)² + (v/b)²) ≤ 1 in the ellipse's rotated frame."""
-    height, width = size
-    device, dtype = ellipses.device, ellipses.dtype
-    rows = torch.arange(height, device=device, dtype=dtype).view(1, 1, height, 1)
-    columns = torch.arange(width, device=device, dtype=dtype).view(1, 1, 1, width)
-    centre_rows, centre_columns, a, b, angle = (ellipses[..., k, None, None] for k in range(5))
-    dy, dx = rows - centre_rows, columns - centre_columns
-    u = dx * torch.cos(angle) + dy * torch.sin(angle)
-    v = -dx * torch.sin(angle) + dy * torch.cos(angle)
-    inside = (u / a) ** 2 + (v / b) ** 2 <= 1.0
-    return inside.any(dim=1, keepdim=True).to(dtype)
-
-
-# --------------------------------------------------------------------------- the inpainting GAN
-
-
-def gate_normalise(gate: torch.Tensor) -> torch.Tensor:
-    """AOT-GAN's normalisation of its gate before the sigmoid: 5·(2·(g − mean)/std − 1), mean
-    and (unbiased) standard deviation over each feature map's pixels."""
-    mean = gate.mean((2, 3), keepdim=True)
-    std = gate.std((2, 3), keepdim=True) + 1e-9
-    return 5 * (2 * (gate - mean) / std - 1)
-
-
-class AOTBlock(nn.Module):
-    """Aggregated contextual transformations: ``len(rates)`` 3×3 branches of dim/len(rates)
-    channels with dilations ``rates`` (reflection-padded, ReLU), concatenated and fused by a 3×3
-    convolution; a gate g = sigmoid(gate_normalise(conv(x))) mixes them with the input:
-    x·(1 − g) + fused·g."""
-
-    def __init__(self, dim: int, rates: Sequence[int] = (1, 2, 4, 8)):
-        super().__init__()
-        branch = dim // len(rates)
-        self.rates = tuple(int(r) for r in rates)
-        self.branches = nn.ModuleList(
-            nn.Sequential(nn.ReflectionPad2d(rate), nn.Conv2d(dim, branch, 3, dilation=rate), nn.ReLU())
-            for rate in self.rates
-        )
-        self.fuse = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(branch * len(rates), dim, 3))
-        self.gate = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.fuse(torch.cat([branch(x) for branch in self.branches], dim=1))
-        gate = torch.sigmoid(gate_normalise(self.gate(x)))
-        return x * (1 - gate) + fused * gate
-
-
-class _UpConv(nn.Sequential):
-    """Bilinear ×2 up-sampling, then a 3×3 convolution."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                         nn.Conv2d(in_channels, out_channels, 3, padding=1))
-
-
-class InpaintingGenerator(nn.Module):
-    """AOT-GAN's generator: (masked slice, mask) → a whole slice in (−1, 1) (tanh)."""
-
-    def __init__(self, channels: Sequence[int] = (16, 32, 64), blocks: int = 4, rates: Sequence[int] = (1, 2, 4, 8)):
-        super().__init__()
-        c0, c1, c2 = channels
-        self.encoder = nn.Sequential(
-            nn.ReflectionPad2d(3), nn.Conv2d(2, c0, 7), nn.ReLU(),
-            nn.Conv2d(c0, c1, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(),
-        )
-        self.middle = nn.Sequential(*[AOTBlock(c2, rates) for _ in range(blocks)])
-        self.decoder = nn.Sequential(_UpConv(c2, c1), nn.ReLU(), _UpConv(c1, c0), nn.ReLU(),
-                                     nn.Conv2d(c0, 1, 3, padding=1))
-        _init_normal(self)
-
-    def forward(self, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.decoder(self.middle(self.encoder(torch.cat([masked, mask], dim=1)))))
-
-
-class PatchDiscriminator(nn.Module):
-    """Spectral-norm PatchGAN: 4×4 convolutions of ``channels`` (stride 2 except the last),
-    LeakyReLU 0.2, and a plain 4×4 convolution to one value per patch."""
-
-    def __init__(self, channels: Sequence[int] = (16, 32, 64, 128)):
-        super().__init__()
-        layers, previous = [], 1
-        for index, width in enumerate(channels):
-            stride = 2 if index < len(channels) - 1 else 1
-            # Initialised before the spectral norm, whose power iteration starts from the weights.
-            conv = nn.Conv2d(previous, width, 4, stride=stride, padding=1, bias=False)
-            _init_normal(conv)
-            layers += [spectral_norm(conv), nn.LeakyReLU(0.2)]
-            previous = width
-        last = nn.Conv2d(previous, 1, 4, stride=1, padding=1)
-        _init_normal(last)
-        layers.append(last)
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.conv(images)
-
-
-def _init_normal(module: nn.Module) -> None:
-    """AOT-GAN's initialisation: convolution weights N(0, 0.02), biases 0."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            nn.init.normal_(layer.weight, 0.0, 0.02)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
+# --------------------------------------------------------------------------- the GAN's losses
+# (its networks, AOT-GAN's generator and discriminator, are in ``models.inpainting``)
 
 
 def _detached(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -445,6 +327,8 @@ class PHANES(ReconstructionModel):
     uses_noise_level = False
     samples_differ = False
     extra_maps = ("mask", "perceptual")
+    # The paper's anomaly map: the residual weighed by the perceptual map (``phanes_score``).
+    default_scorer = "phanes"
 
     def __init__(self, config: PHANESConfig = PHANESConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__(config, spec)
@@ -670,3 +554,38 @@ def healthy_mask_threshold(model: PHANES, slices: torch.Tensor, percentile: floa
         model.train(was_training)
     values = scores[brain_mask.bool()] if brain_mask is not None else scores.flatten()
     return float(np.percentile(values.cpu().numpy(), percentile))
+
+
+# --------------------------------------------------------------------------- PHANES's score
+# The kind owns its score: defined here and registered with scoring's registry when this module
+# is imported (``scoring.registry`` explains why the registry, in turn, imports the kinds).
+
+
+def phanes_score(
+    image: ArrayLike,
+    reconstruction: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    maps: Mapping[str, ArrayLike],
+) -> ArrayLike:
+    """PHANES's anomaly map: |x − x_ph| · S_perc(x_ph, x), the residual to the pseudo-healthy
+    reconstruction times the model's perceptual difference map ("perceptual"). 0 outside ``mask``."""
+    device = device_of(image, reconstruction)
+    difference = as_tensor(absolute_residual(image, reconstruction), "residual", device, work_dtype(image))
+    perceptual = as_tensor(maps["perceptual"], "perceptual", device, difference.dtype)
+    if perceptual.shape != difference.shape:
+        raise ValueError(f"perceptual has shape {tuple(perceptual.shape)}, the image {tuple(difference.shape)}")
+    combined = difference * perceptual
+    region = as_mask(mask, tuple(combined.shape), device)
+    if region is not None:
+        combined = torch.where(region, combined, torch.zeros((), dtype=combined.dtype, device=device))
+    return output_like(combined, image)
+
+
+register_scorer(Scorer(
+    "phanes", phanes_score, "reconstruction",
+    "PHANES: |x − x̂| × the model's perceptual difference map S_perc(x̂, x)",
+    # The paper's map as it is: it is exactly 0 outside the inpainted region, which
+    # a 5³ median would erase where it is 4 mm thick or less.
+    {}, needs_maps=("perceptual",), median_filtered=False, brain_eroded=False,
+))

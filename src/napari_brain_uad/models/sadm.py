@@ -33,7 +33,9 @@ FinnBehrendt/Supervised-Anomaly-Detection-with-Diffusion-Models).
   drawn per batch, for a diffusion base).
 - **Test**: reconstructions and segmentations averaged over t = 250/500/750 (one level for an
   autoencoder base, which has no noise level); the score is (1 − SSIM σ = 1) + segmentation
-  (``scoring``'s ``ssim+segmentation``; its ``weight`` β gives β·x̃ + (1 − β)·ŷ).
+  (the ``ssim+segmentation`` scorer, defined at the end of this module and registered with
+  ``scoring``; its ``weight`` β gives β·x̃ + (1 − β)·ŷ; ``residual+segmentation`` puts the
+  residual in place of 1 − SSIM). It is the kind's default scorer.
 
 **Semi-supervised** (``supervision = "labelled"``, the paper's second setting): stage II learns
 real lesions drawn by hand instead of synthetic anomalies. The training list's lesion masks
@@ -45,15 +47,19 @@ and are reported apart from the unsupervised models'.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..preprocess import ModelSpaceSpec
+from ..scoring import Scorer, register_scorer, residual, ssim_map
+from ..scoring.arrays import ArrayLike, as_mask, as_tensor, device_of, output_like, work_dtype
+from ..scoring.registry import SSIM_PARAMS
 from .base import (
     DenoisingParts,
     ModelConfig,
@@ -73,6 +79,9 @@ __all__ = [
     "TEXTURE_AUGMENTATIONS",
     "blend_anomaly",
     "perlin_noise_2d",
+    "residual_and_segmentation",
+    "segmentation_term",
+    "ssim_and_segmentation",
     "synthetic_anomalies",
 ]
 
@@ -334,6 +343,8 @@ class SADM(ReconstructionModel):
     kind = "sadm"
     config_class = SADMConfig
     extra_maps = ("segmentation",)
+    # The paper's score: its segmentation added to 1 − SSIM.
+    default_scorer = "ssim+segmentation"
     needs_base_model = True
     excludes_voxels = True
 
@@ -426,3 +437,80 @@ class SADM(ReconstructionModel):
 
     def reconstruct(self, slices, t=None, generator=None):
         return self.reconstruct_with_maps(slices, t, generator)[0]
+
+
+# --------------------------------------------------------------------------- SADM's score
+# The kind owns its score: defined here and registered with scoring's registry when this module
+# is imported (``scoring.registry`` explains why the registry, in turn, imports the kinds).
+
+
+def ssim_and_segmentation(
+    image: ArrayLike,
+    reconstruction: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    maps: Mapping[str, ArrayLike],
+    sigma: float = 1.0,
+    data_range: float | None = None,
+    weight: float | None = None,
+) -> ArrayLike:
+    """SADM's score: (1 − SSIM(x, x̂), window σ) + ŷ, the segmentation network's output.
+
+    ``weight`` β gives the weighted form β·(1 − SSIM) + (1 − β)·ŷ instead of the plain sum
+    (thesis sec. 8.6). 0 outside ``mask``."""
+    dissimilarity = 1 - as_tensor(ssim_map(image, reconstruction, sigma=sigma, data_range=data_range, mask=mask),
+                                  "ssim", device_of(image, reconstruction), work_dtype(image))
+    return _plus_segmentation(dissimilarity, image, mask, maps, weight)
+
+
+def residual_and_segmentation(
+    image: ArrayLike,
+    reconstruction: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    maps: Mapping[str, ArrayLike],
+    weight: float | None = None,
+) -> ArrayLike:
+    """SADM's combination with the residual |x − x̂| in place of 1 − SSIM: for a base model
+    whose residual ranks lesions better than its SSIM (our DAE). 0 outside ``mask``."""
+    error = as_tensor(residual(image, reconstruction), "residual", device_of(image, reconstruction),
+                      work_dtype(image))
+    return _plus_segmentation(error, image, mask, maps, weight)
+
+
+def _plus_segmentation(unsupervised: torch.Tensor, image, mask, maps, weight) -> ArrayLike:
+    """unsupervised + ŷ, or β·unsupervised + (1 − β)·ŷ; 0 outside ``mask``."""
+    if weight is not None and not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be between 0 and 1, not {weight}")
+    device = unsupervised.device
+    segmentation = as_tensor(maps["segmentation"], "segmentation", device, unsupervised.dtype)
+    if segmentation.shape != unsupervised.shape:
+        raise ValueError(f"segmentation has shape {tuple(segmentation.shape)}, the image {tuple(unsupervised.shape)}")
+    combined = (unsupervised + segmentation if weight is None
+                else weight * unsupervised + (1 - weight) * segmentation)
+    region = as_mask(mask, tuple(combined.shape), device)
+    if region is not None:
+        combined = torch.where(region, combined, torch.zeros((), dtype=combined.dtype, device=device))
+    return output_like(combined, image)
+
+
+def segmentation_term(maps: Mapping[str, ArrayLike], weight: float | None = None, **_) -> np.ndarray:
+    """SADM's segmentation term of its score: ŷ, or (1 − β)·ŷ for the weighted form. The
+    paper median-filters the unsupervised map only and adds this term after post-processing, so
+    a predicted region one or two slices thick survives."""
+    values = maps["segmentation"]
+    segmentation = (values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values))
+    segmentation = segmentation.astype(np.float32, copy=False)
+    return segmentation if weight is None else np.float32(1 - weight) * segmentation
+
+
+register_scorer(Scorer(
+    "ssim+segmentation", ssim_and_segmentation, "reconstruction",
+    "SADM: (1 − SSIM(x, x̂)) + the segmentation network's output, or β-weighted",
+    {**SSIM_PARAMS, "weight": None}, needs_maps=("segmentation",), after_median=segmentation_term,
+))
+register_scorer(Scorer(
+    "residual+segmentation", residual_and_segmentation, "reconstruction",
+    "SADM with the residual: |x − x̂| + the segmentation network's output, or β-weighted",
+    {"weight": None}, needs_maps=("segmentation",), after_median=segmentation_term,
+))

@@ -315,6 +315,8 @@ class VAE3D(VariationalCoding, ReconstructionModel):
     config_class = VAE3DConfig
     uses_noise_level = False
     volumetric = True
+    # The thesis (ch. 8) scores the 3D VAE with the l1 residual |x − x̂|.
+    default_scorer = "residual"
 
     def __init__(self, config: VAE3DConfig = VAE3DConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__(config, spec)
