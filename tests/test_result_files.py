@@ -202,3 +202,18 @@ def test_the_cohort_writes_the_spread_as_the_widget_export_names_it(checkpoint, 
 
     assert main(arguments) == 0
     assert read_summary_csv(out / "summary.csv")[0]["status"] == "skipped"
+
+
+def test_a_summary_of_an_earlier_version_is_still_ours(tmp_path):
+    """Summaries written before the JSON carried the CSV's hash: our JSON beside a CSV with our
+    header is ours (a folder scored by an earlier version resumes); another CSV is not."""
+    from napari_brain_uad.cohort_records import SOFTWARE, SUMMARY_COLUMNS, check_run_files
+    from napari_brain_uad.errors import OutputExists
+
+    (tmp_path / "summary.json").write_text(json.dumps({"software": SOFTWARE, "scans": []}))
+    (tmp_path / "summary.csv").write_text(",".join(SUMMARY_COLUMNS) + "\n")
+    check_run_files(tmp_path, overwrite=False)
+    (tmp_path / "summary.csv").write_text("patient,volume\n")
+    with pytest.raises(OutputExists, match="summary.csv"):
+        check_run_files(tmp_path, overwrite=False)
+    check_run_files(tmp_path, overwrite=True)

@@ -326,8 +326,12 @@ def check_run_files(out_dir: Path, overwrite: bool) -> None:
         if "summary_csv_sha256" in document:
             if _sha256(csv_path) in (document["summary_csv_sha256"], document.get("replaces_csv_sha256")):
                 return
-        elif csv_path.read_text(encoding="utf-8", errors="replace").partition("\n")[0] == ",".join(SUMMARY_COLUMNS):
+        elif _first_line(csv_path) == ",".join(SUMMARY_COLUMNS):
             return
     raise OutputExists(f"{csv_path}: already exists and was not written by this folder's brain-uad runs; not "
                        "replacing it (move it away, or choose another --out-dir)")
 
+
+def _first_line(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.readline().rstrip("\r\n")
