@@ -217,3 +217,27 @@ def test_a_summary_of_an_earlier_version_is_still_ours(tmp_path):
     with pytest.raises(OutputExists, match="summary.csv"):
         check_run_files(tmp_path, overwrite=False)
     check_run_files(tmp_path, overwrite=True)
+
+
+def test_the_result_and_cohort_modules_are_in_no_import_cycle():
+    """results, cohort_records and cohort import downwards only (every import, also those inside
+    functions, read from the source)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "src" / "napari_brain_uad"
+    imports = {}
+    for path in package.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found.update([node.module] if node.module else [alias.name for alias in node.names])
+        imports[path.stem] = {name.split(".")[0] for name in found}
+    for start in ("results", "cohort_records", "cohort"):
+        seen, todo = set(), list(imports[start])
+        while todo:
+            module = todo.pop()
+            assert module != start, f"{start} imports itself through {sorted(seen)}"
+            if module not in seen:
+                seen.add(module)
+                todo.extend(imports.get(module, ()))
