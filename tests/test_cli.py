@@ -348,7 +348,7 @@ def test_a_model_the_user_names_always_wins(flair_model, loaded_models, tmp_path
 
 
 def test_each_scan_of_a_cohort_gets_its_own_contrasts_model(flair_model, loaded_models, tmp_path, capsys):
-    from napari_brain_uad.cohort import read_summary_csv
+    from napari_brain_uad.cohort_records import read_summary_csv
     from napari_brain_uad.model_registry import resolve_model
 
     scans = [small_scan(tmp_path / name) for name in ("a_FLAIR.nii.gz", "b_T1.nii.gz", "c_t2f.nii.gz")]

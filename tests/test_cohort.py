@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from napari_brain_uad.cli import main
-from napari_brain_uad.cohort import SUMMARY_COLUMNS, read_summary_csv, scan_outputs
+from napari_brain_uad.cohort_records import SUMMARY_COLUMNS, read_summary_csv, scan_outputs
 from napari_brain_uad.scan_list import ScanEntry, read_scan_sources
 from napari_brain_uad.typicality import TYPICALITY_LIMIT
 

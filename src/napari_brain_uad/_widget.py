@@ -54,7 +54,7 @@ from ._worker import ProgressRelay, finish_running_work, start_analysis, start_r
 from ._writer import write_layer
 from .brain_mask import GIVEN
 from .errors import BrainUADError, internal_error_message
-from .io import NiftiVolume, ScanError, scan_stem
+from .io import NiftiVolume, ScanError
 from .model_registry import (
     default_model_name,
     guess_contrast,
@@ -64,9 +64,9 @@ from .model_registry import (
     read_scan_contrast,
     scan_contrast,
 )
+from .results import ScanResult
 from .scoring import SCORERS, scorer_names
 from .thresholds import stored_thresholds
-from .typicality import assess
 
 if TYPE_CHECKING:
     from .analysis import ScanAnalysis
@@ -625,10 +625,10 @@ class BrainUADWidget(Container):
         with self.mask.changed.blocked():
             self.mask.value = self.review.annotation_layer  # what an export writes: the user's mask
         self._mask_chosen_by_user = False
-        self.typicality = assess(analysis, metadata)
-        typical = f"; {self.typicality.describe()}" if self.typicality is not None else ""
-        self.status.value = f"Done: {len(self.review.findings)} finding(s); {analysis.brain.describe()}{typical}."
-        if self.typicality is not None and self.typicality.atypical:
+        result = ScanResult.of(analysis, metadata)
+        self.typicality = result.typicality
+        self.status.value = f"Done: {result.summary_line(len(self.review.findings))}."
+        if result.atypical:
             napari.utils.notifications.show_warning(self.typicality.describe())
 
     def _show_brain(self, scan_layer, analysis: ScanAnalysis, placement: dict) -> None:
@@ -745,21 +745,15 @@ class BrainUADWidget(Container):
 
     def export_results(self, folder: str | Path, *, overwrite: bool = False) -> list[Path]:
         """Write the anomaly map and the reconstruction (and the spread, and the model's extra
-        maps) on the scan's own grid."""
-        from .io import save_source_array
+        maps) on the scan's own grid, as ``results`` names them."""
+        from .results import check_outputs, export_outputs, write_results
 
         if self.session is None:
             raise BrainUADError("run the analysis first")
         analysis = self.session.analysis
-        folder = Path(folder)
-        stem = scan_stem(analysis.scan.path)
-        written = []
-        arrays = [("anomaly_map", analysis.anomaly_map), ("reconstruction", analysis.reconstruction),
-                  ("spread", analysis.spread), *analysis.model_maps.items()]
-        for suffix, array in arrays:
-            if array is not None:
-                written.append(save_source_array(array, analysis.scan.geometry, folder / f"{stem}_{suffix}.nii.gz",
-                                                 kind="image", overwrite=overwrite))
+        files = export_outputs(analysis, folder).files
+        check_outputs(files, inputs=[analysis.scan.path], overwrite=overwrite)
+        written = write_results(analysis, files, overwrite=overwrite)
         self.status.value = f"Saved {len(written)} files to {folder}"
         return written
 

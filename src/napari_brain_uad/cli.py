@@ -15,7 +15,8 @@ Without ``--model`` each scan gets the registry's model for its contrast, guesse
 (and a DICOM series' description; ``model_registry`` owns the rule), else the bundled default
 model, with the scorer it was calibrated for; a line on stderr says which model and why.
 With ``--out-dir`` many scans are scored into one folder with a summary, resumably and in
-parallel; ``cohort`` owns that (output names, records, summary, sharding) and says how.
+parallel; ``cohort`` runs that (``cohort_records`` keeps its records and summary) and says how.
+Every door names and writes a scan's files through ``results``.
 
 Every output is written on the input's own grid with its affine, to a temporary name renamed
 when complete, and never over an existing file unless ``--overwrite``. A problem with the
@@ -150,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def score_command(arguments) -> int:
-    from .io import save_source_array
-    from .typicality import assess
+# The single-scan options and the result kinds (``results``) they write.
+_SINGLE_OUTPUTS = {"map": "anomaly_map", "recon": "reconstruction", "mask": "mask", "brain_mask": "brain_mask"}
 
-    outputs = {name: getattr(arguments, f"out_{name}") for name in ("map", "recon", "mask", "brain_mask")}
+
+def score_command(arguments) -> int:
+    from .results import ScanResult, check_outputs, write_results
+
+    outputs = {name: getattr(arguments, f"out_{name}") for name in _SINGLE_OUTPUTS}
     if arguments.out_dir:
         return _score_cohort(arguments, outputs)
     if len(arguments.inputs) > 1:
@@ -165,11 +169,10 @@ def score_command(arguments) -> int:
     if not any(outputs.values()):
         raise SettingsError("nothing to write: give --out-map, --out-recon, --out-mask and/or --out-brain-mask "
                             "(or --out-dir DIR)")
-    for path in filter(None, outputs.values()):
-        if Path(path).exists() and not arguments.overwrite:
-            raise OutputExists(f"{path}: already exists; not overwriting it")
-        if not str(path).endswith((".nii.gz", ".nii")):
-            raise SettingsError(f"{path}: output names must end in .nii.gz or .nii")
+    files = {_SINGLE_OUTPUTS[name]: Path(path) for name, path in outputs.items() if path}
+    # Before minutes of analysis: two outputs one file, an output over the scan, a folder that
+    # cannot be written (each used to fail only at the end, or replace the scan).
+    check_outputs(files, inputs=[arguments.input, arguments.brain_mask], overwrite=arguments.overwrite)
 
     from .model_registry import scan_contrast
 
@@ -184,34 +187,21 @@ def score_command(arguments) -> int:
                 raise SettingsError(f"--out-mask needs --threshold: the model stores none for scorer {settings.scorer}")
         scan, analysis = _analyse(arguments.input, arguments.brain_mask, model_path, metadata, settings,
                                   contrast=contrast, quiet=arguments.quiet, series_uid=arguments.series)
-    if outputs["map"]:
-        save_source_array(analysis.anomaly_map, scan.geometry, outputs["map"], kind="image", overwrite=arguments.overwrite)
-    if outputs["recon"]:
-        save_source_array(analysis.reconstruction, scan.geometry, outputs["recon"], kind="image",
-                          overwrite=arguments.overwrite)
-    if outputs["brain_mask"]:
-        save_source_array(analysis.brain.mask.astype("uint8"), scan.geometry, outputs["brain_mask"], kind="labels",
-                          overwrite=arguments.overwrite)
+    write_results(analysis, files, threshold=threshold.value if threshold else None,
+                  min_size_ml=arguments.min_size_ml, overwrite=arguments.overwrite)
+    result = ScanResult.of(analysis, metadata, threshold, arguments.min_size_ml)
+    if result.atypical:
+        print(f"brain-uad: warning: {result.warning(arguments.input)}", file=sys.stderr)
     if not arguments.quiet:
-        print(analysis.brain.describe(), file=sys.stderr)
-    typical = assess(analysis, metadata)
-    if typical is not None and typical.atypical:
-        print(f"brain-uad: warning: {arguments.input}: {typical.describe()}", file=sys.stderr)
-    elif typical is not None and not arguments.quiet:
-        print(typical.describe(), file=sys.stderr)
-    if outputs["mask"]:
-        mask = analysis.mask_at(threshold.value, arguments.min_size_ml)
-        save_source_array(mask, scan.geometry, outputs["mask"], kind="labels", overwrite=arguments.overwrite)
-        if not arguments.quiet:
-            findings = analysis.findings(threshold.value, arguments.min_size_ml)
-            print(f"{len(findings)} finding(s), {sum(f['volume_ml'] for f in findings):.2f} mL in all "
-                  f"at threshold {threshold.describe()}", file=sys.stderr)
+        for line in result.lines():
+            print(line, file=sys.stderr)
     return 0
 
 
 def _score_cohort(arguments, outputs) -> int:
     """Many scans into --out-dir (``cohort`` does the work)."""
-    from .cohort import FAILED, CohortJob, Processes, print_line, progress_line, score_cohort
+    from .cohort import Processes, print_line, progress_line, score_cohort
+    from .cohort_records import FAILED, CohortJob
     from .downloads import file_sha256
     from .model_registry import scan_contrast
 

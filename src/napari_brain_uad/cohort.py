@@ -1,28 +1,20 @@
 """Scoring a cohort: many scans, one output folder, a summary, resumable, in parallel.
 
 ``brain-uad score A.nii.gz B.nii.gz … --out-dir DIR`` (or a folder, a CSV file, a BIDS
-dataset: ``scan_list``) comes here. This module owns:
+dataset: ``scan_list``) comes here. This module runs the scans; ``results`` names and writes
+each scan's files (the same as the widget's export and a single ``score``), and
+``cohort_records`` keeps the records, the skip rule and the summary.
 
-- **Output names** (:func:`scan_outputs`). A scan with id ``ID`` writes into ``DIR``
-  ``ID_anomaly_map.nii.gz``, ``ID_reconstruction.nii.gz``, ``ID_mask.nii.gz`` (when a
-  threshold is known), ``ID_brain_mask.nii.gz`` and ``ID_brain-uad.json`` (its record). A scan
-  of a BIDS dataset writes BIDS-derivative names into ``DIR/sub-XX/[ses-YY/]anat/``, from its
-  entities without the suffix (``sub-01_ses-1_T1w`` gives ``sub-01_ses-1``):
-  ``…_desc-anomaly_map.nii.gz``, ``…_desc-reconstruction_T1w.nii.gz`` (a pseudo-healthy
-  T1w), ``…_desc-anomaly_mask.nii.gz``, ``…_desc-brain_mask.nii.gz`` and the record as the
-  map's sidecar ``…_desc-anomaly_map.json``; ``DIR/dataset_description.json`` says what made
-  them. ``DIR`` can then serve as the ``derivatives`` folder of a later run: its brain masks
-  are found there.
-- **The record and the skip rule** (:func:`_decide`). Beside each scan's outputs a JSON record
-  holds the SHA256 of the scan, its brain mask and the model, and the settings that change the
-  outputs. It is written first as unfinished, then (after every output) as finished; every
-  file is written atomically. A re-run skips a scan whose finished record matches and whose
-  outputs are all there; it redoes an unfinished one (an interrupted run); it refuses to
-  replace outputs of another scan, model or settings, or files it did not write, unless
-  ``overwrite``.
-- **The summary** (:data:`SUMMARY_COLUMNS`): ``DIR/summary.csv`` and ``DIR/summary.json``, one
-  row per scan (done, skipped or failed, with the error, and the model it was scored with), in
-  the list's order.
+- **Outputs**: a scan with id ``ID`` writes into ``DIR`` ``ID_anomaly_map.nii.gz``,
+  ``ID_reconstruction.nii.gz``, ``ID_mask.nii.gz`` (when a threshold is known),
+  ``ID_brain_mask.nii.gz``, ``ID_spread.nii.gz`` (N > 1) and the model's extra maps
+  (``ID_<name>.nii.gz``), and ``ID_brain-uad.json`` (its record). A scan of a BIDS dataset writes
+  BIDS-derivative names into ``DIR/sub-XX/[ses-YY/]anat/`` (``results``);
+  ``DIR/dataset_description.json`` says what made them. ``DIR`` can then serve as the
+  ``derivatives`` folder of a later run: its brain masks are found there.
+- **Before any analysis** the run refuses what it cannot finish well: ids that cannot name
+  files, two scans writing one file, an output folder holding the scans or not writable, a
+  ``summary.csv``/``summary.json`` there that no run of ours wrote, another run writing there.
 - **A model per scan**: one :class:`CohortJob` for every scan, or one per scan (the command line
   picks each scan's model by its contrast when the user names none); each process loads each
   model once, when its first scan needs it.
@@ -36,9 +28,6 @@ One scan that cannot be read or analysed is a failed row; the others go on. No Q
 
 from __future__ import annotations
 
-import csv
-import io as text_io
-import json
 import os
 import sys
 import threading
@@ -47,188 +36,21 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .analysis import AnalysisSettings
-from .errors import BrainUADError, SettingsError, internal_error_message
+from .cohort_records import (
+    DONE, FAILED, SKIPPED, SOFTWARE, CohortJob, about_run, check_id, check_outputs_apart, check_run_files, csv_text,
+    decide, finished_record, fingerprint, new_record, read_record, read_summary_csv, recorded_files, scan_outputs,
+    summary_row, write_record, write_summary,
+)
+from .errors import BrainUADError, OutputExists, SettingsError, internal_error_message
 from .io import write_atomically
+from .results import ScanOutputs, ScanResult, check_folder_writable, image_kinds, named_outputs, write_results
 from .scan_list import ScanEntry, bids_entities, write_bids_description
-from .thresholds import ChosenThreshold
-
-RECORD_FORMAT = 1
-DONE, SKIPPED, FAILED = "done", "skipped", "failed"
-SUMMARY_CSV, SUMMARY_JSON = "summary.csv", "summary.json"
-# One row per scan. The numbers are at the run's threshold (empty without one); ``typicality``
-# is the scan's typicality score for the model (``typicality``; empty when the model stores none
-# for these settings).
-SUMMARY_COLUMNS = ("id", "scan", "status", "error", "seconds", "brain_ml", "flagged_ml", "findings",
-                   "largest_finding_ml", "typicality", "model", "warnings")
-_NUMBER_COLUMNS = {"seconds": float, "brain_ml": float, "flagged_ml": float, "findings": int,
-                   "largest_finding_ml": float, "typicality": float}
-# Settings that do not change the outputs (where the network runs, how many slices at once)
-# do not make a finished scan stale.
-_SETTINGS_NOT_RECORDED = ("device", "batch_size")
-SOFTWARE = {"name": "napari-brain-uad", "version": __version__}
-
-
-@dataclass(frozen=True, eq=False)
-class CohortJob:
-    """What every scan of a cohort is analysed with and where its outputs go (picklable, so
-    worker processes get it whole)."""
-
-    model_path: Path
-    model_sha256: str
-    model_metadata: dict = field(repr=False)
-    settings: AnalysisSettings
-    out_dir: Path
-    threshold: ChosenThreshold | None = None
-    min_size_ml: float | None = None
-    overwrite: bool = False
-    model_name: str = ""  # as the user named it, for the record
-
-    def settings_record(self) -> dict:
-        recorded = {key: value for key, value in asdict(self.settings).items() if key not in _SETTINGS_NOT_RECORDED}
-        return {**recorded, "threshold": self.threshold.value if self.threshold else None,
-                "threshold_name": self.threshold.name if self.threshold else None, "min_size_ml": self.min_size_ml}
-
-    @property
-    def shown_name(self) -> str:
-        return self.model_name or str(self.model_path)
-
-    def about(self) -> dict:
-        """The run as the summary describes it."""
-        return {"software": SOFTWARE, "model": self.shown_name,
-                "model_file": str(self.model_path), "model_sha256": self.model_sha256, "settings": self.settings_record()}
-
-
-def _about(jobs: Sequence[CohortJob]) -> dict:
-    """A run with one model (one job) as :meth:`CohortJob.about` says it; with several, each one's."""
-    if len(jobs) == 1:
-        return jobs[0].about()
-    return {"software": SOFTWARE, "models": [{key: value for key, value in job.about().items() if key != "software"}
-                                             for job in jobs]}
-
-
-# ------------------------------------------------------------------------------ output names
-
-@dataclass(frozen=True)
-class ScanOutputs:
-    """Where one scan's outputs and record go."""
-
-    files: dict[str, Path]  # "anomaly_map", "reconstruction", "mask" (with a threshold), "brain_mask"
-    record: Path
-
-    @property
-    def folder(self) -> Path:
-        return self.record.parent
-
-
-def check_id(entry: ScanEntry) -> None:
-    """Ids name files: refuse one that would name a file elsewhere."""
-    if not entry.id or entry.id in (".", "..") or any(sep in entry.id for sep in ("/", "\\", "\0")):
-        raise SettingsError(f"{entry.scan}: its id {entry.id!r} cannot name output files (no '/' or '\\'); "
-                            "give another in the list's 'id' column")
-
-
-def check_outputs_apart(entries: Sequence[ScanEntry], jobs: Sequence[CohortJob]) -> None:
-    """Refuse, before any work, a cohort in which two scans would write the same file (one
-    scan's outputs would replace the other's, and both would report done), or a scan's output
-    would replace an input, or an output folder that is the scans' own (a second run read the
-    maps written there as scans: "49 findings, 54 mL" in an anomaly map). Names are compared
-    without case: a case-blind disk holds one of "A" and "a"."""
-    inputs = {str(Path(path).resolve()).lower(): entry.id for entry in entries
-              for path in (entry.scan, entry.brain_mask, entry.lesion_mask) if path is not None}
-    written: dict[str, str] = {}
-    for entry, job in zip(entries, jobs):
-        if Path(os.path.abspath(entry.scan)).parent == Path(os.path.abspath(job.out_dir)):  # as named: links kept
-            raise SettingsError(f"--out-dir {job.out_dir} holds the scans themselves ({entry.scan.name}): a later run "
-                                "would read the maps written there as scans; choose a folder apart from the scans")
-        outputs = scan_outputs(entry, job.out_dir, with_mask=True)
-        for path in [*outputs.files.values(), outputs.record]:
-            key = str(path.resolve()).lower()
-            if key in written and written[key] != entry.id:
-                raise SettingsError(f"scans {written[key]!r} and {entry.id!r} would both write {path.name}; give them "
-                                    "ids that differ more (the list's 'id' column), or score them into different "
-                                    "folders")
-            if key in inputs:
-                raise SettingsError(f"{path}: scoring {entry.id!r} would replace the input of {inputs[key]!r}; "
-                                    "choose an output folder apart from the scans")
-            written[key] = entry.id
-
-
-def scan_outputs(entry: ScanEntry, out_dir: str | os.PathLike, *, with_mask: bool) -> ScanOutputs:
-    """The output files of ``entry`` in ``out_dir`` (see the module's text for the names)."""
-    out_dir = Path(out_dir)
-    entities = dict(entry.entities)
-    if "sub" in entities:
-        folder = out_dir / f"sub-{entities['sub']}"
-        if "ses" in entities:
-            folder = folder / f"ses-{entities['ses']}"
-        folder = folder / "anat"
-        _, suffix = bids_entities(f"{entry.id}.nii.gz")
-        base = "_".join(f"{key}-{value}" for key, value in entry.entities if key != "desc")
-        files = {"anomaly_map": folder / f"{base}_desc-anomaly_map.nii.gz",
-                 "reconstruction": folder / f"{base}_desc-reconstruction_{suffix}.nii.gz",
-                 "mask": folder / f"{base}_desc-anomaly_mask.nii.gz",
-                 "brain_mask": folder / f"{base}_desc-brain_mask.nii.gz"}
-        record = folder / f"{base}_desc-anomaly_map.json"
-    else:
-        files = {kind: out_dir / f"{entry.id}_{kind}.nii.gz"
-                 for kind in ("anomaly_map", "reconstruction", "mask", "brain_mask")}
-        record = out_dir / f"{entry.id}_brain-uad.json"
-    if not with_mask:
-        del files["mask"]
-    return ScanOutputs(files, record)
-
-
-# ------------------------------------------------------------------------------ record and skip rule
-
-def _fingerprint(job: CohortJob, scan_sha256: str, brain_sha256: str | None, outputs: ScanOutputs) -> dict:
-    """What a finished scan's outputs depend on; a re-run with the same skips it."""
-    fingerprint = {"scan_sha256": scan_sha256, "brain_mask_sha256": brain_sha256, "model_sha256": job.model_sha256,
-                   "settings": job.settings_record(), "outputs": sorted(path.name for path in outputs.files.values())}
-    return json.loads(json.dumps(fingerprint))  # as it reads back from JSON: tuples become lists
-
-
-def read_record(path: Path) -> dict | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _decide(record: dict | None, fingerprint: dict, outputs: ScanOutputs, overwrite: bool) -> tuple[str, str | None]:
-    """("skip" | "run" | "refuse", why refused)."""
-    if overwrite:
-        return "run", None
-    if record is not None and record.get("software", {}).get("name") == SOFTWARE["name"]:
-        if not record.get("finished"):
-            return "run", None  # an interrupted run of ours: its partial outputs are replaced
-        if record.get("match") == fingerprint:
-            present = all(path.is_file() for path in outputs.files.values())
-            return ("skip", None) if present else ("run", None)
-        stored = record.get("match") or {}
-        changed = [what for key, what in (("scan_sha256", "scan"), ("brain_mask_sha256", "brain mask"),
-                                          ("model_sha256", "model"), ("settings", "settings"), ("outputs", "outputs"))
-                   if stored.get(key) != fingerprint[key]]
-        return "refuse", (f"{outputs.record}: the {' and '.join(changed) or 'run'} changed since these outputs were "
-                          "made; not replacing them (use --overwrite, or another --out-dir)")
-    existing = [path for path in [*outputs.files.values(), outputs.record] if path.exists()]
-    if existing:
-        return "refuse", f"{existing[0]}: already exists and was not written by a cohort run; not overwriting it " \
-                         "(use --overwrite)"
-    return "run", None
-
-
-def _write_record(outputs: ScanOutputs, document: dict) -> None:
-    text = json.dumps(document, indent=2, default=float) + "\n"
-    write_atomically(outputs.record, lambda temporary: Path(temporary).write_text(text), suffix=".json")
-
 
 # ------------------------------------------------------------------------------ one scan
 
@@ -264,9 +86,9 @@ def _prepare(entry: ScanEntry, job: CohortJob) -> _Prepared:
             prepared.outputs = scan_outputs(entry, job.out_dir, with_mask=job.threshold is not None)
             scan_hash = _sha256_of(entry.scan, scan_sha256)
             brain_hash = _sha256_of(entry.brain_mask, scan_sha256) if entry.brain_mask else None
-            prepared.fingerprint = _fingerprint(job, scan_hash, brain_hash, prepared.outputs)
+            prepared.fingerprint = fingerprint(job, scan_hash, brain_hash, prepared.outputs)
             prepared.record = read_record(prepared.outputs.record)
-            prepared.action, refusal = _decide(prepared.record, prepared.fingerprint, prepared.outputs, job.overwrite)
+            prepared.action, refusal = decide(prepared.record, prepared.fingerprint, prepared.outputs, job.overwrite)
             prepared.message = refusal or ""
             if prepared.action == "run":
                 prepared.scan = read_scan(entry.scan)
@@ -315,53 +137,40 @@ def _score_prepared(prepared: _Prepared, job: CohortJob, model) -> dict:
 
 
 def _analyse_and_write(prepared: _Prepared, job: CohortJob, model) -> dict:
+    """The scan's files (``results``: the same as every door's) between an unfinished and a
+    finished record; the numbers for its summary row."""
     from .analysis import analyse_scan
-    from .io import save_source_array
-    from .typicality import assess
 
     entry, outputs = prepared.entry, prepared.outputs
     started = time.perf_counter()
-    record = {"format": RECORD_FORMAT, "software": SOFTWARE, "finished": False, "id": entry.id,
-              "scan": str(entry.scan), "brain_mask": str(entry.brain_mask) if entry.brain_mask else None,
-              "model": job.shown_name, "match": prepared.fingerprint,
-              "outputs": {kind: path.name for kind, path in outputs.files.items()}}
-    # First an unfinished record: should this run stop half-way, the next one knows the partial
-    # outputs are its own to replace.
-    _write_record(outputs, record)
+    record = new_record(entry, job, prepared.fingerprint, outputs)
+    write_record(outputs, record)
     analysis = analyse_scan(prepared.scan, model, brain_mask=prepared.brain, settings=job.settings)
-    geometry = prepared.scan.geometry
-    save_source_array(analysis.anomaly_map, geometry, outputs.files["anomaly_map"], kind="image", overwrite=True)
-    save_source_array(analysis.reconstruction, geometry, outputs.files["reconstruction"], kind="image", overwrite=True)
-    save_source_array(analysis.brain.mask.astype("uint8"), geometry, outputs.files["brain_mask"], kind="labels",
-                      overwrite=True)
-    result: dict[str, Any] = {"brain_ml": round(float(analysis.brain.volume_ml), 3)}
-    typical = assess(analysis, job.model_metadata)
-    if typical is not None:
-        result["typicality"] = round(typical.score, 2)
-        if typical.atypical:
-            warnings.warn(f"{entry.scan}: {typical.describe()}")
-    if job.threshold is not None:
-        mask = analysis.mask_at(job.threshold.value, job.min_size_ml)
-        save_source_array(mask, geometry, outputs.files["mask"], kind="labels", overwrite=True)
-        findings = analysis.findings(job.threshold.value, job.min_size_ml)
-        volumes = [float(finding["volume_ml"]) for finding in findings]
-        result.update(flagged_ml=round(sum(volumes), 3), findings=len(volumes),
-                      largest_finding_ml=round(max(volumes, default=0.0), 3))
-    # Last, the finished record: only now is the scan done for a later run.
-    _write_record(outputs, {**record, "finished": True, "brain": analysis.brain.describe(), "result": result,
-                            "seconds": round(prepared.seconds + time.perf_counter() - started, 2),
-                            "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    return result
+    files = {**outputs.files, **_further_files(prepared, job, analysis)}
+    write_results(analysis, files, threshold=job.threshold.value if job.threshold else None,
+                  min_size_ml=job.min_size_ml, overwrite=True)
+    result = ScanResult.of(analysis, job.model_metadata, job.threshold, job.min_size_ml)
+    if result.atypical:
+        warnings.warn(result.warning(entry.scan))
+    write_record(outputs, finished_record(record, files, result.brain, result.numbers(),
+                                          prepared.seconds + time.perf_counter() - started))
+    return result.numbers()
 
 
-def summary_row(entry: ScanEntry, status: str, *, error: str = "", seconds: float = 0.0,
-                result: dict | None = None, warnings: Sequence[str] = (), model: str = "") -> dict:
-    result = result or {}
-    return {"id": entry.id, "scan": str(entry.scan), "status": status, "error": error,
-            "seconds": round(float(seconds), 2), "brain_ml": result.get("brain_ml"),
-            "flagged_ml": result.get("flagged_ml"), "findings": result.get("findings"),
-            "largest_finding_ml": result.get("largest_finding_ml"), "typicality": result.get("typicality"),
-            "model": model, "warnings": "; ".join(dict.fromkeys(warnings))}
+def _further_files(prepared: _Prepared, job: CohortJob, analysis) -> dict[str, Path]:
+    """The spread and the model's extra maps, known only once the analysis ran. The skip rule
+    vouched for the other files; one of these already there is replaced only when this scan's
+    record of ours listed it (or with ``overwrite``)."""
+    entry = prepared.entry
+    kinds = [kind for kind in image_kinds(analysis) if kind not in prepared.outputs.files]
+    _, suffix = bids_entities(f"{entry.id}.nii.gz")
+    files = named_outputs(job.out_dir, entry.id, kinds, entities=entry.entities, suffix=suffix).files
+    ours = set(recorded_files(prepared.record, prepared.outputs.folder))
+    for path in files.values():
+        if path.exists() and path not in ours and not job.overwrite:
+            raise OutputExists(f"{path}: already exists and was not written by a cohort run; not overwriting it "
+                               "(use --overwrite)")
+    return files
 
 
 # ------------------------------------------------------------------------------ warnings per scan
@@ -450,6 +259,8 @@ def score_cohort(entries: Sequence[ScanEntry], job: CohortJob | Sequence[CohortJ
     for entry in entries:
         check_id(entry)
     check_outputs_apart(entries, jobs)
+    check_folder_writable(out_dir)  # a read-only folder is the user's to fix, said before the work
+    check_run_files(out_dir, overwrite=any(one.overwrite for one in used))
     processes = Processes.from_environment()
     out_dir.mkdir(parents=True, exist_ok=True)
     if processes.rank == 0 and any(dict(entry.entities).get("sub") for entry in entries):
@@ -471,9 +282,9 @@ def score_cohort(entries: Sequence[ScanEntry], job: CohortJob | Sequence[CohortJ
             else:
                 rows = _score_in_workers(shard, workers, threads, report)
         if not processes.distributed:
-            write_summary(out_dir, rows, _about(used))
+            write_summary(out_dir, rows, about_run(used))
             return CohortSummary(rows, out_dir, sum(row["status"] == FAILED for row in rows))
-        return _merge_ranks(processes, entries, rows, out_dir, _about(used))
+        return _merge_ranks(processes, entries, rows, out_dir, about_run(used))
 
 
 LOCK_FILE = ".brain-uad-running"
@@ -640,7 +451,7 @@ def _merge_ranks(processes: Processes, entries: Sequence[ScanEntry], rows: list[
     import torch.distributed as dist
 
     write_atomically(part_path(out_dir, processes.rank),
-                     lambda temporary: Path(temporary).write_text(_csv_text(rows)), suffix=".csv")
+                     lambda temporary: Path(temporary).write_text(csv_text(rows)), suffix=".csv")
     failed = torch.tensor([sum(row["status"] == FAILED for row in rows)], dtype=torch.int64)
     dist.all_reduce(failed)  # also waits for every rank to have written its part
     summary = CohortSummary(rows, out_dir, int(failed.item()))
@@ -664,43 +475,6 @@ def part_path(out_dir: Path, rank: int) -> Path:
 
 
 # ------------------------------------------------------------------------------ the summary
-
-def _csv_text(rows: Sequence[dict]) -> str:
-    buffer = text_io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: "" if row.get(key) is None else row[key] for key in SUMMARY_COLUMNS})
-    return buffer.getvalue()
-
-
-def read_summary_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows of a summary (or part) CSV with their numbers as numbers and empty cells as None."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        for key, value in row.items():
-            if value == "":
-                row[key] = None if key in _NUMBER_COLUMNS else ""
-            elif key in _NUMBER_COLUMNS:
-                row[key] = _NUMBER_COLUMNS[key](float(value))
-    return rows
-
-
-def write_summary(out_dir: Path, rows: Sequence[dict], about: dict) -> tuple[Path, Path]:
-    """``summary.csv`` and ``summary.json`` (the run's model and settings, counts, rows)."""
-    counts = {status: sum(row["status"] == status for row in rows) for status in (DONE, SKIPPED, FAILED)}
-    document = {**about, "counts": counts, "columns": list(SUMMARY_COLUMNS), "scans": list(rows),
-                "note": "flagged_ml, findings and largest_finding_ml at the threshold in settings, on each scan's "
-                        "own grid; typicality: how unlike the model's healthy calibration scans the scan is (a robust "
-                        "z-score; above the model's limit its findings are unreliable)"}
-    csv_path = write_atomically(Path(out_dir) / SUMMARY_CSV,
-                                lambda temporary: Path(temporary).write_text(_csv_text(rows)), suffix=".csv")
-    text = json.dumps(document, indent=2, default=float) + "\n"
-    json_path = write_atomically(Path(out_dir) / SUMMARY_JSON, lambda temporary: Path(temporary).write_text(text),
-                                 suffix=".json")
-    return csv_path, json_path
-
 
 def progress_line(index: int, count: int, row: dict, rank: Processes | None = None) -> str:
     """One line per scan for the terminal."""
