@@ -124,7 +124,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a model name (see `brain-uad models`) or a checkpoint file "
                         "(default: for each scan, the registry's model for the contrast its name says, else the "
                         "bundled default model)")
-    parser.add_argument("--scorer", choices=list(SCORERS), help="anomaly score (default: the model's, else ssim-ens)")
+    # Checked after parsing (main), not as argparse choices: the kinds contribute scorers, and
+    # listing them loads every model kind, which --help should not wait for.
+    parser.add_argument("--scorer", help="anomaly score: residual, ssim-ens, mhd-full, … (an unknown name lists them "
+                        "all; default: the model's, else ssim-ens)")
     parser.add_argument("--lesion-direction", action="store_true",
                         help="count only deviations the model's contrast gives lesions (darker on T1, brighter on "
                         "T2/FLAIR): the one-way residual, with its own stored threshold")
@@ -135,7 +138,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    if getattr(arguments, "scorer", None) is not None and arguments.scorer not in SCORERS:
+        parser.error(f"argument --scorer: invalid choice: {arguments.scorer!r} (choose from {', '.join(SCORERS)})")
     command = {"score": score_command, "evaluate": evaluate_command, "calibrate": calibrate_command,
                "models": models_command}
     try:

@@ -32,7 +32,7 @@ from .analysis import AnalysisSettings
 from .errors import OutputExists, SettingsError
 from .io import temporary_beside, write_atomically
 from .results import COHORT_KINDS, ScanOutputs, named_outputs, same_file_key, write_json
-from .scan_list import ScanEntry, bids_entities
+from .scan_list import ScanEntry, bids_entities, id_problem
 from .thresholds import ChosenThreshold
 
 RECORD_FORMAT = 1
@@ -92,10 +92,11 @@ def about_run(jobs: Sequence[CohortJob]) -> dict:
 # ------------------------------------------------------------------------------ output names
 
 def check_id(entry: ScanEntry) -> None:
-    """Ids name files: refuse one that would name a file elsewhere."""
-    if not entry.id or entry.id in (".", "..") or any(sep in entry.id for sep in ("/", "\\", "\0")):
-        raise SettingsError(f"{entry.scan}: its id {entry.id!r} cannot name output files (no '/' or '\\'); "
-                            "give another in the list's 'id' column")
+    """Ids name files: refuse one that cannot (the rule is ``scan_list.id_problem``'s; entries
+    made by a script, not read from a list, come through here too)."""
+    problem = id_problem(entry.id)
+    if problem:
+        raise SettingsError(f"{entry.scan}: {problem}; give another in the list's 'id' column")
 
 
 def scan_outputs(entry: ScanEntry, out_dir: str | os.PathLike, *, with_mask: bool) -> ScanOutputs:
