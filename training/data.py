@@ -31,7 +31,7 @@ import torch
 from napari_brain_uad.brain_mask import EXCLUSION_GROWTH_MM, find_brain, grown_mask
 from napari_brain_uad.errors import BrainUADError
 from napari_brain_uad.evaluation import check_same_grid
-from napari_brain_uad.io import ScanError, ScanWarning, read_nifti
+from napari_brain_uad.nifti import ScanError, ScanWarning, read_nifti
 from napari_brain_uad.models.vae3d import centre_along_depth
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
 

@@ -54,7 +54,7 @@ from ._worker import ProgressRelay, finish_running_work, start_analysis, start_r
 from ._writer import write_layer
 from .brain_mask import GIVEN
 from .errors import BrainUADError, internal_error_message
-from .io import NiftiVolume, ScanError
+from .nifti import NiftiVolume, ScanError
 from .model_registry import (
     default_model_name,
     guess_contrast,

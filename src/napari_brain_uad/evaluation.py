@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .analysis import AnalysisSettings, ScanAnalysis, analyse_scan
-from .io import NiftiVolume, ScanError, read_scan, scan_stem
+from .nifti import NiftiVolume, ScanError, read_scan, scan_stem
 from .metrics import auprc, auprc_pooled, best_dice, best_dice_pooled, dice, l1_inside_outside, precision_recall_curve
 from .models import ReconstructionModel
 from .postprocess import FilteredMap

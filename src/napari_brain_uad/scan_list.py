@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import BrainUADError
-from .io import is_nifti_path, nifti_stem, scan_stem
+from .nifti import is_nifti_path, nifti_stem, scan_stem
 
 BIDS_DESCRIPTION = "dataset_description.json"
 DEFAULT_BIDS_SUFFIX = "T1w"
@@ -292,7 +292,7 @@ def write_bids_description(folder: str | os.PathLike, name: str, generated_by: M
     when one is already there)."""
     path = Path(folder) / BIDS_DESCRIPTION
     if not path.exists():
-        from .io import write_atomically
+        from .nifti import write_atomically
 
         path.parent.mkdir(parents=True, exist_ok=True)
         description = {"Name": name, "BIDSVersion": "1.9.0", "DatasetType": "derivative",
