@@ -17,7 +17,7 @@ Cases (``--cases`` picks sets; each case is one scan of one contrast with its le
 
 Each model (default: the bundled one) is run on the cases of its contrasts (``--contrast``;
 default: the contrast of its card's model space) as a user runs it: the raw file read with
-``nifti.read_scan``, the settings every door gives it (``AnalysisSettings.for_model``, CPU), the
+``scan_reader.read_scan``, the settings every door gives it (``AnalysisSettings.for_model``, CPU), the
 steps of ``analysis.analyse_scan``. Each case gives up to two rows: brain **extracted** (no
 mask given: the tool finds it, which for a skull-stripped scan means its non-background voxels)
 and brain **given** (the case's brain mask, where it has one).

@@ -324,7 +324,7 @@ def _analyse(image, brain_mask, model_path, metadata, settings, *, contrast: str
     """Read one scan (a NIfTI file or a DICOM series) and its brain mask, warn if its
     ``contrast`` (guessed from its names) is another than the model's, and analyse it."""
     from .analysis import analyse_scan
-    from .nifti import read_scan
+    from .scan_reader import read_scan
     from .model_card import modality_mismatch
     from .models import load_model
 

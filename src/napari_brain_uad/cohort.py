@@ -74,7 +74,7 @@ def _prepare(entry: ScanEntry, job: CohortJob) -> _Prepared:
     """Hash the scan, read its record, and read the scan when it is to run. Only reads: safe in
     a reading-ahead thread."""
     from .analysis_cache import scan_sha256
-    from .nifti import read_scan
+    from .scan_reader import read_scan
     from .model_card import modality_mismatch
     from .model_registry import scan_contrast
 
