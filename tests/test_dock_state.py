@@ -15,17 +15,14 @@ def test_callbacks_fire_on_each_change():
     state.on_status.append(lambda text: seen.append(("status", text)))
     state.on_session.append(lambda session: seen.append(("session", session)))
     state.on_edit.append(lambda: seen.append(("edit",)))
-    state.on_entry.append(lambda entry: seen.append(("entry", entry)))
 
     state.status = "Running…"
     session = object()  # the state keeps a session without looking into it
     state.session = session
     state.edited()
-    state.open_entry("sub-01", scan_layer_id=7)
     state.clear_session()
 
-    assert seen == [("status", "Running…"), ("session", session), ("edit",), ("entry", "sub-01"),
-                    ("session", None)]
+    assert seen == [("status", "Running…"), ("session", session), ("edit",), ("session", None)]
     assert state.status == "Running…" and state.session is None
 
 

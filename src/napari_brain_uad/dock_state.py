@@ -38,15 +38,13 @@ class DockState:
     - ``on_session(session or None)``: the session shown was replaced (a run, a restore, the
       median filter redone) or cleared;
     - ``on_edit()``: the user changed the session shown (a decision, a stroke, the threshold,
-      the minimum size, the median): whoever keeps it on disk saves it;
-    - ``on_entry(entry id or None)``: another worklist scan is in view.
+      the minimum size, the median): whoever keeps it on disk saves it.
     """
 
     def __init__(self) -> None:
         self.on_status: list[Callable[[str], None]] = []
         self.on_session: list[Callable[[ScanSession | None], None]] = []
         self.on_edit: list[Callable[[], None]] = []
-        self.on_entry: list[Callable[[str | None], None]] = []
         self._status = ""
         self._entry: str | None = None
         self.scan_layer_id: Any = None  # the unique id of the layer the entry in view opened
@@ -84,7 +82,6 @@ class DockState:
         """Another worklist scan is in view: until its session is shown and kept, nothing is saved
         for it."""
         self._entry, self.scan_layer_id, self.session_kept = entry_id, scan_layer_id, False
-        _notify(self.on_entry, entry_id)
 
     def is_entry_layer(self, layer: Any) -> bool:
         """Whether ``layer`` is the scan layer the worklist opened for the entry in view."""
