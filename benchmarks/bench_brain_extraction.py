@@ -44,7 +44,7 @@ from bench_detection import DATA, ixi_subjects, model_as_users_run_it
 from napari_brain_uad.analysis import analyse_scan
 from napari_brain_uad.brain_extraction import EXTRACTOR, networks
 from napari_brain_uad.brain_mask import EXTRACTED, find_brain, voxel_ml
-from napari_brain_uad.io import ScanError, ScanWarning, read_nifti
+from napari_brain_uad.nifti import ScanError, ScanWarning, read_nifti
 
 CLINICAL = [(patient, contrast) for patient in ("patient01", "patient04") for contrast in ("T1W", "T2W", "FLAIR")]
 ACCEPTED_DIFFERENCE = 0.02  # of the brain: the acceptance for the flagged volume

@@ -38,7 +38,7 @@ import torch
 from scipy import ndimage
 
 from napari_brain_uad.evaluation import evaluate_filtered, flagged_fraction, pooled
-from napari_brain_uad.io import read_nifti
+from napari_brain_uad.nifti import read_nifti
 from napari_brain_uad.model_card import default_scorer
 from napari_brain_uad.models import load_model
 from napari_brain_uad.postprocess import prepare

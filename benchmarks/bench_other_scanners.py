@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
-from napari_brain_uad.io import read_scan
+from napari_brain_uad.scan_reader import read_scan
 from napari_brain_uad.model_card import lesion_direction_scorer
 from napari_brain_uad.model_registry import resolve_model
 from napari_brain_uad.models import load_model

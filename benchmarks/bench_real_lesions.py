@@ -17,7 +17,7 @@ Cases (``--cases`` picks sets; each case is one scan of one contrast with its le
 
 Each model (default: the bundled one) is run on the cases of its contrasts (``--contrast``;
 default: the contrast of its card's model space) as a user runs it: the raw file read with
-``io.read_scan``, the settings every door gives it (``AnalysisSettings.for_model``, CPU), the
+``scan_reader.read_scan``, the settings every door gives it (``AnalysisSettings.for_model``, CPU), the
 steps of ``analysis.analyse_scan``. Each case gives up to two rows: brain **extracted** (no
 mask given: the tool finds it, which for a skull-stripped scan means its non-background voxels)
 and brain **given** (the case's brain mask, where it has one).
@@ -66,7 +66,7 @@ from scipy import ndimage
 
 from napari_brain_uad.brain_mask import BrainMask, find_brain
 from napari_brain_uad.evaluation import LabelledCase, evaluate_analysis, evaluate_filtered, mean_row, read_case
-from napari_brain_uad.io import ScanError
+from napari_brain_uad.nifti import ScanError
 from napari_brain_uad.model_card import default_scorer
 from napari_brain_uad.postprocess import FilteredMap
 

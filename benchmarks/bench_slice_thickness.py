@@ -35,7 +35,7 @@ import torch
 from bench_detection import DATA, ixi_subjects, model_as_users_run_it, synthetic_lesions
 from napari_brain_uad.analysis import analyse_scan
 from napari_brain_uad.evaluation import evaluate_analysis, flagged_fraction, pooled
-from napari_brain_uad.io import NiftiGeometry, NiftiVolume, read_nifti
+from napari_brain_uad.nifti import NiftiGeometry, NiftiVolume, read_nifti
 
 
 def axial_axis(geometry: NiftiGeometry) -> int:

@@ -84,7 +84,7 @@ def main() -> None:
 def real_map() -> None:
     """mask_at on a real native-grid map, against labelling the whole volume at each threshold."""
     from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
-    from napari_brain_uad.io import read_scan
+    from napari_brain_uad.scan_reader import read_scan
     from napari_brain_uad.model_registry import resolve_model
     from napari_brain_uad.models import load_model
     from napari_brain_uad.postprocess import remove_small_components

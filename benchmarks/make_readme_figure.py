@@ -41,7 +41,7 @@ from scipy.spatial import cKDTree  # noqa: E402
 
 from bench_detection import DATA, REPOSITORY  # noqa: E402
 from napari_brain_uad.analysis import AnalysisSettings, analyse_scan  # noqa: E402
-from napari_brain_uad.io import ScanWarning, read_nifti  # noqa: E402
+from napari_brain_uad.nifti import ScanWarning, read_nifti  # noqa: E402
 from napari_brain_uad.model_registry import resolve_model  # noqa: E402
 from napari_brain_uad.models import load_model  # noqa: E402
 from napari_brain_uad.thresholds import default_threshold  # noqa: E402

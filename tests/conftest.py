@@ -66,7 +66,7 @@ def ixi_training_slices():
     import numpy as np
     import torch
 
-    from napari_brain_uad.io import read_nifti
+    from napari_brain_uad.nifti import read_nifti
     from napari_brain_uad.preprocess import to_model_space
 
     folder = SHARED_DATA / "ixi_t1"

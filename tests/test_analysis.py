@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
-from napari_brain_uad.io import read_nifti
+from napari_brain_uad.nifti import read_nifti
 from napari_brain_uad.metrics import dice
 from napari_brain_uad.models import DDPM, DDPMConfig, ReconstructionModel
 from napari_brain_uad.models.base import ModelConfig

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from napari_brain_uad.models import MODEL_KINDS, build_model, load_model, save_model
+from napari_brain_uad.models import MODEL_KINDS, build_model
 from napari_brain_uad.models.autoencoders import (
     AE,
     DAE,
@@ -201,21 +201,6 @@ def test_a_few_adam_steps_on_real_slices_lower_the_loss(name, steps, ixi_trainin
     if name != "dae":  # the DAE's objective is on noised input; its reconstruction error is the AE's
         reconstruction_error = (model.reconstruct(slices) - slices).abs().mean().item()
         assert reconstruction_error < 0.8 * (small_model(name).reconstruct(slices) - slices).abs().mean().item()
-
-
-@pytest.mark.parametrize("name", KINDS)
-def test_checkpoint_round_trip_gives_identical_reconstructions(name, tmp_path, ixi_training_slices):
-    slices, _ = ixi_training_slices
-    model = small_model(name)
-    # Move the weights away from their initialisation, so a fresh model would not match by chance.
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.01 * torch.randn(parameter.shape, generator=seeded(2)))
-    path = save_model(tmp_path / f"{name}.safetensors", model)
-    loaded, metadata = load_model(path)
-    assert type(loaded) is type(model) and loaded.config == model.config
-    assert metadata["kind"] == model.kind
-    assert torch.equal(loaded.reconstruct(slices[:4]), model.reconstruct(slices[:4]))
 
 
 @pytest.mark.parametrize("config_class", (AEConfig, VAEConfig, DAEConfig))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_brain_uad.bias_field import BiasCorrectionSkipped, n4_bias_field
-from napari_brain_uad.io import ScanWarning, read_nifti
+from napari_brain_uad.nifti import ScanWarning, read_nifti
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
 
 N4 = ModelSpaceSpec(bias_correction="n4")

@@ -20,7 +20,7 @@ from napari_brain_uad.brain_extraction import (
 )
 from napari_brain_uad.brain_extraction.archive import ArchiveError, read_state_dict
 from napari_brain_uad.brain_extraction.network import LinkNet3d
-from napari_brain_uad.io import read_nifti
+from napari_brain_uad.nifti import read_nifti
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -21,7 +21,7 @@ from napari_brain_uad.brain_mask import (
     neighbour_correlation,
     voxel_ml,
 )
-from napari_brain_uad.io import NiftiGeometry, NiftiVolume, ScanError, ScanWarning, read_nifti
+from napari_brain_uad.nifti import NiftiGeometry, NiftiVolume, ScanError, ScanWarning, read_nifti
 
 RAW_IXI = "ixi_t1/IXI049-HH-1358_T1.nii.gz"
 IXI_MASK = "ixi_t1/brainmask/IXI049-HH-1358_brainmask.nii.gz"

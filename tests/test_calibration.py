@@ -11,7 +11,7 @@ from napari_brain_uad import calibration
 from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
 from napari_brain_uad.checkpoint import read_metadata
 from napari_brain_uad.cli import main
-from napari_brain_uad.io import read_scan
+from napari_brain_uad.scan_reader import read_scan
 from napari_brain_uad.model_registry import ModelUnavailable, model_names, resolve_model
 from napari_brain_uad.models import load_model
 from napari_brain_uad.postprocess import FilteredMap

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 from napari.components import ViewerModel
 
 from napari_brain_uad import _reader, dicom
-from napari_brain_uad.io import ScanError, ScanWarning, read_nifti, read_scan, save_source_array
+from napari_brain_uad.nifti import ScanError, ScanWarning, read_nifti, save_source_array
+from napari_brain_uad.scan_reader import read_scan
 
 PLUGIN = "napari-brain-uad"
 

@@ -23,7 +23,7 @@ from napari_brain_uad.evaluation import (
     mean_row,
     read_case,
 )
-from napari_brain_uad.io import read_nifti
+from napari_brain_uad.nifti import read_nifti
 from napari_brain_uad.metrics import auprc, best_dice, dice
 from napari_brain_uad.model_registry import resolve_model
 from napari_brain_uad.models import load_model

@@ -143,7 +143,7 @@ def test_metrics_accept_torch_tensors():
 def ms_case():
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip(f"real scans not found at {SHARED_DATA}")
-    from napari_brain_uad.io import read_nifti
+    from napari_brain_uad.nifti import read_nifti
 
     folder = SHARED_DATA / "mslub/patient26"
     scans = {name: read_nifti(folder / f"{name}.nii.gz").data for name in ("T1", "FLAIR")}

@@ -166,7 +166,7 @@ def test_labels_and_findings_table():
 def ms_model_space():
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip(f"real scans not found at {SHARED_DATA}")
-    from napari_brain_uad.io import read_nifti
+    from napari_brain_uad.nifti import read_nifti
     from napari_brain_uad.preprocess import to_model_space
 
     folder = SHARED_DATA / "mslub/patient26"

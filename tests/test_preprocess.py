@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import GEOMETRIES
-from napari_brain_uad.io import ScanError, ScanWarning, read_nifti
+from napari_brain_uad.nifti import ScanError, ScanWarning, read_nifti
 from napari_brain_uad.preprocess import ModelSpaceSpec, ModelSpaceTransform, to_model_space
 
 
@@ -128,7 +128,7 @@ def test_skull_stripped_scan_needs_no_mask_even_when_z_scored(shared_data):
 def _thick_clinical_scan(shared_data, every: int = 1):
     """The raw clinical FLAIR (0.72 x 0.72 x 4 mm, LPS) — or, keeping every ``every``-th slice, a
     thicker one — with an ellipsoid "brain" of 130 x 160 x 110 mm in the middle of the head."""
-    from napari_brain_uad.io import NiftiGeometry, NiftiVolume
+    from napari_brain_uad.nifti import NiftiGeometry, NiftiVolume
 
     scan = read_nifti(shared_data / "mslub_longitudinal_raw/patient01/FLAIR.nii.gz")
     geometry = scan.geometry

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_brain_uad.checkpoint import CheckpointError, save_checkpoint
-from napari_brain_uad.io import read_nifti
+from napari_brain_uad.nifti import read_nifti
 from napari_brain_uad.models import DDPM, DDPMConfig, load_model, save_model
 from napari_brain_uad.preprocess import to_model_space
 from napari_brain_uad.reconstruct import Cancelled, pick_device, reconstruct_volume

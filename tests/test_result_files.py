@@ -175,7 +175,7 @@ def test_the_cohort_writes_the_spread_as_the_widget_export_names_it(checkpoint, 
     """The cohort skipped the spread and the model's extra maps that the widget exports; now
     both write every map, under one rule for names, and a re-run still skips the scan."""
     from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
-    from napari_brain_uad.io import read_scan
+    from napari_brain_uad.scan_reader import read_scan
     from napari_brain_uad.models import load_model
     from napari_brain_uad.results import export_outputs, write_results
 

@@ -263,7 +263,7 @@ def test_training_sits_on_a_saved_base_and_the_result_analyses_a_scan(ixi_scans,
 
     from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
     from napari_brain_uad.analysis_cache import load_analysis, save_analysis
-    from napari_brain_uad.io import read_nifti
+    from napari_brain_uad.nifti import read_nifti
 
     torch.manual_seed(0)
     base = DAE(DAE.config_class.from_dict({**SMALL_BASE, "channels": [8, 16, 32, 32], "strides": [2, 2, 2]}))

@@ -16,7 +16,7 @@ from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from napari_brain_uad import scoring
-from napari_brain_uad.io import read_nifti
+from napari_brain_uad.nifti import read_nifti
 from napari_brain_uad.preprocess import to_model_space
 
 SCORER_NAMES = ("residual", "residual-dark", "residual-bright", "ssim", "ssim-ens", "mhd-diag", "mhd-full",

@@ -15,7 +15,7 @@ import torch
 
 from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
 from napari_brain_uad.evaluation import evaluate_analysis
-from napari_brain_uad.io import read_nifti
+from napari_brain_uad.nifti import read_nifti
 from napari_brain_uad.models import ReconstructionModel
 from napari_brain_uad.models.base import ModelConfig
 from napari_brain_uad.session import REJECTED, ScanSession
@@ -160,7 +160,7 @@ def two_spheres():
     sphere 35 mm to the patient's right of its centre and an 8 mm one 35 mm to the left."""
     import nibabel as nib
 
-    from napari_brain_uad.io import NiftiGeometry, NiftiVolume
+    from napari_brain_uad.nifti import NiftiGeometry, NiftiVolume
 
     shape = (80, 96, 72)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])

@@ -19,7 +19,7 @@ from brain_uad_training.augment import AugmentationSettings, RandGhosting, Slice
 from brain_uad_training.cli import main as train_command
 from brain_uad_training.data import SliceSampler, find_scans, load_model_space, split_subjects
 from napari_brain_uad.checkpoint import CheckpointError, read_metadata
-from napari_brain_uad.io import read_nifti
+from napari_brain_uad.nifti import read_nifti
 from napari_brain_uad.models import MODEL_KINDS, build_model, load_model, save_model
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
 from napari_brain_uad.reconstruct import reconstruct_volume

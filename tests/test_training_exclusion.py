@@ -12,7 +12,7 @@ from brain_uad_training import ConfigError, TrainingConfig, fit
 from brain_uad_training.data import SliceSampler, find_scans, load_model_space, thick_slice
 from napari_brain_uad.brain_mask import EXCLUSION_GROWTH_MM, LARGEST_BRAIN_ML, find_brain, grown_mask
 from napari_brain_uad.calibration import outside_exclusion
-from napari_brain_uad.io import read_nifti
+from napari_brain_uad.nifti import read_nifti
 from napari_brain_uad.models.autoencoders import DAE, reconstruction_error
 from napari_brain_uad.postprocess import FilteredMap
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space

@@ -13,7 +13,7 @@ from brain_uad_training import ConfigError, TrainingConfig, fit
 from brain_uad_training.config import read_config_file
 from brain_uad_training.data import VolumeSampler, validation_volumes
 from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
-from napari_brain_uad.io import ScanWarning, read_nifti
+from napari_brain_uad.nifti import ScanWarning, read_nifti
 from napari_brain_uad.models import MODEL_KINDS, VAE3D, VAE3DConfig, build_model, load_model
 from napari_brain_uad.models.autoencoders import kl_divergence
 from napari_brain_uad.models.vae3d import (

@@ -11,7 +11,7 @@ import pytest
 
 from napari_brain_uad import worklist as worklist_module
 from napari_brain_uad.analysis_cache import StaleResults
-from napari_brain_uad.io import ScanError
+from napari_brain_uad.nifti import ScanError
 from napari_brain_uad.model_registry import default_model_name
 from napari_brain_uad.worklist import EXPORTED, FAILED, NOT_RUN, REVIEWED, RUN, Worklist, model_file_sha256
 

@@ -19,7 +19,6 @@ left out of the training loss, so a clinic can train on its own patients' scans.
 
 from __future__ import annotations
 
-import csv
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -31,11 +30,11 @@ import torch
 from napari_brain_uad.brain_mask import EXCLUSION_GROWTH_MM, find_brain, grown_mask
 from napari_brain_uad.errors import BrainUADError
 from napari_brain_uad.evaluation import check_same_grid
-from napari_brain_uad.io import ScanError, ScanWarning, read_nifti
+from napari_brain_uad.nifti import ScanError, ScanWarning, is_nifti_path, nifti_stem, read_nifti
 from napari_brain_uad.models.vae3d import centre_along_depth
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
+from napari_brain_uad.scan_list import ScanListError, csv_path, read_csv_rows, scans_in_folder
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # A slice trains the model when at least this fraction of it is brain: the outermost slices
 # hold a few voxels of brain that teach nothing about anatomy.
 MIN_BRAIN_FRACTION = 0.05
@@ -68,14 +67,6 @@ class ModelSpaceScan:
     exclude: np.ndarray | None = None  # (Z, H, W) bool: voxels left out of the loss (dilated)
 
 
-def nifti_stem(path: Path) -> str:
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
-
-
 def find_scans(data: str | Path | Sequence[str | Path], brain_masks: str | Path | None = None) -> list[ScanPair]:
     """The healthy scans of a training run, each with its brain mask.
 
@@ -83,6 +74,10 @@ def find_scans(data: str | Path | Sequence[str | Path], brain_masks: str | Path 
     ``image`` and (optionally) ``brain_mask`` and ``exclude_mask``. ``brain_masks`` is a folder where the mask of
     ``<subject>_<anything>.nii.gz`` is the file named ``<subject>_<anything else>.nii.gz`` (or
     has the scan's own name). Without masks the brain is found as the plugin finds it.
+
+    Folders and CSV files are read by the plugin's list reader (``scan_list``), so a list means
+    the same to training as to the worklist and the cohort; the training-only parts (the
+    ``exclude_mask`` and ``subject`` columns, brain masks matched by subject) are added here.
     """
     if isinstance(data, (str, Path)) and Path(data).suffix.lower() == ".csv":
         return _named_by_folder_when_needed(_scans_from_csv(Path(data)))
@@ -90,7 +85,8 @@ def find_scans(data: str | Path | Sequence[str | Path], brain_masks: str | Path 
         folder = Path(data)
         if not folder.is_dir():
             raise TrainingDataError(f"{folder}: no such folder (give a folder of NIfTI scans, a list, or a CSV file)")
-        images = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+        # Training reads NIfTI files only (load_model_space), so DICOM series folders are left out.
+        images = [entry.scan for entry in scans_in_folder(folder) if is_nifti_path(entry.scan)]
         if not images:
             raise TrainingDataError(f"{folder}: no NIfTI scans (.nii or .nii.gz) in this folder")
     else:
@@ -128,7 +124,7 @@ def _matching_mask(image: Path, mask_folder: Path) -> Path:
     subject = stem.rsplit("_", 1)[0] if "_" in stem else stem
     candidates = sorted(
         p for p in mask_folder.iterdir()
-        if p.name.endswith(NIFTI_SUFFIXES) and (nifti_stem(p) == stem or nifti_stem(p).startswith(subject + "_"))
+        if is_nifti_path(p) and (nifti_stem(p) == stem or nifti_stem(p).startswith(subject + "_"))
     )
     if len(candidates) != 1:
         found = "none" if not candidates else ", ".join(p.name for p in candidates)
@@ -141,27 +137,29 @@ def _matching_mask(image: Path, mask_folder: Path) -> Path:
 def _scans_from_csv(path: Path) -> list[ScanPair]:
     if not path.is_file():
         raise TrainingDataError(f"{path}: file not found")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "image" not in rows[0]:
-        raise TrainingDataError(f"{path}: a CSV with a header row naming the columns 'image' and 'brain_mask' "
-                                "(and optionally 'exclude_mask') is needed")
-
-    def optional_path(row: dict, column: str) -> Path | None:
-        # Relative paths in the CSV are relative to the CSV, so a data folder can move whole.
-        text = (row.get(column) or "").strip()
-        return (path.parent / text).resolve() if text else None
-
-    pairs = []
-    for row in rows:
-        pair = ScanPair(optional_path(row, "image"), optional_path(row, "brain_mask"),
-                        optional_path(row, "exclude_mask"), (row.get("subject") or "").strip() or None)
-        if pair.image is None:
-            raise TrainingDataError(f"{path}: a row has no 'image'")
-        for file in (pair.image, pair.brain_mask, pair.exclude_mask):
-            if file is not None and not file.is_file():
-                raise TrainingDataError(f"{path}: {file}: file not found")
-        pairs.append(pair)
+    try:
+        columns, rows = read_csv_rows(path)
+        if not rows or "image" not in columns:
+            raise TrainingDataError(f"{path}: a CSV with a header row naming the columns 'image' and 'brain_mask' "
+                                    "(and optionally 'exclude_mask') is needed")
+        pairs = []
+        for line, row in rows:
+            if not row.get("image"):
+                raise TrainingDataError(f"{path}: a row has no 'image'")
+            where = f"{path}, line {line}"
+            # Relative to the CSV (so a data folder can move whole), then resolved as training
+            # always has: subjects keep the names of the files links point to.
+            image, brain_mask, exclude_mask = (
+                file.resolve() if file is not None else None
+                for file in (csv_path(path, row["image"], where, "image", required=True),
+                             csv_path(path, row.get("brain_mask", ""), where, "brain mask"),
+                             csv_path(path, row.get("exclude_mask", ""), where, "exclusion mask")))
+            for file in (image, brain_mask, exclude_mask):
+                if file is not None and not file.is_file():
+                    raise TrainingDataError(f"{path}: {file}: file not found")
+            pairs.append(ScanPair(image, brain_mask, exclude_mask, row.get("subject") or None))
+    except ScanListError as error:
+        raise TrainingDataError(str(error)) from None
     return pairs
 
 

@@ -20,7 +20,7 @@ from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from .errors import BrainUADError, internal_error_message
-from .io import ScanError
+from .nifti import ScanError
 
 CURVE_POINTS = 400  # enough for a smooth line on a dock-sized plot
 

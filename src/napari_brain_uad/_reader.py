@@ -15,7 +15,8 @@ import numpy as np
 
 from ._styles import BRAIN, REFERENCE, label_style, layer_name
 from .dicom import holds_dicom, series_description
-from .io import NiftiVolume, as_label_array, is_nifti_path, nifti_stem, read_scan
+from .nifti import NiftiVolume, as_label_array, is_nifti_path, nifti_stem
+from .scan_reader import read_scan
 
 
 def get_reader(path: str | list[str]) -> Callable | None:

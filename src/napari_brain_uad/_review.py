@@ -20,6 +20,10 @@ status, volume, mean and max score, axial slice and side. Buttons and keys (Shif
 Shift+P previous, Shift+A accept, Shift+R reject) step through them and take the viewer to
 each. Edits not yet exported (or, in a worklist, saved with its session) are tracked, and
 closing the window with them asks first.
+
+The session, its findings, the annotation layer and the edits not exported are the dock's state
+(``dock_state.DockState``), which this review reads and writes: the worklist and the main widget
+see the same ones without reaching into the review.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from qtpy.QtWidgets import QMessageBox, QStyledItemDelegate
 from ._styles import ANNOTATION, PROPOSAL, UNDER_REVIEW, finish_labels, label_style, layer_name
 
 if TYPE_CHECKING:
+    from .dock_state import DockState
     from .session import Finding, ScanSession
 
 COLUMNS = ("#", "status", "mL", "mean", "max", "slice", "side")
@@ -47,9 +52,10 @@ REVIEW_FIELD_MM = 80.0
 class FindingsReview(Container):
     """The findings table with its review buttons, and the proposal and annotation layers."""
 
-    def __init__(self, viewer: napari.viewer.Viewer):
+    def __init__(self, viewer: napari.viewer.Viewer, state: DockState):
         super().__init__(labels=False)
         self._viewer = viewer
+        self._state = state
         self.title = Label(value="Findings: run the analysis first")
         self.table = Table(value={"data": [], "index": [], "columns": list(COLUMNS)})
         # Cells show the text as _row formats it: magicgui's own delegate re-reads numbers and
@@ -63,22 +69,15 @@ class FindingsReview(Container):
                                      self.reject_button], layout="horizontal", labels=False)
         buttons.margins = (0, 0, 0, 0)
         self.extend([self.title, self.table, buttons])
-        self.session: ScanSession | None = None
         self.proposal_layer = None
-        self.annotation_layer = None
         self.marker_layer = None  # the finding under review, outlined
         self._marked = False  # whether the marker layer holds a finding now
-        self.findings: list[Finding] = []
         self.current: int | None = None  # row of the finding in view
-        # Every annotation layer (one per scan reviewed) with edits not yet exported: unique id
-        # -> name. Kept per layer, so moving on to another scan never forgets the last one's.
-        self._unexported: dict = {}
         self._watched: set = set()  # annotation layers whose edits are followed
         self._close_guard: _AskBeforeClosing | None = None
-        # Called after every edit or decision (a worklist saves the session), before the
-        # window closes (it saves what is pending, so nothing saved is asked about), and once
-        # the close is decided (the dock ends its running work while its widgets still live).
-        self.on_edit: list = []
+        # Called before the window closes (a worklist saves what is pending, so nothing saved is
+        # asked about), and once the close is decided (the dock ends its running work while its
+        # widgets still live). Edits and decisions are announced by the state (``on_edit``).
         self.before_close: list = []
         self.on_close: list = []
         self.previous_button.changed.connect(lambda: self.step(-1))
@@ -88,6 +87,24 @@ class FindingsReview(Container):
         self.table.native.cellClicked.connect(lambda row, column: self.go_to(row))
         for action, key in KEYS.items():
             viewer.bind_key(key, self._key_handler(action), overwrite=True)
+
+    # The session, its findings and the user's layer are the dock's, kept in its state.
+
+    @property
+    def session(self) -> ScanSession | None:
+        return self._state.session
+
+    @session.setter
+    def session(self, session: ScanSession | None) -> None:
+        self._state.session = session
+
+    @property
+    def annotation_layer(self):
+        return self._state.annotation
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self._state.findings
 
     def _key_handler(self, action: str):
         handlers = {"next": lambda: self.step(+1), "previous": lambda: self.step(-1),
@@ -134,9 +151,9 @@ class FindingsReview(Container):
         layers = self._viewer.layers
         name = layer_name(ANNOTATION, scan_layer.name)
         if name in layers:
-            self.annotation_layer = layers[name]  # the user's: never removed, never rewritten
+            self._state.annotation = layers[name]  # the user's: never removed, never rewritten
         else:
-            self.annotation_layer = self._add_annotation_layer(scan_layer, annotation, placement)
+            self._state.annotation = self._add_annotation_layer(scan_layer, annotation, placement)
         self._watch(self.annotation_layer)
         for kind in (PROPOSAL, UNDER_REVIEW):
             if layer_name(kind, scan_layer.name) in layers:
@@ -170,8 +187,8 @@ class FindingsReview(Container):
     def clear(self) -> None:
         """No session (another scan is in view, not run yet); the layers are the viewer's to remove."""
         self.marker_layer, self._marked = None, False
-        self.session = self.proposal_layer = self.annotation_layer = self.current = None
-        self.findings = []
+        self.proposal_layer = self.current = None
+        self._state.clear_session()
         self.table.value = {"data": [], "index": [], "columns": list(COLUMNS)}
         self.title.value = "Findings: run the analysis first"
 
@@ -198,17 +215,10 @@ class FindingsReview(Container):
     def refresh_table(self) -> None:
         if self.session is None:
             return
-        self.findings = self.session.review(self.annotation_source())
+        self._state.findings = self.session.review(self.annotation_source())
         self.table.value = {"data": [_row(finding) for finding in self.findings],
                             "index": [str(finding.number) for finding in self.findings], "columns": list(COLUMNS)}
-        from .session import ACCEPTED, OPEN, PART_ACCEPTED, PART_REJECTED, REJECTED  # torch: not at napari's start
-
-        counts = {status: sum(f.status == status for f in self.findings)
-                  for status in (OPEN, ACCEPTED, REJECTED, PART_ACCEPTED, PART_REJECTED)}
-        partly = counts[PART_ACCEPTED] + counts[PART_REJECTED]
-        self.title.value = (f"Findings: {len(self.findings)} — {counts[OPEN]} open, {counts[ACCEPTED]} accepted, "
-                            f"{counts[REJECTED]} rejected" + (f", {partly} partly decided" if partly else "")
-                            + " (click a row to go to it)")
+        self.title.value = _title(self.findings)
         if self.current is not None and self.current >= len(self.findings):
             self.current = len(self.findings) - 1 if self.findings else None
         if self.current is not None:
@@ -247,11 +257,8 @@ class FindingsReview(Container):
         """Zoom so the finding's surroundings fill the view: a field of view of four times its
         diameter, at least REVIEW_FIELD_MM; it only ever zooms in (a user who zoomed closer stays)."""
         size = getattr(self._viewer.canvas, "size", None)
-        if not size or min(size) <= 0:
-            return
-        diameter = 2.0 * (3.0 * finding.volume_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)  # mm, as a ball
-        field = max(REVIEW_FIELD_MM, 4.0 * diameter)
-        self._viewer.camera.zoom = max(self._viewer.camera.zoom, float(min(size)) / field)
+        if size and min(size) > 0:
+            self._viewer.camera.zoom = max(self._viewer.camera.zoom, float(min(size)) / _field_mm(finding))
 
     def step(self, direction: int) -> None:
         """The next (+1) or previous (-1) finding, wrapping around."""
@@ -290,7 +297,7 @@ class FindingsReview(Container):
         changed = display & (np.asarray(layer.data) != value)
         if changed.any():
             layer.data_setitem(tuple(np.nonzero(changed)), value)
-            self._unexported[layer.unique_id] = layer.name
+            self._state.record_edit(layer.unique_id, layer.name)
 
     def _after_decision(self) -> None:
         """On to the next finding that needs a look: nothing decided yet, or a part not seen."""
@@ -298,7 +305,7 @@ class FindingsReview(Container):
 
         decided = self.current
         self.refresh()
-        self._edited()
+        self._state.edited()
         for offset in range(1, len(self.findings) + 1):
             row = (decided + offset) % len(self.findings)
             if self.findings[row].status in (OPEN, PART_ACCEPTED, PART_REJECTED):
@@ -306,30 +313,26 @@ class FindingsReview(Container):
                 return
 
     def _annotation_edited(self, event):
-        self._unexported[event.source.unique_id] = event.source.name
-        self._edited()
-
-    def _edited(self) -> None:
-        for callback in self.on_edit:
-            callback()
+        self._state.record_edit(event.source.unique_id, event.source.name)
+        self._state.edited()
 
     @property
     def unsaved(self) -> bool:
         """Whether any annotation layer has edits that were not exported."""
-        return bool(self._unexported)
+        return self._state.unsaved
 
     @unsaved.setter
     def unsaved(self, value: bool) -> None:
         if value:
             raise ValueError("edits are recorded as they are made; only forgetting them can be asked")
-        self._unexported.clear()
+        self._state.forget_unexported()
 
     def unexported_layers(self) -> list[str]:
-        return list(self._unexported.values())
+        return self._state.unexported_layers()
 
     def mark_saved(self, layer) -> None:
         """An export wrote ``layer``: its edits are safe."""
-        self._unexported.pop(layer.unique_id, None)
+        self._state.mark_exported(layer.unique_id)
 
     # ------------------------------------------------------------------ closing with edits
 
@@ -385,3 +388,20 @@ def _row(finding: Finding) -> list:
     # Fixed formats, so every row reads alike (a float cell would switch to 9.900e-02 for small scores).
     return [finding.number, finding.status, f"{finding.volume_ml:.3f}", f"{finding.mean_score:.4f}",
             f"{finding.max_score:.4f}", finding.axial_slice, finding.side]
+
+
+def _title(findings: list[Finding]) -> str:
+    from .session import ACCEPTED, OPEN, PART_ACCEPTED, PART_REJECTED, REJECTED  # torch: not at napari's start
+
+    counts = {status: sum(f.status == status for f in findings)
+              for status in (OPEN, ACCEPTED, REJECTED, PART_ACCEPTED, PART_REJECTED)}
+    partly = counts[PART_ACCEPTED] + counts[PART_REJECTED]
+    return (f"Findings: {len(findings)} — {counts[OPEN]} open, {counts[ACCEPTED]} accepted, "
+            f"{counts[REJECTED]} rejected" + (f", {partly} partly decided" if partly else "")
+            + " (click a row to go to it)")
+
+
+def _field_mm(finding: Finding) -> float:
+    """The field of view around a finding: four times its diameter, at least REVIEW_FIELD_MM."""
+    diameter = 2.0 * (3.0 * finding.volume_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)  # mm, as a ball
+    return max(REVIEW_FIELD_MM, 4.0 * diameter)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .analysis import AnalysisSettings, ScanAnalysis
-    from .io import NiftiVolume
+    from .nifti import NiftiVolume
     from .session import ScanSession
     from .worklist import RestoredScan, Worklist
 

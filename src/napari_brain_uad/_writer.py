@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BrainUADError
-from .io import NiftiGeometry, ScanError, is_nifti_path, save_on_source_grid
+from .nifti import NiftiGeometry, ScanError, is_nifti_path, save_on_source_grid
 
 
 class LayerExportError(BrainUADError):

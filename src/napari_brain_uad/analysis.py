@@ -19,7 +19,7 @@ import numpy as np
 
 from .brain_mask import GIVEN, BrainMask, find_brain
 from .errors import SettingsError
-from .io import NiftiVolume, ScanError
+from .nifti import NiftiVolume, ScanError
 from .model_card import FALLBACK_SCORER, default_scorer
 from .models import ReconstructionModel
 from .postprocess import MIN_COMPONENT_VOXELS, FilteredMap, prepare

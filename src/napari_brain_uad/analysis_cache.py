@@ -34,7 +34,7 @@ from .analysis import AnalysisSettings, ScanAnalysis, analysis_from_model_space
 from .brain_mask import BrainMask
 from .downloads import file_sha256
 from .errors import BrainUADError
-from .io import NiftiVolume, write_atomically
+from .nifti import NiftiVolume, write_atomically
 from .preprocess import ModelSpaceTransform, ModelSpaceVolume
 
 CACHE_FORMAT = 1

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .io import NiftiVolume, ScanError, ScanWarning
+from .nifti import NiftiVolume, ScanError, ScanWarning
 
 # An adult brain (with its CSF) is 1.0-2.0 litres; bounds with room for small and large heads.
 SMALLEST_BRAIN_ML = 600.0

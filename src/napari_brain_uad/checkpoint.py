@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import BrainUADError, OutputExists
-from .io import plain_file_mode, write_atomically
+from .nifti import plain_file_mode, write_atomically
 
 FORMAT_VERSION = 1
 METADATA_KEY = "napari_brain_uad"

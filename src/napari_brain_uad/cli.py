@@ -324,7 +324,7 @@ def _analyse(image, brain_mask, model_path, metadata, settings, *, contrast: str
     """Read one scan (a NIfTI file or a DICOM series) and its brain mask, warn if its
     ``contrast`` (guessed from its names) is another than the model's, and analyse it."""
     from .analysis import analyse_scan
-    from .io import read_scan
+    from .scan_reader import read_scan
     from .model_card import modality_mismatch
     from .models import load_model
 
@@ -386,7 +386,7 @@ def evaluate_command(arguments) -> int:
         documents.append(_evaluate_with(arguments, model, [cases[index] for index in chosen],
                                         [contrasts[index] for index in chosen]))
     if arguments.json:
-        from .io import write_atomically
+        from .nifti import write_atomically
 
         document = documents[0] if len(documents) == 1 else {"models": documents}
         text = json.dumps(document, indent=2, default=float)

@@ -48,7 +48,7 @@ from .cohort_records import (
     summary_row, write_record, write_summary,
 )
 from .errors import BrainUADError, OutputExists, SettingsError, internal_error_message
-from .io import write_atomically
+from .nifti import write_atomically
 from .results import ScanOutputs, ScanResult, check_folder_writable, image_kinds, named_outputs, write_results
 from .scan_list import ScanEntry, bids_entities, write_bids_description
 
@@ -74,7 +74,7 @@ def _prepare(entry: ScanEntry, job: CohortJob) -> _Prepared:
     """Hash the scan, read its record, and read the scan when it is to run. Only reads: safe in
     a reading-ahead thread."""
     from .analysis_cache import scan_sha256
-    from .io import read_scan
+    from .scan_reader import read_scan
     from .model_card import modality_mismatch
     from .model_registry import scan_contrast
 
@@ -106,7 +106,7 @@ def _prepare(entry: ScanEntry, job: CohortJob) -> _Prepared:
 
 
 def _sha256_of(path: Path, digest: Callable[[Path], str]) -> str:
-    from .io import ScanError
+    from .nifti import ScanError
 
     try:
         return digest(path)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io as text_io
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -30,7 +30,7 @@ from pathlib import Path
 from . import __version__
 from .analysis import AnalysisSettings
 from .errors import OutputExists, SettingsError
-from .io import temporary_beside, write_atomically
+from .nifti import temporary_beside, write_atomically
 from .results import COHORT_KINDS, ScanOutputs, named_outputs, same_file_key, write_json
 from .scan_list import ScanEntry, bids_entities, id_problem
 from .thresholds import ChosenThreshold
@@ -219,7 +219,7 @@ def summary_row(entry: ScanEntry, status: str, *, error: str = "", seconds: floa
 # ------------------------------------------------------------------------------ the summary
 
 def csv_text(rows: Sequence[dict]) -> str:
-    buffer = text_io.StringIO()
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:

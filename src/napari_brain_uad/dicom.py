@@ -1,9 +1,9 @@
 """Reading a DICOM series as a scan, with the exact geometry of its slices.
 
 Scanners and PACS exports give a scan as a folder of DICOM files, one file per slice. Such a
-folder becomes a :class:`~napari_brain_uad.io.NiftiVolume` like any NIfTI scan, so everything
+folder becomes a :class:`~napari_brain_uad.nifti.NiftiVolume` like any NIfTI scan, so everything
 downstream works on it unchanged, and masks drawn or computed on it are written as NIfTI on the
-series' own grid (``io.save_source_array``), where they overlay the series voxel for voxel.
+series' own grid (``nifti.save_source_array``), where they overlay the series voxel for voxel.
 
 DICOM places every slice by itself, in the patient's LPS frame (x towards the patient's left,
 y towards posterior, z towards superior): ImagePositionPatient is the centre of the slice's
@@ -40,7 +40,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from .io import NiftiGeometry, NiftiVolume, ScanError, ScanWarning, warn_if_oblique
+from .nifti import NiftiGeometry, NiftiVolume, ScanError, ScanWarning, warn_if_oblique
 
 _POSITION = "0020|0032"  # ImagePositionPatient
 _ORIENTATION = "0020|0037"  # ImageOrientationPatient

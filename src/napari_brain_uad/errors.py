@@ -8,7 +8,7 @@ can, what to do. The doors (the widgets, ``brain-uad``, ``brain-uad-train``,
 exception is a bug: the doors log its traceback and tell the user plainly that an internal error
 happened, rather than dressing it up as a user mistake.
 
-The subclasses live beside the code that raises them (``io.ScanError``,
+The subclasses live beside the code that raises them (``nifti.ScanError``,
 ``checkpoint.CheckpointError``, ``model_registry.ModelUnavailable``, …); this module holds only
 what they share. No Qt, napari or torch import here.
 """

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .analysis import AnalysisSettings, ScanAnalysis, analyse_scan
-from .io import NiftiVolume, ScanError, read_scan, scan_stem
 from .metrics import auprc, auprc_pooled, best_dice, best_dice_pooled, dice, l1_inside_outside, precision_recall_curve
 from .models import ReconstructionModel
+from .nifti import NiftiVolume, ScanError, scan_stem
 from .postprocess import FilteredMap
+from .scan_reader import read_scan
 from .thresholds import ChosenThreshold
 
 # A lesion mask overlays its scan when their affines agree to this (mm).

@@ -41,7 +41,7 @@ from .downloads import OFFLINE_VARIABLE, cache_dir, download, downloads_off, fil
 from .errors import BrainUADError
 
 if TYPE_CHECKING:
-    from .io import NiftiGeometry
+    from .nifti import NiftiGeometry
 
 
 class ModelUnavailable(BrainUADError, ValueError):
@@ -103,7 +103,7 @@ def check_user_model_name(name: str, path: str | os.PathLike, *, replace: bool =
 
 def register_user_model(name: str, path: str | os.PathLike, *, replace: bool = False) -> None:
     """Let every door pick the checkpoint ``path`` by ``name`` (kept with its SHA256)."""
-    from .io import write_atomically
+    from .nifti import write_atomically
 
     check_user_model_name(name, path, replace=replace)
     path = Path(path).resolve()
@@ -279,7 +279,7 @@ def scan_contrast(path: str | os.PathLike, *names: str, series_uid: str | None =
 def read_scan_contrast(geometry: NiftiGeometry, *names: str) -> str | None:
     """The contrast of a scan already read (its geometry, as a napari layer carries it): from
     ``names`` (the layer's), then a DICOM series' description, then its file's or folder's name."""
-    from .io import is_nifti_path
+    from .nifti import is_nifti_path
 
     description = ""
     if not is_nifti_path(geometry.source):  # a DICOM series: its header keeps the SeriesDescription

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from .bias_field import BiasCorrectionSkipped, n4_bias_field
 from .brain_mask import LARGEST_BRAIN_ML, mask_on_scan_grid, non_background
-from .io import NiftiVolume, ScanError, ScanWarning
+from .nifti import NiftiVolume, ScanError, ScanWarning
 
 # Slices up to this many times the model's spacing (6 mm at 2 mm) still give usable maps: on
 # healthy IXI scans thickened by averaging, the share flagged at the healthy threshold went from

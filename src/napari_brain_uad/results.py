@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .errors import OutputExists, SettingsError
-from .io import is_nifti_path, save_source_array, scan_stem, write_atomically
+from .nifti import is_nifti_path, save_source_array, scan_stem, write_atomically
 
 IMAGE_KINDS = ("anomaly_map", "reconstruction", "spread")  # and a model's extra maps, by their names
 LABEL_KINDS = ("mask", "brain_mask")

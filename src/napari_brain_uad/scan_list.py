@@ -1,7 +1,8 @@
 """Lists of scans as users keep them: a folder, a CSV file, or a BIDS dataset.
 
 The worklist of the napari widget and the cohort commands read their scans here, so the three
-forms mean the same thing everywhere. Each scan becomes a :class:`ScanEntry`: an id that names
+forms mean the same thing everywhere; training reads its folders and CSV lists through
+:func:`scans_in_folder` and :func:`read_csv_rows` too, adding its own columns. Each scan becomes a :class:`ScanEntry`: an id that names
 its outputs, the scan (a NIfTI file or a folder holding a DICOM series), and optionally its
 brain mask and a lesion mask to evaluate against.
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import BrainUADError
-from .io import is_nifti_path, nifti_stem, scan_stem
+from .nifti import is_nifti_path, nifti_stem, scan_stem
 
 BIDS_DESCRIPTION = "dataset_description.json"
 DEFAULT_BIDS_SUFFIX = "T1w"
@@ -71,7 +72,7 @@ def read_scan_list(source: str | os.PathLike, *, bids_suffix: str = DEFAULT_BIDS
     elif path.is_dir() and (path / BIDS_DESCRIPTION).is_file():
         entries = _from_bids(path, bids_suffix, dict(bids_entities or {}), derivatives)
     elif path.is_dir():
-        entries = _from_folder(path)
+        entries = scans_in_folder(path)
     elif path.exists():
         raise ScanListError(f"{path}: not a folder, a CSV file or a BIDS dataset")
     else:
@@ -124,7 +125,9 @@ def is_bids_dataset(path: str | os.PathLike) -> bool:
 
 # ---------------------------------------------------------------------------- a folder
 
-def _from_folder(folder: Path) -> list[ScanEntry]:
+def scans_in_folder(folder: Path) -> list[ScanEntry]:
+    """The scans directly in ``folder`` (none when it holds none): its NIfTI files and its
+    subfolders holding a DICOM series, sorted by name, hidden files left out."""
     from .dicom import holds_dicom  # SimpleITK only when a folder is listed
 
     entries = []
@@ -140,7 +143,9 @@ def _from_folder(folder: Path) -> list[ScanEntry]:
 
 # ---------------------------------------------------------------------------- a CSV file
 
-def _from_csv(path: Path) -> list[ScanEntry]:
+def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A CSV list's column names and its rows with their line numbers (blank lines left out),
+    names and cells stripped. Training's list reads its own columns through this too."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM
             reader = csv.DictReader(handle)
@@ -149,27 +154,32 @@ def _from_csv(path: Path) -> list[ScanEntry]:
                     for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise ScanListError(f"{path}: cannot be read as CSV ({error})") from error
+    # Line 1 is the header; rows of empty cells are blank lines.
+    return columns, [(line, row) for line, row in enumerate(rows, start=2) if any(row.values())]
+
+
+def _from_csv(path: Path) -> list[ScanEntry]:
+    columns, rows = read_csv_rows(path)
     scan_column = next((name for name in _CSV_SCAN_COLUMNS if name in columns), None)
     if scan_column is None:
         raise ScanListError(f"{path}: the header row must name a 'scan' column (and optionally 'id', "
                             f"'brain_mask', 'lesion_mask'); it has {', '.join(columns) or 'none'}")
     lesion_column = next((name for name in _CSV_LESION_COLUMNS if name in columns), None)
     entries = []
-    for line, row in enumerate(rows, start=2):  # line 1 is the header
-        if not any(row.values()):
-            continue  # a blank line
+    for line, row in rows:
         where = f"{path}, line {line}"
-        scan = _csv_path(path, row.get(scan_column, ""), where, "scan", required=True)
+        scan = csv_path(path, row.get(scan_column, ""), where, "scan", required=True)
         entries.append(ScanEntry(
             id=row.get("id") or scan_stem(scan),
             scan=scan,
-            brain_mask=_csv_path(path, row.get("brain_mask", ""), where, "brain mask"),
-            lesion_mask=_csv_path(path, row.get(lesion_column, "") if lesion_column else "", where, "lesion mask"),
+            brain_mask=csv_path(path, row.get("brain_mask", ""), where, "brain mask"),
+            lesion_mask=csv_path(path, row.get(lesion_column, "") if lesion_column else "", where, "lesion mask"),
         ))
     return entries
 
 
-def _csv_path(csv_file: Path, text: str, where: str, what: str, *, required: bool = False) -> Path | None:
+def csv_path(csv_file: Path, text: str, where: str, what: str, *, required: bool = False) -> Path | None:
+    """The file a CSV cell names (relative to the CSV), which must exist; None for an empty cell."""
     if not text:
         if required:
             raise ScanListError(f"{where}: the {what} is empty")
@@ -292,7 +302,7 @@ def write_bids_description(folder: str | os.PathLike, name: str, generated_by: M
     when one is already there)."""
     path = Path(folder) / BIDS_DESCRIPTION
     if not path.exists():
-        from .io import write_atomically
+        from .nifti import write_atomically
 
         path.parent.mkdir(parents=True, exist_ok=True)
         description = {"Name": name, "BIDSVersion": "1.9.0", "DatasetType": "derivative",

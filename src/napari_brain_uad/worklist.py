@@ -41,8 +41,9 @@ import numpy as np
 
 from .analysis_cache import NPZ_READ_ERRORS, StaleResults, load_analysis, save_analysis, scan_sha256
 from .errors import BrainUADError
-from .io import NiftiVolume, read_scan, write_atomically
+from .nifti import NiftiVolume, write_atomically
 from .scan_list import DEFAULT_BIDS_SUFFIX, ScanEntry, is_bids_dataset, read_scan_list, write_bids_description
+from .scan_reader import read_scan
 
 WORKLIST_FILE = "worklist.json"
 WORKLIST_FORMAT = 1

@@ -24,19 +24,13 @@ from .maediff import MAEDiff, MAEDiffConfig
 from .vae3d import VAE3D, VAE3DConfig
 from .sadm import SADM, SADMConfig
 from .phanes import PHANES, PHANESConfig
+from .registry import MODEL_KINDS, build_model, register_kind
 
-MODEL_KINDS: dict[str, type[ReconstructionModel]] = {
-    DDPM.kind: DDPM,
-    CDDPM.kind: CDDPM,
-    PDDPM.kind: PDDPM,
-    MAEDiff.kind: MAEDiff,
-    AE.kind: AE,
-    VAE.kind: VAE,
-    DAE.kind: DAE,
-    VAE3D.kind: VAE3D,
-    SADM.kind: SADM,
-    PHANES.kind: PHANES,
-}
+# Registered here, in one list, rather than by each kind's module: this order is the order
+# MODEL_KINDS lists them in (e.g. in "unknown kind" messages).
+for _kind in (DDPM, CDDPM, PDDPM, MAEDiff, AE, VAE, DAE, VAE3D, SADM, PHANES):
+    register_kind(_kind)
+del _kind
 
 __all__ = [
     "AE",
@@ -65,16 +59,9 @@ __all__ = [
     "build_model",
     "load_model",
     "noise_levels",
+    "register_kind",
     "save_model",
 ]
-
-
-def build_model(kind: str, hyperparameters: dict | None = None, spec: ModelSpaceSpec = ModelSpaceSpec()):
-    """A fresh (untrained) model of ``kind`` from JSON-like hyper-parameters."""
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(MODEL_KINDS)}")
-    model_class = MODEL_KINDS[kind]
-    return model_class(model_class.config_class.from_dict(hyperparameters or {}), spec)
 
 
 def save_model(

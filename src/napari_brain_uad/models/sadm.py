@@ -69,6 +69,7 @@ from .base import (
     random_uniform,
 )
 from .ddpm import noise_levels
+from .registry import build_model
 
 SUPERVISIONS = ("synthetic", "labelled")
 
@@ -350,8 +351,6 @@ class SADM(ReconstructionModel):
 
     def __init__(self, config: SADMConfig = SADMConfig(), spec: ModelSpaceSpec = ModelSpaceSpec()):
         super().__init__(config, spec)
-        from . import build_model  # the registry imports this module
-
         if config.base_kind == self.kind:
             raise ValueError("a SADM cannot sit on another SADM")
         self.base = build_model(config.base_kind, config.base_hyperparameters, spec)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..io import ScanWarning
+from ..nifti import ScanWarning
 from ..preprocess import ModelSpaceSpec
 from .autoencoders import (
     VariationalCoding,

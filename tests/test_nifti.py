@@ -12,7 +12,7 @@ import pytest
 from napari.components import ViewerModel
 
 from conftest import GEOMETRIES
-from napari_brain_uad.io import ScanError, ScanWarning, read_nifti, save_on_source_grid
+from napari_brain_uad.nifti import ScanError, ScanWarning, read_nifti, save_on_source_grid
 
 PLUGIN = "napari-brain-uad"
 

@@ -6,10 +6,12 @@ in one fixed orientation so every scan looks upright in napari whatever its stor
 Whatever is drawn or computed on the display grid is written back on the source's own grid
 with its own affine.
 
-Users bring a scan as a NIfTI file or as a folder holding a DICOM series; ``read_scan`` takes
-either. ``dicom.py`` reads a series into the same :class:`NiftiVolume`, with a fresh NIfTI
-header carrying the series' exact affine, so from there on a DICOM scan is a NIfTI scan and
-its masks are written as NIfTI on the series' own grid.
+Users bring a scan as a NIfTI file or as a folder holding a DICOM series;
+``scan_reader.read_scan`` takes either. ``dicom.py`` reads a series into the same
+:class:`NiftiVolume`, with a fresh NIfTI header carrying the series' exact affine, so from there
+on a DICOM scan is a NIfTI scan and its masks are written as NIfTI on the series' own grid.
+``dicom`` imports this module and this module never imports ``dicom``: the choice between
+the two lives in ``scan_reader``.
 
 The display orientation is I-P-L (array axis 0 runs towards inferior, axis 1 towards
 posterior, axis 2 towards the patient's left). In napari that gives:
@@ -355,30 +357,6 @@ def warn_if_oblique(geometry: NiftiGeometry) -> None:
             ScanWarning,
             stacklevel=3,
         )
-
-
-def read_scan(
-    path: str | os.PathLike, *, allow_empty: bool = False, series_uid: str | None = None
-) -> NiftiVolume:
-    """Read a scan as users have it: a NIfTI file, or a folder holding a DICOM series.
-
-    A folder goes to :func:`napari_brain_uad.dicom.read_dicom_series` (``series_uid`` picks a
-    series when it holds several), anything else to :func:`read_nifti`; both raise
-    :class:`ScanError` naming the path and the problem.
-    """
-    path = Path(path)
-    if path.is_dir():
-        from .dicom import read_dicom_series  # SimpleITK is loaded only for DICOM
-
-        return read_dicom_series(path, series_uid, allow_empty=allow_empty)
-    if series_uid is not None:
-        raise ScanError(f"{path}: a DICOM series UID was given, but this is not a folder holding a DICOM series")
-    if path.is_file() and not is_nifti_path(path):
-        from .dicom import is_dicom_file
-
-        if is_dicom_file(path):
-            raise ScanError(f"{path}: is a single DICOM file; give the folder that holds its whole series")
-    return read_nifti(path, allow_empty=allow_empty)
 
 
 def save_on_source_grid(
