@@ -36,6 +36,7 @@ FILE_CHOICE = "checkpoint file…"
 PICK_HINT = "choose another above"
 WARNING_MARK = "⚠"  # starts a line of the model card that must stay in view
 MODELS_T_TEST = "model's t_test"
+ENSEMBLE_CHOICE = "250, 500, 750"  # analysis.NOISE_LEVEL_ENSEMBLE, as the list shows it
 
 
 class ModelControls:
@@ -56,7 +57,7 @@ class ModelControls:
             text="Lesion direction only", value=False,
             tooltip="count only deviations the model's contrast gives lesions: darker on T1, brighter on T2/FLAIR")
         self.samples = SpinBox(label="Samples (N)", min=1, max=50, value=1)
-        self.noise_levels = ComboBox(label="Noise level", choices=[MODELS_T_TEST, "250, 500, 750"],
+        self.noise_levels = ComboBox(label="Noise level", choices=[MODELS_T_TEST, ENSEMBLE_CHOICE],
                                      value=MODELS_T_TEST)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.settings_shown = CheckBox(value=False, tooltip="scorer, lesion direction, samples, noise level, device")
@@ -170,7 +171,7 @@ class ModelControls:
         self.lesion_direction.enabled = directed is not None
         scorer = directed if self.lesion_direction.value and directed else model_card.default_scorer(self.metadata)
         if self.metadata and scorer in SCORERS and self.scorer.value != scorer:
-            self.samples.value = SCORERS[scorer].default_samples
+            self.samples.value = _samples_for(scorer)
             self.scorer.value = scorer  # its presets follow
         else:
             self._notify_scorer(presets_only=True)
@@ -256,7 +257,7 @@ class ModelControls:
         else:
             scorer = "residual" if default == directed else default
         if scorer in SCORERS and scorer != self.scorer.value:
-            self.samples.value = SCORERS[scorer].default_samples
+            self.samples.value = _samples_for(scorer)
             self.scorer.value = scorer  # its presets follow
 
     # ------------------------------------------------------------------ the settings
@@ -267,8 +268,15 @@ class ModelControls:
         return f"{self.scorer.value}, N = {self.samples.value}{noise}, {self.device.value}"
 
     def analysis_settings(self, median: bool):
-        from .analysis import AnalysisSettings  # brings torch and MONAI: only when a run starts
+        """What a run uses: the user's choices, through the one rule every door follows."""
+        from .analysis import NOISE_LEVEL_ENSEMBLE, AnalysisSettings  # torch and MONAI: only when a run starts
 
-        levels = None if self.noise_levels.value == MODELS_T_TEST else (250, 500, 750)
-        return AnalysisSettings(scorer=self.scorer.value, samples=self.samples.value, noise_levels=levels,
-                                device=self.device.value, median=median)
+        levels = None if self.noise_levels.value == MODELS_T_TEST else NOISE_LEVEL_ENSEMBLE
+        return AnalysisSettings.for_model(self.metadata, scorer=self.scorer.value, samples=self.samples.value,
+                                          noise_levels=levels, device=self.device.value, median=median)
+
+
+def _samples_for(scorer: str) -> int:
+    from .analysis import AnalysisSettings  # torch and MONAI: only once a model is chosen
+
+    return AnalysisSettings.samples_for(scorer)

@@ -31,6 +31,11 @@ from .scoring import SCORERS, ensemble_mean, score
 _STAGES = {"brain": 0.10, "model space": 0.05, "reconstruction": 0.70, "scoring": 0.08, "post-processing": 0.04, "native grid": 0.03}
 
 
+# The thesis's test-time ensemble of noise levels: reconstructions at t = 250, 500 and 750
+# (of T = 1000) averaged, the alternative to one fixed t_test = 500.
+NOISE_LEVEL_ENSEMBLE = (250, 500, 750)
+
+
 @dataclass(frozen=True)
 class AnalysisSettings:
     """How to analyse a scan. ``noise_levels`` None means the model's ``t_test``; several levels
@@ -38,6 +43,8 @@ class AnalysisSettings:
 
     scorer: str = FALLBACK_SCORER
     samples: int = 1
+    # None: the model's own test-time noise level (diffusion kinds); else averaged over these
+    # (NOISE_LEVEL_ENSEMBLE, the thesis's ensemble, is what the widget offers).
     noise_levels: tuple[int, ...] | None = None
     scorer_parameters: dict = field(default_factory=dict)
     # The 5³ median filter of post-processing; None: the scorer's paper's rule (on for all but
@@ -67,11 +74,17 @@ class AnalysisSettings:
     def for_model(cls, metadata: dict, *, scorer: str | None = None, samples: int | None = None,
                   **settings) -> "AnalysisSettings":
         """Settings for a model: what the user chose, and for the rest the model's defaults —
-        the scorer it was calibrated with, and the number of reconstructions that scorer needs."""
+        the scorer it was calibrated with, and the number of reconstructions that scorer needs.
+        Every door (widget, CLI, cohort, calibration, worklist) builds its settings here."""
         scorer = scorer or default_scorer(metadata)
+        return cls(scorer=scorer, samples=samples or cls.samples_for(scorer), **settings)
+
+    @staticmethod
+    def samples_for(scorer: str) -> int:
+        """The number of reconstructions ``scorer`` needs by default (10 for the Mahalanobis ones)."""
         if scorer not in SCORERS:
             raise SettingsError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}")
-        return cls(scorer=scorer, samples=samples or SCORERS[scorer].default_samples, **settings)
+        return SCORERS[scorer].default_samples
 
 
 @dataclass(eq=False)

@@ -22,7 +22,7 @@ from napari_brain_uad.typicality import TYPICALITY_LIMIT
 
 # Healthy IXI T1 scans (120x120x90, 2 mm, skull on) with their brain masks: no brain extraction.
 SUBJECTS = ("IXI012-HH-1211", "IXI013-HH-1212")
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def ixi(shared_data, subject):

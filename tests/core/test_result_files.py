@@ -225,7 +225,7 @@ def test_the_result_and_cohort_modules_are_in_no_import_cycle():
     import ast
     from pathlib import Path
 
-    package = Path(__file__).resolve().parents[1] / "src" / "napari_brain_uad"
+    package = Path(__file__).resolve().parents[2] / "src" / "napari_brain_uad"
     imports = {}
     for path in package.glob("*.py"):
         found = set()

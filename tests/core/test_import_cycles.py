@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_cycles.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "import_cycles.py"
 
 
 def test_no_module_level_import_cycles():
