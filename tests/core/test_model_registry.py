@@ -51,6 +51,37 @@ def test_the_bundled_t1_sadm_says_where_it_wins_and_where_it_loses():
     assert model_for_contrast("T1").name == "ixi-t1-dae-n4"
 
 
+def test_the_bundled_t1_maediff_says_why_it_is_not_the_default():
+    """MAEDiff ranked real MS lesions on T1 best and flags the least healthy brain, so it ships
+    (issue 25's rule); it takes minutes a scan on a CPU, so the default stays the DAE, and its
+    card says both — and that its scorer was chosen on the cases it is measured on."""
+    from napari_brain_uad.model_registry import model_for_contrast
+
+    path = resolve_model("ixi-t1-maediff")
+    model, metadata = load_model(path)
+    card = model_card(path)
+    assert model.kind == "maediff" and card["default_scorer"] == "ssim-ens"
+    assert metadata["hyperparameters"]["t_test"] == 500
+    assert default_threshold(metadata, "ssim-ens") is not None
+    assert any("flags 1.3 %" in limit for limit in card["limits"])
+    assert any("Slow on a CPU" in limit for limit in card["limits"])
+    assert any("validation set, not a test set" in limit for limit in card["limits"])
+    assert model_for_contrast("T1").name == "ixi-t1-dae-n4"
+
+
+def test_the_bundled_t1_pddpm_says_where_it_stands():
+    """The thesis's pDDPM also beat the T1 default on real MS lesions (issue 25's rule): it ships
+    with its card saying how much healthy brain it flags and what it costs."""
+    path = resolve_model("ixi-t1-pddpm")
+    model, metadata = load_model(path)
+    card = model_card(path)
+    assert model.kind == "pddpm" and card["default_scorer"] == "ssim-ens"
+    assert metadata["hyperparameters"]["t_test"] == 500 and metadata["hyperparameters"]["patch_size"] == 48
+    assert default_threshold(metadata, "ssim-ens") is not None
+    assert any("flags 1.0 %" in limit for limit in card["limits"])
+    assert any("validation set, not a test set" in limit for limit in card["limits"])
+
+
 def test_a_damaged_bundled_file_is_reported(monkeypatch):
     entries = model_registry.registry()["models"]
     name = default_model_name()
