@@ -165,6 +165,26 @@ IXI_THREE = ("IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236")
 
 
 @pytest.fixture(scope="session")
+def small_ddpm_checkpoint(tmp_path_factory):
+    """A small DDPM checkpoint with a stored healthy-99 threshold: random weights whose output
+    depends on the input (MONAI zero-initialises the output layer), for tests of the doors
+    rather than of a model's quality."""
+    import torch
+
+    from napari_brain_uad.models import DDPM, DDPMConfig, save_model
+
+    torch.manual_seed(0)
+    model = DDPM(DDPMConfig(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=16))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("model") / "small.safetensors"
+    return save_model(path, model, {"thresholds": {"healthy-99": {"value": 0.05}},
+                                    "training_data": {"description": "test weights"}})
+
+
+@pytest.fixture(scope="session")
 def ixi_folder(tmp_path_factory):
     """Three healthy IXI subjects as a folder of scans plus a folder of brain masks (links)."""
     ixi = SHARED_DATA / "ixi_t1"

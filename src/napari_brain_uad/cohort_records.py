@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import __version__
 from .analysis import AnalysisSettings
+from .downloads import file_sha256
 from .errors import OutputExists, SettingsError
 from .nifti import temporary_beside, write_atomically
 from .results import COHORT_KINDS, ScanOutputs, named_outputs, same_file_key, write_json
@@ -241,14 +242,7 @@ def read_summary_csv(path: str | os.PathLike) -> list[dict]:
 
 
 def _sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
-
-
-def _publish(temporary: str, path: Path) -> None:
-    os.replace(temporary, path)
+    return file_sha256(path) if path.is_file() else None
 
 
 def write_summary(out_dir: Path, rows: Sequence[dict], about: dict) -> tuple[Path, Path]:
@@ -274,7 +268,7 @@ def write_summary(out_dir: Path, rows: Sequence[dict], about: dict) -> tuple[Pat
         Path(temporaries[json_path]).write_text(json.dumps(document, indent=2, default=float) + "\n", encoding="utf-8")
         Path(temporaries[csv_path]).write_text(text, encoding="utf-8")
         for path, temporary in temporaries.items():  # the JSON first: it is the whole truth
-            _publish(temporary, path)
+            os.replace(temporary, path)
     finally:
         for temporary in temporaries.values():
             Path(temporary).unlink(missing_ok=True)

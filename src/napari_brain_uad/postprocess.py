@@ -204,7 +204,8 @@ class FilteredMap:
         above = self._padded_scores > _check_threshold(threshold)
         count = int(np.count_nonzero(above))
         if count <= _SPARSE_SHARE * above.size:
-            points, component = _components_of_points(np.flatnonzero(above), above.shape)
+            points = np.flatnonzero(above)
+            component = _components_of_points(points, above.shape)
             points = _unpadded_index(points, above.shape)
         else:
             labels, _ = ndimage.label(above[1:-1, 1:-1, 1:-1], structure=_CONNECTIVITY_26)
@@ -253,13 +254,13 @@ class FilteredMap:
         return findings_table(self.labels_at(threshold, min_size_voxels, min_size_ml), self.values, self.spacing_mm)
 
 
-def _components_of_points(points: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _components_of_points(points: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """26-connected components of a few voxels given by their raveled indices (ascending) in a
     volume of ``shape`` whose border holds none of them: each voxel is joined to those of its
-    13 forward neighbours that are among them. Returns the points and their components,
-    numbered in the raster order of each one's first voxel (as ``ndimage.label`` numbers them)."""
+    13 forward neighbours that are among them. Returns each point's component, numbered in the
+    raster order of each one's first voxel (as ``ndimage.label`` numbers them)."""
     if points.size == 0:
-        return points, np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64)
     # Each voxel of the volume -> its point's number, or -1: a neighbour is found by one lookup.
     number_of = np.full(int(np.prod(shape)), -1, dtype=np.int32)
     number_of[points] = np.arange(points.size, dtype=np.int32)
@@ -280,7 +281,7 @@ def _components_of_points(points: np.ndarray, shape: tuple[int, int, int]) -> tu
                               shape=(points.size, points.size))
     # Components are numbered as their lowest node is met, and nodes are in raster order.
     _, component = csgraph.connected_components(graph, directed=False)
-    return points, component
+    return component
 
 
 def _unpadded_index(points: np.ndarray, padded_shape: tuple[int, int, int]) -> np.ndarray:

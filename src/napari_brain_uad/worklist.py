@@ -250,25 +250,25 @@ class Worklist:
             return None
         try:
             annotation, _ = self._read_review(entry_id)
-        except NPZ_READ_ERRORS:
-            self._set_aside_damaged_review(entry_id)
+        except StaleResults:  # damaged: moved aside, nothing to start from
             return None
         annotation = annotation.astype(np.uint8, copy=False)
         return annotation if annotation.shape == tuple(shape) and annotation.any() else None
 
-    def _set_aside_damaged_review(self, entry_id: str) -> Path:
-        """Move a review that cannot be read out of the way under a name of its own, so the next
-        save does not replace what may still be recovered from it."""
-        path = self.review_path(entry_id)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        kept = path.with_name(f"review.damaged-{stamp}.npz")
-        os.replace(path, kept)
-        return kept
-
     def _read_review(self, entry_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """The saved mask and rejected voxels of scan ``entry_id`` (no code runs from the file)."""
-        with np.load(self.review_path(entry_id), allow_pickle=False) as review:
-            return review["annotation"], review["rejected"].astype(bool)
+        """The saved mask and rejected voxels of scan ``entry_id`` (no code runs from the file).
+        A review that cannot be read is moved out of the way under a name of its own, so the
+        next save does not replace what may still be recovered from it, and is a
+        :class:`StaleResults` saying where it went."""
+        path = self.review_path(entry_id)
+        try:
+            with np.load(path, allow_pickle=False) as review:
+                return review["annotation"], review["rejected"].astype(bool)
+        except NPZ_READ_ERRORS as error:
+            kept = path.with_name(f"review.damaged-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}.npz")
+            os.replace(path, kept)
+            raise StaleResults(f"{path}: the saved review cannot be read ({type(error).__name__}: {error}); "
+                               f"it is kept as {kept.name}. Run the scan again to review it anew") from error
 
     def restore(self, entry_id: str, *, model_sha256: str | None = None,
                 scan: NiftiVolume | None = None) -> RestoredScan | None:
@@ -292,13 +292,7 @@ class Worklist:
             session.threshold, session.preset = float(record.threshold), record.preset
         annotation = np.zeros(scan.data.shape, np.uint8)
         if self.review_path(entry_id).is_file():
-            try:
-                annotation, rejected = self._read_review(entry_id)
-            except NPZ_READ_ERRORS as error:
-                kept = self._set_aside_damaged_review(entry_id)
-                raise StaleResults(f"{self.review_path(entry_id)}: the saved review cannot be read "
-                                   f"({type(error).__name__}: {error}); it is kept as {kept.name}. "
-                                   "Run the scan again to review it anew") from error
+            annotation, rejected = self._read_review(entry_id)
             if annotation.shape != scan.data.shape:
                 raise StaleResults(f"{self.review_path(entry_id)}: saved for a grid of {annotation.shape}, "
                                    f"not this scan's {scan.data.shape}")

@@ -10,7 +10,6 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from napari_brain_uad.cli import main
 from napari_brain_uad.models import DDPM, DDPMConfig, load_model, save_model
@@ -22,25 +21,11 @@ MSLUB_T1 = SHARED_DATA / "mslub/patient26/T1.nii.gz"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A small DDPM checkpoint (random weights whose output depends on the input), with a stored threshold."""
-    torch.manual_seed(0)
-    model = DDPM(DDPMConfig(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=16))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.normal_(0.0, 0.05)
-    path = tmp_path_factory.mktemp("model") / "small.safetensors"
-    return save_model(path, model, {"thresholds": {"healthy-99": {"value": 0.05}},
-                                    "training_data": {"description": "test weights"}})
-
-
-@pytest.fixture(scope="module")
-def mslub_outputs(checkpoint, tmp_path_factory):
+def mslub_outputs(small_ddpm_checkpoint, tmp_path_factory):
     if not MSLUB_T1.is_file():
         pytest.skip(f"real scans not found at {SHARED_DATA}")
     folder = tmp_path_factory.mktemp("out")
-    code = main(["score", str(MSLUB_T1), "--model", str(checkpoint), "--scorer", "residual", "--quiet",
+    code = main(["score", str(MSLUB_T1), "--model", str(small_ddpm_checkpoint), "--scorer", "residual", "--quiet",
                  "--out-map", str(folder / "map.nii.gz"), "--out-recon", str(folder / "recon.nii.gz"),
                  "--out-mask", str(folder / "mask.nii.gz"), "--threshold", "healthy-99"])
     assert code == 0
@@ -60,15 +45,15 @@ def test_every_output_is_on_the_inputs_grid_with_its_affine(mslub_outputs):
     assert set(np.unique(mask)) <= {0, 1} and not mask[~brain].any()
 
 
-def test_outputs_are_never_replaced_silently(mslub_outputs, checkpoint, capsys):
+def test_outputs_are_never_replaced_silently(mslub_outputs, small_ddpm_checkpoint, capsys):
     before = (mslub_outputs / "map.nii.gz").read_bytes()
-    code = main(["score", str(MSLUB_T1), "--model", str(checkpoint), "--out-map", str(mslub_outputs / "map.nii.gz")])
+    code = main(["score", str(MSLUB_T1), "--model", str(small_ddpm_checkpoint), "--out-map", str(mslub_outputs / "map.nii.gz")])
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert (mslub_outputs / "map.nii.gz").read_bytes() == before
 
 
-def test_models_prints_the_card(checkpoint, capsys):
-    assert main(["models", str(checkpoint)]) == 0
+def test_models_prints_the_card(small_ddpm_checkpoint, capsys):
+    assert main(["models", str(small_ddpm_checkpoint)]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["kind"] == "ddpm" and card["thresholds"]["healthy-99"]["value"] == 0.05
 
@@ -93,10 +78,10 @@ def write_nifti(path, data, affine=np.eye(4)):
         (lambda d: write_nifti(d / "nan.nii.gz", np.full((16, 16, 16), np.nan, np.float32)), "nan.nii.gz"),
     ],
 )
-def test_bad_inputs_give_one_line_and_no_output(make_input, message, checkpoint, tmp_path, capsys):
+def test_bad_inputs_give_one_line_and_no_output(make_input, message, small_ddpm_checkpoint, tmp_path, capsys):
     scan = make_input(tmp_path)
     out = tmp_path / "map.nii.gz"
-    code = main(["score", str(scan), "--model", str(checkpoint), "--out-map", str(out), "--quiet"])
+    code = main(["score", str(scan), "--model", str(small_ddpm_checkpoint), "--out-map", str(out), "--quiet"])
     error = capsys.readouterr().err
     assert code == 2, error
     lines = [line for line in error.splitlines() if line.startswith("brain-uad: error")]
@@ -104,23 +89,23 @@ def test_bad_inputs_give_one_line_and_no_output(make_input, message, checkpoint,
     assert not out.exists() and not list(tmp_path.glob(".map*"))
 
 
-def test_a_brain_mask_of_another_grid_is_refused(checkpoint, tmp_path, capsys):
+def test_a_brain_mask_of_another_grid_is_refused(small_ddpm_checkpoint, tmp_path, capsys):
     if not MSLUB_T1.is_file():
         pytest.skip(f"real scans not found at {SHARED_DATA}")
     other = write_nifti(tmp_path / "mask.nii.gz", np.ones((20, 20, 20), np.uint8))
-    code = main(["score", str(MSLUB_T1), "--model", str(checkpoint), "--brain-mask", str(other),
+    code = main(["score", str(MSLUB_T1), "--model", str(small_ddpm_checkpoint), "--brain-mask", str(other),
                  "--out-map", str(tmp_path / "map.nii.gz"), "--quiet"])
     assert code == 2 and "grid" in capsys.readouterr().err
     assert not (tmp_path / "map.nii.gz").exists()
 
 
-def test_usage_errors_are_refused_before_any_work(checkpoint, tmp_path, capsys):
-    assert main(["score", str(MSLUB_T1), "--model", str(checkpoint)]) == 2
+def test_usage_errors_are_refused_before_any_work(small_ddpm_checkpoint, tmp_path, capsys):
+    assert main(["score", str(MSLUB_T1), "--model", str(small_ddpm_checkpoint)]) == 2
     assert "nothing to write" in capsys.readouterr().err
-    bare = save_model(tmp_path / "bare.safetensors", load_model(checkpoint)[0])  # no stored threshold
+    bare = save_model(tmp_path / "bare.safetensors", load_model(small_ddpm_checkpoint)[0])  # no stored threshold
     assert main(["score", str(MSLUB_T1), "--model", str(bare), "--out-mask", str(tmp_path / "m.nii.gz")]) == 2
     assert "needs --threshold" in capsys.readouterr().err
-    assert main(["score", str(MSLUB_T1), "--model", str(checkpoint), "--out-mask", str(tmp_path / "m.nii.gz"),
+    assert main(["score", str(MSLUB_T1), "--model", str(small_ddpm_checkpoint), "--out-mask", str(tmp_path / "m.nii.gz"),
                  "--threshold", "nonsense"]) == 2
     assert "healthy-99" in capsys.readouterr().err
     assert main(["score", str(MSLUB_T1), "--model", str(tmp_path / "none.safetensors"),
@@ -186,11 +171,11 @@ def test_models_lists_the_bundled_default_with_its_card(capsys):
 # ---------------------------------------------------------------- evaluate
 
 
-def test_evaluate_prints_and_writes_the_papers_metrics(checkpoint, tmp_path, capsys):
+def test_evaluate_prints_and_writes_the_papers_metrics(small_ddpm_checkpoint, tmp_path, capsys):
     if not MSLUB_T1.is_file():
         pytest.skip(f"real scans not found at {SHARED_DATA}")
     results = tmp_path / "results.json"
-    code = main(["evaluate", "--model", str(checkpoint), "--scorer", "residual", "--images", str(MSLUB_T1),
+    code = main(["evaluate", "--model", str(small_ddpm_checkpoint), "--scorer", "residual", "--images", str(MSLUB_T1),
                  "--masks", str(SHARED_DATA / "mslub/patient26/lesionmask.nii.gz"), "--threshold", "0.05",
                  "--json", str(results), "--quiet"])
     out = capsys.readouterr().out
@@ -204,18 +189,18 @@ def test_evaluate_prints_and_writes_the_papers_metrics(checkpoint, tmp_path, cap
     assert document["pooled"]["auprc"] == pytest.approx(row["auprc"])  # one case: pooled = per case
     assert row["l1_ratio"] > 0
     # Never over an existing file.
-    assert main(["evaluate", "--model", str(checkpoint), "--images", str(MSLUB_T1), "--masks",
+    assert main(["evaluate", "--model", str(small_ddpm_checkpoint), "--images", str(MSLUB_T1), "--masks",
                  str(SHARED_DATA / "mslub/patient26/lesionmask.nii.gz"), "--json", str(results), "--quiet"]) == 2
 
 
-def test_evaluate_refuses_mismatched_inputs(checkpoint, tmp_path, capsys):
+def test_evaluate_refuses_mismatched_inputs(small_ddpm_checkpoint, tmp_path, capsys):
     if not MSLUB_T1.is_file():
         pytest.skip(f"real scans not found at {SHARED_DATA}")
-    assert main(["evaluate", "--model", str(checkpoint), "--images", str(MSLUB_T1), str(MSLUB_T1),
+    assert main(["evaluate", "--model", str(small_ddpm_checkpoint), "--images", str(MSLUB_T1), str(MSLUB_T1),
                  "--masks", str(MSLUB_T1)]) == 2
     assert "one lesion mask per image" in capsys.readouterr().err
     other = write_nifti(tmp_path / "lesions.nii.gz", np.ones((20, 20, 20), np.uint8))
-    assert main(["evaluate", "--model", str(checkpoint), "--images", str(MSLUB_T1), "--masks", str(other),
+    assert main(["evaluate", "--model", str(small_ddpm_checkpoint), "--images", str(MSLUB_T1), "--masks", str(other),
                  "--quiet"]) == 2
     assert "not on the grid" in capsys.readouterr().err
 

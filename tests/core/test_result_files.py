@@ -11,7 +11,6 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from napari_brain_uad.cli import main
 from napari_brain_uad.cohort_records import read_summary_csv
@@ -39,22 +38,6 @@ def no_analysis(monkeypatch):
         raise AssertionError("the analysis ran")
 
     monkeypatch.setattr(analysis, "analyse_scan", refuse)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A small DDPM (random weights whose output depends on the input)."""
-    from napari_brain_uad.models import DDPM, DDPMConfig, save_model
-
-    torch.manual_seed(0)
-    model = DDPM(DDPMConfig(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=16))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.normal_(0.0, 0.05)
-    path = tmp_path_factory.mktemp("model") / "small.safetensors"
-    return save_model(path, model, {"thresholds": {"healthy-99": {"value": 0.05}},
-                                    "training_data": {"description": "test weights"}})
 
 
 # ------------------------------------------------------------------------------ the summaries
@@ -171,7 +154,7 @@ def test_a_read_only_output_folder_is_the_users_to_fix_and_said_before_the_analy
 
 # ------------------------------------------------------------------------------ every door, the same files
 
-def test_the_cohort_writes_the_spread_as_the_widget_export_names_it(checkpoint, tmp_path):
+def test_the_cohort_writes_the_spread_as_the_widget_export_names_it(small_ddpm_checkpoint, tmp_path):
     """The cohort skipped the spread and the model's extra maps that the widget exports; now
     both write every map, under one rule for names, and a re-run still skips the scan."""
     from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
@@ -186,13 +169,13 @@ def test_the_cohort_writes_the_spread_as_the_widget_export_names_it(checkpoint, 
     scan = scans / "T1.nii.gz"
     scan.symlink_to(MSLUB_T1)
     out = tmp_path / "out"
-    arguments = ["score", str(scan), "--out-dir", str(out), "--model", str(checkpoint), "--scorer", "residual",
+    arguments = ["score", str(scan), "--out-dir", str(out), "--model", str(small_ddpm_checkpoint), "--scorer", "residual",
                  "--samples", "2", "--quiet"]
     assert main(arguments) == 0
     record = json.loads((out / "T1_brain-uad.json").read_text())
     assert record["outputs"]["spread"] == "T1_spread.nii.gz" and (out / "T1_spread.nii.gz").is_file()
 
-    analysis = analyse_scan(read_scan(scan), load_model(checkpoint)[0],
+    analysis = analyse_scan(read_scan(scan), load_model(small_ddpm_checkpoint)[0],
                             settings=AnalysisSettings(scorer="residual", samples=2, device="cpu"))
     exported = write_results(analysis, export_outputs(analysis, tmp_path / "export").files)
     assert sorted(path.name for path in exported) == ["T1_anomaly_map.nii.gz", "T1_reconstruction.nii.gz",
