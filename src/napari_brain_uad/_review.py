@@ -28,6 +28,7 @@ see the same ones without reaching into the review.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 import napari
@@ -36,6 +37,7 @@ from magicgui.widgets import Container, Label, PushButton, Table
 from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QMessageBox, QStyledItemDelegate
 
+from ._result_layers import add_or_refresh
 from ._styles import ANNOTATION, PROPOSAL, UNDER_REVIEW, finish_labels, label_style, layer_name
 
 if TYPE_CHECKING:
@@ -70,7 +72,8 @@ class FindingsReview(Container):
         buttons.margins = (0, 0, 0, 0)
         self.extend([self.title, self.table, buttons])
         self.proposal_layer = None
-        self.marker_layer = None  # the finding under review, outlined
+        self.marker_layer = None  # the finding under review, outlined (made at the first one)
+        self._marker_placement = None  # its name, shape and placement until it is made
         self._marked = False  # whether the marker layer holds a finding now
         self.current: int | None = None  # row of the finding in view
         self._watched: set = set()  # annotation layers whose edits are followed
@@ -141,8 +144,10 @@ class FindingsReview(Container):
             self._watched.add(layer.unique_id)
             layer.events.paint.connect(self._annotation_edited)
 
-    def show(self, session: ScanSession, scan_layer, placement: dict, *, annotation: np.ndarray | None = None) -> None:
-        """A new run's session: the proposal layer is (re)made; the annotation layer of this
+    def show_steps(self, session: ScanSession, scan_layer, placement: dict, *,
+                   annotation: np.ndarray | None = None) -> Generator[None, None, None]:
+        """A new run's session, pausing after each layer added (see ``_result_layers.StagedDisplay``):
+        the proposal layer is made or refreshed; the annotation layer of this
         scan is kept as the user left it, or made from ``annotation`` (a saved mask on the
         scan's grid) or empty. What carries over from an earlier run of the same scan is the
         session's rule (``ScanSession.carry_over``), applied before it gets here."""
@@ -154,19 +159,20 @@ class FindingsReview(Container):
             self._state.annotation = layers[name]  # the user's: never removed, never rewritten
         else:
             self._state.annotation = self._add_annotation_layer(scan_layer, annotation, placement)
+            yield
         self._watch(self.annotation_layer)
-        for kind in (PROPOSAL, UNDER_REVIEW):
-            if layer_name(kind, scan_layer.name) in layers:
-                layers.remove(layer_name(kind, scan_layer.name))
-        self.proposal_layer = finish_labels(self._viewer.add_labels(
-            self._open_proposal_display(), name=layer_name(PROPOSAL, scan_layer.name), **label_style(PROPOSAL),
-            **placement), PROPOSAL)
+        self.proposal_layer = finish_labels(add_or_refresh(
+            self._viewer, layer_name(PROPOSAL, scan_layer.name), "labels", self._open_proposal_display(),
+            **label_style(PROPOSAL), **placement), PROPOSAL)
         self.proposal_layer.editable = False  # the model's: the user paints in the annotation
-        self.marker_layer = finish_labels(self._viewer.add_labels(
-            np.zeros(geometry.display_shape, dtype=np.uint8), name=layer_name(UNDER_REVIEW, scan_layer.name),
-            **label_style(UNDER_REVIEW), **placement), UNDER_REVIEW)
-        self.marker_layer.editable = False
-        self._marked = False
+        yield
+        # The outline of the finding under review is made when the user first goes to one (one
+        # layer less to add while the window waits for the results); an earlier run's is emptied.
+        self._marker_placement = (layer_name(UNDER_REVIEW, scan_layer.name), geometry.display_shape, placement)
+        marker_name = self._marker_placement[0]
+        self.marker_layer = layers[marker_name] if marker_name in layers else None
+        self._marked = True
+        self._unmark()
         self.raise_review_layers()
         layers.selection.active = self.annotation_layer
         self.watch_window()
@@ -186,7 +192,7 @@ class FindingsReview(Container):
 
     def clear(self) -> None:
         """No session (another scan is in view, not run yet); the layers are the viewer's to remove."""
-        self.marker_layer, self._marked = None, False
+        self.marker_layer, self._marked, self._marker_placement = None, False, None
         self.proposal_layer = self.current = None
         self._state.clear_session()
         self.table.value = {"data": [], "index": [], "columns": list(COLUMNS)}
@@ -208,6 +214,17 @@ class FindingsReview(Container):
         if self._marked and self._has(self.marker_layer):
             self.marker_layer.data = np.zeros_like(self.marker_layer.data)
         self._marked = False
+
+    def _marker(self):
+        """The layer outlining the finding under review, made the first time (None when the
+        user removed it: they chose not to see it)."""
+        if self.marker_layer is None and self._marker_placement is not None:
+            name, shape, placement = self._marker_placement
+            self.marker_layer = finish_labels(self._viewer.add_labels(
+                np.zeros(shape, dtype=np.uint8), name=name, **label_style(UNDER_REVIEW), **placement), UNDER_REVIEW)
+            self.marker_layer.editable = False
+            self._marker_placement = None
+        return self.marker_layer if self._has(self.marker_layer) else None
 
     def _has(self, layer) -> bool:
         return layer is not None and any(_same_layer(other, layer) for other in self._viewer.layers)
@@ -248,8 +265,9 @@ class FindingsReview(Container):
         world = geometry.source_index_to_world(finding.centre_voxel)
         self._viewer.dims.point = tuple(world)
         self._viewer.camera.center = tuple(world)
-        if self._has(self.marker_layer):
-            self.marker_layer.data = geometry.to_display(self.session.finding_mask(finding.number).astype(np.uint8))
+        marker = self._marker()
+        if marker is not None:
+            marker.data = geometry.to_display(self.session.finding_mask(finding.number).astype(np.uint8))
             self._marked = True
         self._zoom_to(finding)
 

@@ -31,7 +31,7 @@ from qtpy.QtWidgets import QComboBox, QHeaderView, QLabel, QSizePolicy
 from ._export import Exports, file_name_of_layer
 from ._model_controls import FILE_CHOICE, ModelControls
 from ._result_controls import NO_PRESET, ResultControls
-from ._result_layers import ResultLayers
+from ._result_layers import ResultLayers, StagedDisplay, run_now
 from ._review import FindingsReview
 from ._styles import BRAIN, finish_labels
 from ._worker import ProgressRelay, finish_running_work, start_analysis
@@ -105,6 +105,7 @@ class BrainUADWidget(Container):
             self.progress, *self.results.widgets, self.review, *self.exports.widgets, self.status,
         ])
         self._worker = None
+        self._display = StagedDisplay(self.native)
         self._setup_folded_once = False
         self._cancel = threading.Event()
         self._relay = ProgressRelay()
@@ -252,6 +253,7 @@ class BrainUADWidget(Container):
             return
         if self._closing:
             return
+        self._display.finish()  # the last run's results complete before this run starts
         self.review.watch_window()
         self._cancel.clear()
         self.run_button.enabled, self.cancel_button.enabled = False, True
@@ -271,6 +273,7 @@ class BrainUADWidget(Container):
     def clear_results(self) -> None:
         """No results in the dock (another scan is in view, not run yet): the slider and the
         findings wait for a run."""
+        self._display.finish()  # the scan left has all of its results first
         self.review.clear()  # the state's session, typicality and findings go with it
         self.threshold.enabled = False
         self.state.status = ""
@@ -283,6 +286,7 @@ class BrainUADWidget(Container):
         """The window closes: cancel the analysis and the worklist's background run, start
         nothing new, and wait until every worker has ended and reported (True when all did in
         time). The saved session is already written (``review.before_close``)."""
+        self._display.finish()  # results being shown are shown (and a worklist's saved) first
         self._closing = True
         self._cancel.set()
         self.worklist.closing()
@@ -301,6 +305,9 @@ class BrainUADWidget(Container):
         napari.utils.notifications.show_error(message)
 
     def _finished(self):
+        self._display.after(self._run_ended)  # the run ends for the user once its results are shown
+
+    def _run_ended(self):
         self.run_button.enabled, self.cancel_button.enabled = True, False
         self._worker = None
         self.state.analysing = False
@@ -315,17 +322,27 @@ class BrainUADWidget(Container):
 
         session = ScanSession.start(analysis, metadata, min_size_ml=self.min_size_ml.value)
         session.carry_over(self.session)  # a re-run keeps the user's rejections and threshold
-        self.show_session(scan_layer, session)
-        self.worklist.run_finished(scan_layer, session)
+        self.cancel_button.enabled = False  # the results are in: nothing left to cancel
+
+        def steps():
+            yield from self._session_steps(scan_layer, session)
+            self.worklist.run_finished(scan_layer, session)
+
+        self._display.start(steps())  # one layer per turn of the event loop: the window never freezes long
 
     def show_session(self, scan_layer, session: ScanSession, annotation: np.ndarray | None = None):
-        """A session's results as layers over ``scan_layer``, its choices in the controls.
-        ``annotation`` (the scan's grid): the user's mask as saved, for a scan that has no
+        """A session's results as layers over ``scan_layer``, its choices in the controls, all at
+        once. ``annotation`` (the scan's grid): the user's mask as saved, for a scan that has no
         annotation layer in the viewer (a worklist scan reopened)."""
-        placement, brain = self.layers.show(scan_layer, session)
+        self._display.finish()
+        run_now(self._session_steps(scan_layer, session, annotation))
+
+    def _session_steps(self, scan_layer, session: ScanSession, annotation: np.ndarray | None = None):
+        """``show_session``'s work, pausing after each layer napari adds."""
+        placement, brain = yield from self.layers.show_steps(scan_layer, session)
         if brain is not None:  # the run found the brain itself: the next run uses it (as corrected)
             self._choose_brain_mask(brain)
-        self.review.show(session, scan_layer, placement, annotation=annotation)
+        yield from self.review.show_steps(session, scan_layer, placement, annotation=annotation)
         if not self._setup_folded_once:  # the first results make room for the review; then the user decides
             self._setup_folded_once = True
             self.setup_shown.value = False
