@@ -1,5 +1,5 @@
-"""Rebuild the sample registry (``src/napari_brain_uad/registries/samples.json``) from a local
-copy of the sample files.
+"""Rebuild the sample registry (``sample_data/samples.json``, its one source) from a local copy of
+the sample files.
 
 Run by maintainers when a sample is added: ``python scripts/build_sample_registry.py DATA_DIR``.
 Hashes are taken from the local files, which are byte-for-byte the raw files at the pinned
@@ -23,7 +23,9 @@ DEEPMEDIC = "https://raw.githubusercontent.com/deepmedic/deepmedic/e10ba7c3570d0
 MSLUB_SUFFIX = "_N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMNI.nii.gz"
 IXI_SUBJECT = "IXI661-HH-2788"
 
-SOURCE = Path(__file__).resolve().parents[1] / "src"
+REPOSITORY = Path(__file__).resolve().parents[1]
+SOURCE = REPOSITORY / "src"
+REGISTRY = REPOSITORY / "sample_data" / "samples.json"
 
 DATASETS = {
     "ixi": {
@@ -107,9 +109,8 @@ def main(data_dir: str) -> None:
             entry["mask_sha256"] = mask_content_hash(mask)
         files[local] = entry
     registry = {"format": 1, "datasets": DATASETS, "files": files, "samples": SAMPLES}
-    out = SOURCE / "napari_brain_uad" / "registries" / "samples.json"
-    out.write_text(json.dumps(registry, indent=2) + "\n")
-    print(f"wrote {out} ({len(files)} files, {len(SAMPLES)} samples)")
+    REGISTRY.write_text(json.dumps(registry, indent=2) + "\n")
+    print(f"wrote {REGISTRY} ({len(files)} files, {len(SAMPLES)} samples)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Real sample scans: a registry of public files, fetched with pooch or taken from a local folder.
 
-The registry (``registries/samples.json`` inside the package, beside the model registry's
-``models.json``; ``scripts/build_sample_registry.py`` rebuilds it) names each file by its path
-in a local data folder laid out like the project's ``../shared/data``, with its dataset,
-licence, a public URL at a fixed commit and its SHA256.
+The registry is ``sample_data/samples.json`` at the top of the repository, its one source
+(``scripts/build_sample_registry.py`` rebuilds it). A source checkout or editable install reads that file; a built package carries a copy
+made at build time (``setup.py``) as ``registries/samples.json``, beside the model registry's
+``models.json``. It names each file by its path in a local data folder laid out like the
+project's ``../shared/data``, with its dataset, licence, a public URL at a fixed commit and its
+SHA256.
 
 Where a file comes from, in order:
 1. the folder named by ``NAPARI_BRAIN_UAD_DATA`` (offline machines, firewalls, tests, CI);
@@ -25,6 +27,7 @@ import os
 import sys
 from functools import lru_cache
 from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +43,23 @@ class SampleDataUnavailable(BrainUADError):
     """A sample file is in none of the local folder, the cache or the network."""
 
 
+# In a source checkout (src/napari_brain_uad beside sample_data/) the registry is read where it
+# is kept, so there is nothing to rebuild after editing it; an installed package has its copy.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_CHECKOUT_REGISTRY = _PACKAGE_DIR.parents[1] / "sample_data" / "samples.json"
+
+
+def registry_source() -> Traversable:
+    """Where :func:`registry` reads from: the repository's ``sample_data/samples.json`` in a source
+    checkout or editable install, else the copy built into the package."""
+    if _PACKAGE_DIR.parent.name == "src" and _CHECKOUT_REGISTRY.is_file():
+        return _CHECKOUT_REGISTRY
+    return files("napari_brain_uad.registries") / "samples.json"
+
+
 @lru_cache(maxsize=1)
 def registry() -> dict[str, Any]:
-    text = (files("napari_brain_uad.registries") / "samples.json").read_text()
-    return json.loads(text)
+    return json.loads(registry_source().read_text())
 
 
 def sample_names() -> list[str]:
