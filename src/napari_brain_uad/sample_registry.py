@@ -1,7 +1,8 @@
 """Real sample scans: a registry of public files, fetched with pooch or taken from a local folder.
 
 The registry is ``sample_data/samples.json`` at the top of the repository, its one source
-(``scripts/build_sample_registry.py`` rebuilds it). A source checkout or editable install reads that file; a built package carries a copy
+(``scripts/build_sample_registry.py`` rebuilds it; ``sample_data/README.md`` describes the
+samples). A source checkout or editable install reads that file; a built package carries a copy
 made at build time (``setup.py``) as ``registries/samples.json``, beside the model registry's
 ``models.json``. It names each file by its path in a local data folder laid out like the
 project's ``../shared/data``, with its dataset, licence, a public URL at a fixed commit and its

@@ -1,5 +1,5 @@
 """sample_data/: the sample registry's one source, found by a source checkout, an editable
-install and a built package alike."""
+install and a built package alike; its README's tables agree with it."""
 
 from __future__ import annotations
 
@@ -146,3 +146,13 @@ def test_an_editable_install_reads_the_top_level_file(tmp_path, mode):
     (checkout / "sample_data" / "samples.json").write_text(json.dumps(edited))
     assert "edited" in _probe([site_dir], _dependency_dirs())["registry"]["samples"]
 
+
+def test_the_readme_tables_are_the_registry_s():
+    spec = importlib.util.spec_from_file_location("build_sample_registry", REPOSITORY / "scripts" / "build_sample_registry.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = script.README.read_text()
+    written = readme[readme.index(script.TABLES_START) + len(script.TABLES_START):readme.index(script.TABLES_END)]
+    assert written.strip() == script.readme_tables(registry()), (
+        "sample_data/README.md's tables differ from samples.json: run python scripts/build_sample_registry.py --tables"
+    )
