@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import site
 import subprocess
 import sys
 import zipfile
@@ -121,30 +120,19 @@ def test_a_wheel_built_from_the_source_distribution_carries_the_registry(tmp_pat
         assert archive.read(PACKAGED_REGISTRY) == TOP_LEVEL_REGISTRY.read_bytes()
 
 
-@pytest.mark.parametrize("mode", ["lenient", "strict"])
-def test_an_editable_install_reads_the_top_level_file(tmp_path, mode):
-    """``pip install -e .`` (setuptools' default mode, and its strict one) reads sample_data/ where
-    it is, so an edit of the registry needs no reinstall."""
-    _needs_build_tools()
-    shadowing = [folder for folder in site.getsitepackages() if (Path(folder) / "napari_brain_uad").is_dir()]
-    if shadowing:
-        pytest.skip(f"a napari_brain_uad installed in {shadowing[0]} would be imported before an editable one")
+def test_a_source_checkout_reads_the_top_level_file(tmp_path):
+    """A checkout on the path (what ``pip install -e .`` makes: setuptools' editable install of a
+    src layout puts ``src`` on the path) reads sample_data/ where it is, so an edit of the
+    registry needs no reinstall. Never ``pip install`` here: pip would uninstall the running
+    environment's napari-brain-uad, even with ``--prefix``."""
     checkout = _copy_of_the_checkout(tmp_path / "checkout")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "--prefix",
-         str(tmp_path / "prefix"), "--config-settings", f"editable_mode={mode}", "-e", str(checkout)],
-        capture_output=True, check=True,
-    )
-    (site_dir,) = (tmp_path / "prefix").glob("lib/python*/site-packages")
-
-    found = _probe([site_dir], _dependency_dirs())
+    found = _probe([], [checkout / "src", *_dependency_dirs()])
     assert Path(found["source"]) == checkout / "sample_data" / "samples.json"
     assert found["registry"] == registry()
-    # an edit shows at once
     edited = json.loads((checkout / "sample_data" / "samples.json").read_text())
     edited["samples"]["edited"] = edited["samples"]["brats-glioma"]
     (checkout / "sample_data" / "samples.json").write_text(json.dumps(edited))
-    assert "edited" in _probe([site_dir], _dependency_dirs())["registry"]["samples"]
+    assert "edited" in _probe([], [checkout / "src", *_dependency_dirs()])["registry"]["samples"]
 
 
 def test_the_readme_tables_are_the_registry_s():
