@@ -1,16 +1,19 @@
-"""Rebuild the sample registry (``src/napari_brain_uad/registries/samples.json``) from a local
-copy of the sample files.
+"""Rebuild the sample registry (``sample_data/samples.json``) from a local copy of the sample
+files, and the tables in ``sample_data/README.md`` from the registry.
 
 Run by maintainers when a sample is added: ``python scripts/build_sample_registry.py DATA_DIR``.
 Hashes are taken from the local files, which are byte-for-byte the raw files at the pinned
 commits named below; the IXI brain mask is derived (DLMUSE label > 0) and so is pinned by the
 hash of its voxels instead (see ``napari_brain_uad.sample_registry``).
+``python scripts/build_sample_registry.py --tables`` rewrites only the README's tables from the
+registry as it is (after a hand edit of ``samples.json``); a test checks that they agree.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,7 +26,12 @@ DEEPMEDIC = "https://raw.githubusercontent.com/deepmedic/deepmedic/e10ba7c3570d0
 MSLUB_SUFFIX = "_N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMNI.nii.gz"
 IXI_SUBJECT = "IXI661-HH-2788"
 
-SOURCE = Path(__file__).resolve().parents[1] / "src"
+REPOSITORY = Path(__file__).resolve().parents[1]
+SOURCE = REPOSITORY / "src"
+REGISTRY = REPOSITORY / "sample_data" / "samples.json"
+README = REPOSITORY / "sample_data" / "README.md"
+TABLES_START = "<!-- tables written by scripts/build_sample_registry.py from samples.json; edit there -->"
+TABLES_END = "<!-- end of the written tables -->"
 
 DATASETS = {
     "ixi": {
@@ -92,6 +100,36 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _source_link(url: str) -> str:
+    """``[owner/repository@commit](url)`` for a raw GitHub file, the url itself otherwise."""
+    pinned = re.match(r"https://raw\.githubusercontent\.com/([^/]+/[^/]+)/([0-9a-f]{40})/", url)
+    return f"[{pinned[1]}@{pinned[2][:7]}]({url})" if pinned else url
+
+
+def readme_tables(registry: dict) -> str:
+    """The samples and their files, as Markdown tables, from the registry alone."""
+    datasets, files = registry["datasets"], registry["files"]
+    lines = ["| sample | layers | dataset | licence | attribution |", "|---|---|---|---|---|"]
+    for name, sample in registry["samples"].items():
+        layers = ", ".join(layer["name"] for layer in sample["layers"])
+        dataset = datasets[files[sample["layers"][0]["file"]]["dataset"]]
+        lines.append(f"| `{name}` | {layers} | {dataset['name']} | {dataset['licence']} | {dataset['attribution']} |")
+    lines += ["", "| file (path in the data folder) | licence | source, pinned to a commit | SHA256 |", "|---|---|---|---|"]
+    for local, entry in files.items():
+        source = _source_link(entry["url"])
+        if "derived" in entry:
+            source += f" (brain mask = {entry['derived']}; checked by its voxels' hash `{entry['mask_sha256'][:12]}…`)"
+        lines.append(f"| `{local}` | {datasets[entry['dataset']]['licence']} | {source} | `{entry['sha256'][:12]}…` |")
+    return "\n".join(lines)
+
+
+def write_readme_tables(registry: dict) -> None:
+    text = README.read_text()
+    start, end = text.index(TABLES_START) + len(TABLES_START), text.index(TABLES_END)
+    README.write_text(text[:start] + "\n" + readme_tables(registry) + "\n" + text[end:])
+    print(f"wrote the tables in {README}")
+
+
 def main(data_dir: str) -> None:
     # Imported here so the script runs from a checkout without installing anything else.
     sys.path.insert(0, str(SOURCE))
@@ -107,10 +145,13 @@ def main(data_dir: str) -> None:
             entry["mask_sha256"] = mask_content_hash(mask)
         files[local] = entry
     registry = {"format": 1, "datasets": DATASETS, "files": files, "samples": SAMPLES}
-    out = SOURCE / "napari_brain_uad" / "registries" / "samples.json"
-    out.write_text(json.dumps(registry, indent=2) + "\n")
-    print(f"wrote {out} ({len(files)} files, {len(SAMPLES)} samples)")
+    REGISTRY.write_text(json.dumps(registry, indent=2) + "\n")
+    print(f"wrote {REGISTRY} ({len(files)} files, {len(SAMPLES)} samples)")
+    write_readme_tables(registry)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")
+    if sys.argv[1:] == ["--tables"]:
+        write_readme_tables(json.loads(REGISTRY.read_text()))
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")

@@ -1,9 +1,12 @@
 """Real sample scans: a registry of public files, fetched with pooch or taken from a local folder.
 
-The registry (``registries/samples.json`` inside the package, beside the model registry's
-``models.json``; ``scripts/build_sample_registry.py`` rebuilds it) names each file by its path
-in a local data folder laid out like the project's ``../shared/data``, with its dataset,
-licence, a public URL at a fixed commit and its SHA256.
+The registry is ``sample_data/samples.json`` at the top of the repository, its one source
+(``scripts/build_sample_registry.py`` rebuilds it; ``sample_data/README.md`` describes the
+samples). A source checkout or editable install reads that file; a built package carries a copy
+made at build time (``setup.py``) as ``registries/samples.json``, beside the model registry's
+``models.json``. It names each file by its path in a local data folder laid out like the
+project's ``../shared/data``, with its dataset, licence, a public URL at a fixed commit and its
+SHA256.
 
 Where a file comes from, in order:
 1. the folder named by ``NAPARI_BRAIN_UAD_DATA`` (offline machines, firewalls, tests, CI);
@@ -11,7 +14,8 @@ Where a file comes from, in order:
 3. a download from the public URL, hash-checked, with a progress bar.
 ``NAPARI_BRAIN_UAD_OFFLINE=1`` forbids step 3. The cache, the switch and the download are the
 model registry's too (``downloads.py``). When no step yields the file the user gets a
-:class:`SampleDataUnavailable` saying where it looked.
+:class:`SampleDataUnavailable` saying where it looked. :func:`fetch_into` gathers files into a
+folder laid out the same way, for ``NAPARI_BRAIN_UAD_DATA`` on a machine without internet.
 
 No Qt or napari import here; the napari sample commands are in ``_samples.py``.
 """
@@ -22,9 +26,13 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterable
 from functools import lru_cache
 from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +48,23 @@ class SampleDataUnavailable(BrainUADError):
     """A sample file is in none of the local folder, the cache or the network."""
 
 
+# In a source checkout (src/napari_brain_uad beside sample_data/) the registry is read where it
+# is kept, so there is nothing to rebuild after editing it; an installed package has its copy.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_CHECKOUT_REGISTRY = _PACKAGE_DIR.parents[1] / "sample_data" / "samples.json"
+
+
+def registry_source() -> Traversable:
+    """Where :func:`registry` reads from: the repository's ``sample_data/samples.json`` in a source
+    checkout or editable install, else the copy built into the package."""
+    if _PACKAGE_DIR.parent.name == "src" and _CHECKOUT_REGISTRY.is_file():
+        return _CHECKOUT_REGISTRY
+    return files("napari_brain_uad.registries") / "samples.json"
+
+
 @lru_cache(maxsize=1)
 def registry() -> dict[str, Any]:
-    text = (files("napari_brain_uad.registries") / "samples.json").read_text()
-    return json.loads(text)
+    return json.loads(registry_source().read_text())
 
 
 def sample_names() -> list[str]:
@@ -66,11 +87,16 @@ def _entry(local_path: str) -> dict[str, Any]:
 
 
 def fetch(local_path: str, *, progressbar: Any = True) -> Path:
-    """Path to a verified copy of one registry file, fetching it if needed.
+    """Path to a verified copy of one registry file, fetching it into the cache if needed.
 
     ``progressbar`` is passed to pooch: ``True`` for a console bar, ``False`` for none, or a
     function making a tqdm-like object (napari's ``progress``), called only if a download starts.
     """
+    return _find_or_download(local_path, cache_dir(), progressbar)
+
+
+def _find_or_download(local_path: str, download_dir: Path, progressbar: Any) -> Path:
+    """The local folder's or the cache's verified copy, else a download into ``download_dir``."""
     entry = _entry(local_path)
     looked: list[str] = []
 
@@ -95,7 +121,7 @@ def fetch(local_path: str, *, progressbar: Any = True) -> Path:
         looked.append(f"downloads are off ({OFFLINE_VARIABLE} is set)")
         raise SampleDataUnavailable(_unavailable(local_path, looked))
     try:
-        return _download(local_path, entry, cached, progressbar)
+        return _download(local_path, entry, download_dir / local_path, progressbar)
     except SampleDataUnavailable:
         raise
     except Exception as error:  # network errors come in many types (requests, OSError, ...)
@@ -163,24 +189,99 @@ def fetch_sample(sample: str, *, progressbar: Any = True) -> list[Path]:
     return [fetch(layer["file"], progressbar=progressbar) for layer in sample_files(sample)]
 
 
+def fetch_into(local_paths: Iterable[str], folder: Path, *, progressbar: Any = True) -> tuple[list[Path], list[str]]:
+    """Put verified copies of registry files in ``folder`` at their registry paths, so that
+    ``NAPARI_BRAIN_UAD_DATA=folder`` serves them on a machine without internet.
+
+    Each file is copied from the local folder or the cache when one holds it, else downloaded
+    straight into ``folder`` (hash-checked). A file already in ``folder`` with the registered
+    content is kept; one with other content is left as it is and reported, never overwritten.
+    Returns the paths now in ``folder`` and one line for each file that is not there.
+    """
+    placed: list[Path] = []
+    problems: list[str] = []
+    for local_path in local_paths:
+        target = folder / local_path
+        if target.exists():
+            if target.is_file() and _is_verified(target, _entry(local_path)):
+                placed.append(target)
+            else:
+                problems.append(f"{target} exists with other content than the registry's; left as it is")
+            continue
+        try:
+            found = _find_or_download(local_path, folder, progressbar)
+        except SampleDataUnavailable as error:
+            problems.append(str(error))
+            continue
+        if found != target:
+            _copy_whole(found, target)
+        placed.append(target)
+    return placed, problems
+
+
+def _copy_whole(source: Path, target: Path) -> None:
+    """Copy through a temporary file in the target's folder, so an interrupted copy never leaves
+    a partial file under the registry's name (which would then read as a user's file)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as partial:
+        try:
+            with open(source, "rb") as handle:
+                shutil.copyfileobj(handle, partial)
+        except BaseException:
+            Path(partial.name).unlink()
+            raise
+    os.replace(partial.name, target)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``brain-uad-sample NAME``: fetch a sample and print the paths of its files."""
+    """``brain-uad-sample [NAME | --all] [--into DIR]``: fetch samples and print their file paths."""
     parser = argparse.ArgumentParser(
         prog="brain-uad-sample",
-        description="Fetch a sample scan (local folder, cache or download) and print its file paths.",
+        description="Fetch sample scans (local folder, cache or download) and print their file paths.",
     )
     parser.add_argument("sample", nargs="?", choices=sample_names(), help="sample name; omit to list them")
+    parser.add_argument(
+        "--all", action="store_true",
+        help="every file in the registry (the samples' layers and the extra contrasts and masks it lists)",
+    )
+    parser.add_argument(
+        "--into", type=Path, metavar="DIR",
+        help=f"put the files in DIR, laid out for {DATA_DIR_VARIABLE}=DIR on a machine without internet "
+        "(files already there are kept; one with other content is reported, never overwritten)",
+    )
     parser.add_argument("--first", action="store_true", help="print only the first file (the scan)")
     args = parser.parse_args(argv)
-    if args.sample is None:
+    if args.all and args.sample:
+        parser.error("give a sample name or --all, not both")
+    if args.first and (args.all or args.into):
+        parser.error("--first prints one sample's scan; it goes with neither --all nor --into")
+    if args.sample is None and not args.all:
+        if args.into:
+            parser.error("--into needs a sample name or --all")
         for name, sample in registry()["samples"].items():
             print(f"{name}: {sample['display_name']}")
         return 0
-    try:
-        paths = fetch_sample(args.sample, progressbar=sys.stderr.isatty())
-    except SampleDataUnavailable as error:
-        print(f"brain-uad-sample: {error}", file=sys.stderr)
+
+    local_paths = list(registry()["files"]) if args.all else [layer["file"] for layer in sample_files(args.sample)]
+    progressbar = sys.stderr.isatty()
+    if args.into is not None:
+        paths, problems = fetch_into(local_paths, args.into, progressbar=progressbar)
+    else:
+        paths, problems = [], []
+        for local_path in local_paths:
+            try:
+                paths.append(fetch(local_path, progressbar=progressbar))
+            except SampleDataUnavailable as error:
+                problems.append(str(error))
+    # The paths go out only when every file is there, so `napari $(brain-uad-sample NAME)`
+    # never opens half a sample.
+    if problems:
+        for problem in problems:
+            print(f"brain-uad-sample: {problem}", file=sys.stderr)
         return 1
     for path in paths[:1] if args.first else paths:
         print(path)
+    if args.into is not None:
+        print(f"brain-uad-sample: {len(paths)} files in {args.into}; to use them without internet, "
+              f"set {DATA_DIR_VARIABLE}={args.into.resolve()}", file=sys.stderr)
     return 0

@@ -167,3 +167,76 @@ def test_command_line_prints_the_sample_files(shared_data):
     paths = [Path(line) for line in result.stdout.splitlines()]
     assert [p.name for p in paths] == ["T1.nii.gz", "T2.nii.gz", "FLAIR.nii.gz", "lesionmask.nii.gz"]
     assert all(p.is_file() for p in paths)
+
+
+def _sample_command(*args: str) -> int:
+    from napari_brain_uad.sample_registry import main
+
+    return main(list(args))
+
+
+def test_every_file_gathered_into_a_folder_serves_an_offline_machine(shared_data, tmp_path, monkeypatch, capsys):
+    """``brain-uad-sample --all --into DIR``, then ``NAPARI_BRAIN_UAD_DATA=DIR`` with no cache."""
+    folder = tmp_path / "brain-uad-data"
+    assert _sample_command("--all", "--into", str(folder)) == 0
+    printed = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [folder / local for local in registry()["files"]]
+
+    monkeypatch.setenv("NAPARI_BRAIN_UAD_DATA", str(folder))
+    monkeypatch.setenv("NAPARI_BRAIN_UAD_CACHE", str(tmp_path / "empty cache"))
+    for local in registry()["files"]:
+        assert fetch(local, progressbar=False) == folder / local
+
+
+def test_files_missing_locally_are_downloaded_straight_into_the_folder(loopback_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NAPARI_BRAIN_UAD_DATA", str(tmp_path / "empty"))
+    monkeypatch.delenv("NAPARI_BRAIN_UAD_OFFLINE")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NAPARI_BRAIN_UAD_CACHE", str(cache))
+    files = [layer["file"] for layer in registry()["samples"]["brats-glioma"]["layers"]]
+    for local in files:
+        _point_registry_at(monkeypatch, loopback_server, local)
+    folder = tmp_path / "brain-uad-data"
+    assert _sample_command("brats-glioma", "--into", str(folder)) == 0
+    for local in files:
+        assert file_sha256(folder / local) == registry()["files"][local]["sha256"]
+    assert not cache.exists()  # not a second copy in the cache
+    assert "NAPARI_BRAIN_UAD_DATA=" in capsys.readouterr().err
+
+
+def test_a_file_already_in_the_folder_is_kept_and_one_with_other_content_never_overwritten(
+    shared_data, tmp_path, capsys
+):
+    folder = tmp_path / "brain-uad-data"
+    assert _sample_command("mslub-patient26", "--into", str(folder)) == 0
+    kept = folder / "mslub/patient26/T2.nii.gz"
+    kept_state = kept.stat().st_mtime_ns, kept.stat().st_ino
+    users = folder / "mslub/patient26/T1.nii.gz"
+    users.write_bytes(b"the user's own T1")
+    capsys.readouterr()
+
+    assert _sample_command("mslub-patient26", "--into", str(folder)) == 1
+    out, err = capsys.readouterr()
+    assert out == ""  # no paths, so `napari $(brain-uad-sample ...)` opens nothing half-done
+    assert f"{users} exists with other content" in err and "left as it is" in err
+    assert users.read_bytes() == b"the user's own T1"
+    assert (kept.stat().st_mtime_ns, kept.stat().st_ino) == kept_state
+    assert sorted(path.name for path in users.parent.iterdir()) == [
+        "FLAIR.nii.gz", "T1.nii.gz", "T2.nii.gz", "lesionmask.nii.gz"]  # nothing half-copied beside them
+
+
+def test_the_folder_is_left_without_a_partial_file_when_a_sample_is_unavailable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NAPARI_BRAIN_UAD_DATA", str(tmp_path / "empty"))
+    folder = tmp_path / "brain-uad-data"
+    assert _sample_command("brats-glioma", "--into", str(folder)) == 1
+    assert "downloads are off" in capsys.readouterr().err
+    assert not folder.exists() or not any(path.is_file() for path in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "arguments", [["brats-glioma", "--all"], ["--into", "somewhere"], ["--all", "--first"]]
+)
+def test_the_command_refuses_arguments_that_do_not_go_together(arguments):
+    with pytest.raises(SystemExit) as stopped:
+        _sample_command(*arguments)
+    assert stopped.value.code == 2
