@@ -163,15 +163,20 @@ def fetch_sample(sample: str, *, progressbar: Any = True) -> list[Path]:
     return [fetch(layer["file"], progressbar=progressbar) for layer in sample_files(sample)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``brain-uad-sample NAME``: fetch a sample and print the paths of its files."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``brain-uad-sample`` command's arguments (the documentation's tests parse with it)."""
     parser = argparse.ArgumentParser(
         prog="brain-uad-sample",
         description="Fetch a sample scan (local folder, cache or download) and print its file paths.",
     )
     parser.add_argument("sample", nargs="?", choices=sample_names(), help="sample name; omit to list them")
     parser.add_argument("--first", action="store_true", help="print only the first file (the scan)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``brain-uad-sample NAME``: fetch a sample and print the paths of its files."""
+    args = build_parser().parse_args(argv)
     if args.sample is None:
         for name, sample in registry()["samples"].items():
             print(f"{name}: {sample['display_name']}")
