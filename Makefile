@@ -1,4 +1,5 @@
-# Set-up, launch and tests. The README's two commands are `make napari` and `make test`.
+# Set-up, launch and tests. The README's two commands are `make napari` and `make test`;
+# `make docs` builds the documentation site in docs/.
 
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +18,7 @@ export NAPARI_BRAIN_UAD_DATA := $(SHARED_DATA)
 endif
 endif
 
-.PHONY: setup napari test
+.PHONY: setup napari test docs
 
 setup: $(VENV)/.installed
 
@@ -40,3 +41,8 @@ ifeq ($(DISPLAY),)
 else
 	$(VENV)/bin/python -m pytest
 endif
+
+# The documentation site (Sphinx, pages in MyST Markdown) for reading offline:
+# open docs/_build/html/index.html. Warnings are errors, as in the test that builds it.
+docs: setup
+	$(VENV)/bin/python -m sphinx -b html -W --keep-going -n docs docs/_build/html

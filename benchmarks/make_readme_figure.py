@@ -1,4 +1,5 @@
-"""The README's figure of raw clinical scans: the brain the plugin extracts, and the default model's map.
+"""The figure of raw clinical scans in docs/reading-scans.md: the brain the plugin extracts, and the
+default model's map.
 
 Run by hand (matplotlib is a development tool here, not a plugin dependency):
     NAPARI_BRAIN_UAD_DATA=/work/shared/data .venv/bin/python benchmarks/make_readme_figure.py \\
@@ -55,7 +56,7 @@ CAPTION = ("Raw clinical scans of one MS patient ({patient}, first study: skull 
            "anomaly map (residual; scores under half the threshold not drawn); cyan: flagged at its "
            "healthy threshold ({threshold}).")
 MARGIN_MM = 8.0  # around the brain's box, so the outline is seen against the skull
-# The PNG's palette (the README's budget is 300 KB): 32 greys, the map's colour map in 16 steps
+# The PNG's palette (the documentation's budget is 300 KB): 32 greys, the map's colour map in 16 steps
 # and the two outlines. Drawn with exactly these colours, nothing is lost in the conversion.
 GREY_LEVELS = 32
 MAP_COLOURS = matplotlib.colormaps["inferno"].resampled(16)

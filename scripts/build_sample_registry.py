@@ -151,7 +151,14 @@ def main(data_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--tables"]:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Rebuild sample_data/samples.json and its README's tables.")
+    parser.add_argument("data_dir", nargs="?", default="../shared/data",
+                        help="a local copy of the sample files, laid out as the registry's paths")
+    parser.add_argument("--tables", action="store_true", help="only rewrite the README's tables from the registry")
+    args = parser.parse_args()
+    if args.tables:
         write_readme_tables(json.loads(REGISTRY.read_text()))
     else:
-        main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")
+        main(args.data_dir)

@@ -1,4 +1,5 @@
-"""Screenshots of the review workflow for the README: the real napari window with our dock.
+"""Screenshots of the review workflow for the documentation (docs/reading-scans.md; the README
+shows the first): the real napari window with our dock.
 
 Run under a display (``xvfb-run -a -s "-screen 0 1280x900x24"`` without one):
     NAPARI_BRAIN_UAD_DATA=../shared/data .venv/bin/python scripts/make_review_screenshots.py

@@ -1,4 +1,4 @@
-"""A screenshot of the worklist for the README: the real napari window with our dock.
+"""A screenshot of the worklist for the documentation (docs/reading-scans.md): the real napari window with our dock.
 
 Run under a display (``xvfb-run -a -s "-screen 0 1400x900x24"`` without one):
     NAPARI_BRAIN_UAD_DATA=../shared/data .venv/bin/python scripts/make_worklist_screenshot.py

@@ -233,8 +233,8 @@ def _copy_whole(source: Path, target: Path) -> None:
     os.replace(partial.name, target)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``brain-uad-sample [NAME | --all] [--into DIR]``: fetch samples and print their file paths."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``brain-uad-sample`` command's arguments (the documentation's tests parse with it)."""
     parser = argparse.ArgumentParser(
         prog="brain-uad-sample",
         description="Fetch sample scans (local folder, cache or download) and print their file paths.",
@@ -250,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         "(files already there are kept; one with other content is reported, never overwritten)",
     )
     parser.add_argument("--first", action="store_true", help="print only the first file (the scan)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``brain-uad-sample [NAME | --all] [--into DIR]``: fetch samples and print their file paths."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.all and args.sample:
         parser.error("give a sample name or --all, not both")

@@ -129,5 +129,5 @@ def test_cli_and_evaluation_module_give_the_same_numbers_on_a_real_case(shared_d
     assert row["auprc"] == pytest.approx(auprc(analysis.filtered.values, truth, region))
     _assert_same_row(evaluate_analysis(analysis, truth, threshold=threshold.value, name="T1.nii.gz").row(),
                      cohort.rows[0])
-    # The map points at the lesions better than chance, as the README says.
+    # The map points at the lesions better than chance, as docs/models.md says.
     assert row["auprc"] > 2 * cohort.cases[0].prevalence

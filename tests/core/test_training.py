@@ -376,7 +376,7 @@ def test_the_command_refuses_bad_settings_in_one_line(arguments, message, ixi_fo
 
 
 def test_torchrun_trains_with_two_processes(tmp_path, ixi_folder):
-    """The distributed launch the README documents, on CPU (Gloo) with two processes."""
+    """The distributed launch docs/training.md documents, on CPU (Gloo) with two processes."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "brain_uad_training", "--quiet", "--data", str(ixi_folder / "scans"),
