@@ -174,9 +174,12 @@ class FindingsReview(Container):
         self._marked = True
         self._unmark()
         self.raise_review_layers()
-        layers.selection.active = self.annotation_layer
+        layers.selection.active = self.annotation_layer  # napari swaps the layer controls: a turn of its own
+        yield
         self.watch_window()
-        self.refresh()
+        self.refresh_proposal()
+        yield
+        self.refresh_table()
 
     def raise_review_layers(self) -> None:
         """The review's layers on top of everything: the proposal, the user's annotation above

@@ -343,6 +343,7 @@ class BrainUADWidget(Container):
         if brain is not None:  # the run found the brain itself: the next run uses it (as corrected)
             self._choose_brain_mask(brain)
         yield from self.review.show_steps(session, scan_layer, placement, annotation=annotation)
+        yield
         if not self._setup_folded_once:  # the first results make room for the review; then the user decides
             self._setup_folded_once = True
             self.setup_shown.value = False

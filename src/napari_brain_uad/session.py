@@ -211,12 +211,18 @@ class ScanSession:
     def open_proposal(self, annotation: np.ndarray | None = None) -> np.ndarray:
         """What the model still proposes (uint8, the scan's grid): the proposed mask without the
         voxels the user has in their mask or rejected."""
-        # In place on the fresh mask: a slider step computes this, so no full-volume copies.
-        open_voxels = self.proposed_mask().view(bool)
+        # A slider step computes this. Only the proposed voxels (a few per thousand) are looked up
+        # in the user's mask and among the rejected ones: the user's mask is stored in the
+        # display's axis order, and masking the whole volume across the two orders took two
+        # thirds of the step's own time. In place on the fresh mask: no full-volume copies.
+        open_voxels = np.ascontiguousarray(self.proposed_mask()).view(bool)
+        proposed = np.flatnonzero(open_voxels)
+        taken = np.zeros(proposed.size, dtype=bool)
         if annotation is not None:
-            open_voxels[np.asarray(annotation) > 0] = False
+            taken |= np.asarray(annotation)[np.unravel_index(proposed, open_voxels.shape)] > 0
         if self.rejected is not None:
-            open_voxels[self.rejected] = False
+            taken |= np.asarray(self.rejected).reshape(-1)[proposed]
+        open_voxels.reshape(-1)[proposed[taken]] = False  # contiguous: the reshape is a view
         return open_voxels.view(np.uint8)
 
     def _brain_centre_x(self) -> float:

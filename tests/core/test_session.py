@@ -236,6 +236,9 @@ def test_the_open_proposal_leaves_out_what_the_user_drew(two_spheres):
     drawn = spheres["left"].copy()  # the user painted the left sphere themselves
     proposal = session.open_proposal(drawn) > 0
     assert not (proposal & drawn).any() and proposal[spheres["right"]].all()
+    # The widget's mask is the annotation layer's voxels, stored in the display's axis order.
+    stored_for_display = np.ascontiguousarray(drawn.transpose(2, 1, 0)[::-1]).astype(np.uint8)
+    np.testing.assert_array_equal(session.open_proposal(stored_for_display[::-1].transpose(2, 1, 0)) > 0, proposal)
     statuses = {f.side: f.status for f in session.review(drawn)}
     assert statuses == {"right": "open", "left": "accepted", "midline": "open"}
 
