@@ -19,6 +19,7 @@ combo boxes and the findings table do not widen to fit their longest entry.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,7 +77,8 @@ class BrainUADWidget(Container):
         self.layers = ResultLayers(viewer, self.state)
         self.worklist = WorklistPanel(viewer, self.state, DockActions(
             choose_scan=self._choose_scan, choose_brain_mask=self._choose_brain_mask,
-            show_session=self.show_session, clear_results=self.clear_results,
+            show_session=self.show_session, finish_showing=lambda: self._display.finish(),
+            clear_results=self.clear_results,
             keep_saved_annotation=self.review.keep_saved_annotation, model_source=self.model_source,
             model_path=self.model_path, model_source_for=self.model_source_for,
             analysis_settings=self.analysis_settings))
@@ -330,12 +332,18 @@ class BrainUADWidget(Container):
 
         self._display.start(steps())  # one layer per turn of the event loop: the window never freezes long
 
-    def show_session(self, scan_layer, session: ScanSession, annotation: np.ndarray | None = None):
-        """A session's results as layers over ``scan_layer``, its choices in the controls, all at
-        once. ``annotation`` (the scan's grid): the user's mask as saved, for a scan that has no
-        annotation layer in the viewer (a worklist scan reopened)."""
-        self._display.finish()
-        run_now(self._session_steps(scan_layer, session, annotation))
+    def show_session(self, scan_layer, session: ScanSession, annotation: np.ndarray | None = None, *,
+                     then: Callable[[], None] | None = None):
+        """A session's results as layers over ``scan_layer``, its choices in the controls.
+        ``annotation`` (the scan's grid): the user's mask as saved, for a scan that has no
+        annotation layer in the viewer (a worklist scan reopened). All at once; with ``then``, a
+        layer per turn of the event loop (the window stays live), and ``then()`` once all is shown."""
+        if then is None:
+            self._display.finish()
+            run_now(self._session_steps(scan_layer, session, annotation))
+            return
+        self._display.start(self._session_steps(scan_layer, session, annotation))
+        self._display.after(then)
 
     def _session_steps(self, scan_layer, session: ScanSession, annotation: np.ndarray | None = None):
         """``show_session``'s work, pausing after each layer napari adds."""

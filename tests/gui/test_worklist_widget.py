@@ -201,3 +201,26 @@ def test_with_a_worklist_open_the_review_fits_a_1280_by_800_window(make_napari_v
     _settled(widget, qtbot)
     qtbot.wait(100)
     assert widget.setup_shown.value and widget.scan.native.isVisible()
+
+
+def test_moving_on_while_a_saved_session_is_being_shown_leaves_nothing_behind(make_napari_viewer, qtbot,
+                                                                              ixi_worklist_csv):
+    """A restored session shows a layer per turn of the event loop; Next or Previous pressed in
+    between completes it on its own scan first: the scan left keeps its saved session, and none
+    of its layers stays in the viewer of the next."""
+    viewer, widget = _open_viewer(make_napari_viewer)
+    panel = widget.worklist
+    panel.open(ixi_worklist_csv)
+    first, second, _ = SUBJECTS
+    widget.run()
+    _settled(widget, qtbot)  # the run, then the second scan analysed in the background
+    panel.step(+1)
+    qtbot.waitUntil(lambda: widget._display.pending, timeout=WAIT_MS)  # its session is being shown
+    panel.step(-1)
+    _settled(widget, qtbot)
+    assert panel.current == first and "restored as you left it" in widget.status.value, widget.status.value
+    assert not [layer.name for layer in viewer.layers if layer.name.startswith(second)]
+    assert panel.worklist.status(second) == RUN  # its results stay saved, nothing was lost
+    panel.step(+1)
+    _settled(widget, qtbot)
+    assert panel.current == second and widget.session is not None and "the network did not run" in widget.status.value
