@@ -42,6 +42,7 @@ from ._reader import layer_data
 from ._styles import BRAIN, finish_labels, label_style, layer_name
 from ._worker import start_background_run, start_restore
 from .errors import BrainUADError, internal_error_message
+from .results import ScanResult
 
 if TYPE_CHECKING:
     from .analysis import AnalysisSettings
@@ -235,11 +236,10 @@ class WorklistPanel(Container):
             self._restores -= 1
             self._state.session_kept = True
             self._state.mark_exported(self._state.annotation.unique_id)  # as saved, nothing new
-            typical = self._state.typicality
-            self._state.status = (f"{entry_id}: restored as you left it ({self.worklist.status(entry_id)}; "
-                                  f"{len(self._state.findings)} finding(s)"
-                                  + (f"; {typical.describe()}" if typical is not None else "")
-                                  + "); the network did not run.")
+            session = restored.session  # the findings as the user's review decided them, as after a run
+            summary = ScanResult.of(session.analysis, session.model_metadata).summary_line(len(self._state.findings))
+            self._state.status = (f"{entry_id}: restored as you left it ({self.worklist.status(entry_id)}): "
+                                  f"{summary}; the network did not run.")
 
         self._dock.show_session(scan_layer, restored.session, restored.annotation, then=shown)
         self._start_background_next()
