@@ -36,7 +36,9 @@ napari: setup
 # (installed first when missing: see scripts/install-system-deps.sh).
 test: setup
 ifeq ($(DISPLAY),)
-	command -v xvfb-run >/dev/null || bash scripts/install-system-deps.sh
+# On Debian/Ubuntu the script adds whatever is missing (Xvfb or one of Qt's xcb libraries) and
+# does nothing when all is there; elsewhere it runs only when there is no Xvfb at all.
+	if command -v dpkg >/dev/null || ! command -v xvfb-run >/dev/null; then bash scripts/install-system-deps.sh; fi
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(VENV)/bin/python -m pytest
 else
 	$(VENV)/bin/python -m pytest
