@@ -66,6 +66,11 @@ class BrainUADWidget(Container):
         super().__init__(labels=True, scrollable=True)
         self._viewer = viewer
         self.state = DockState()  # this dock's own: two docks never share a scan or a status line
+        self._scan_shown = None  # the scan last chosen, brought on top of the other images then
+        self._scan_shown_timer = QTimer()  # parented below, once the dock's Qt widget exists
+        self._scan_shown_timer.setSingleShot(True)
+        self._scan_shown_timer.setInterval(0)
+        self._scan_shown_timer.timeout.connect(self._show_chosen_scan)
         self.scan = create_widget(annotation=napari.layers.Image, label="Scan")
         self.scan_info = Label(value="")
         self.brain_mask = create_widget(annotation=napari.layers.Labels, label="Brain mask",
@@ -127,6 +132,8 @@ class BrainUADWidget(Container):
         # it reports to still exist. The window is watched from when the dock sits in it.
         self.review.on_close.append(self.end_work)
         self._closing = False
+        self._scan_shown_timer.setParent(self.native)  # dies with the widget, never fires after it
+        self._scan_shown_timer.start()  # the scan chosen when the dock opens, among layers already open
         self._watch_timer = QTimer(self.native)  # dies with the widget, never fires after it
         self._watch_timer.setSingleShot(True)
         self._watch_timer.timeout.connect(self.review.watch_window)
@@ -210,6 +217,15 @@ class BrainUADWidget(Container):
     def _scan_changed(self, *_):
         self._show_scan_info()
         self.models.scan_changed()
+        # Brought on top once the choice has settled: while napari re-lists the layers the chooser
+        # passes through other values, and a new choice is not a layer added elsewhere.
+        self._scan_shown_timer.start()
+
+    def _show_chosen_scan(self) -> None:
+        layer = self.scan.value
+        if layer is not None and layer is not self._scan_shown:
+            self._scan_shown = layer
+            _show_on_top(self._viewer, layer)
 
     def _scorer_changed(self, presets_only: bool = False) -> None:
         """The presets follow the scorer (and the model); the median switch starts as the
@@ -256,6 +272,7 @@ class BrainUADWidget(Container):
         if self._closing:
             return
         self._display.finish()  # the last run's results complete before this run starts
+        _show_on_top(self._viewer, layer)  # what is analysed is what the user sees under its results
         self.review.watch_window()
         self._cancel.clear()
         self.run_button.enabled, self.cancel_button.enabled = False, True
@@ -394,6 +411,24 @@ def _fit_narrow(dock: BrainUADWidget) -> None:
     for table in (dock.review.table.native, dock.worklist.table.native):
         table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
     dock.review.table.native.verticalHeader().setVisible(False)  # the "#" column already numbers the rows
+
+
+def _show_on_top(viewer, scan_layer) -> None:
+    """The scan chosen for analysis is the image the user sees: shown, and above every other
+    image except its own results. Several contrasts opened at once (``make napari`` opens T1,
+    T2 and FLAIR) otherwise leave the last one on top, and the T1's map would be read over the
+    FLAIR."""
+    layers = viewer.layers
+    if scan_layer not in layers:
+        return
+    scan_layer.visible = True
+    own_results = f"{scan_layer.name} "
+    covering = [index for index, layer in enumerate(layers)
+                if isinstance(layer, napari.layers.Image) and layer is not scan_layer and layer.visible
+                and not layer.name.startswith(own_results)]
+    index = layers.index(scan_layer)
+    if covering and max(covering) > index:
+        layers.move(index, max(covering) + 1)
 
 
 def _outline_brain_masks(viewer) -> None:

@@ -351,13 +351,19 @@ def test_the_readme_quick_start_scans_are_the_ones_test_cli_runs():
     options, by tests/core/test_cli.py (the bundled default model on MSLUB patient 26's T1, and
     the raw clinical T1 with its brain extracted); here it is only parsed, so the suite does not
     run the same scans twice."""
+    from napari_brain_uad.sample_registry import sample_files
+
     test_cli = (REPOSITORY / "tests/core/test_cli.py").read_text()
+    fetched = re.compile(r"\$\(\S*brain-uad-sample (\S+) --first\)")  # a sample's scan, as a newcomer gets it
     quick_start = [command for command in all_commands()
-                   if command.page == "README.md" and " score ../shared/data/" in command.text]
+                   if command.page == "README.md" and " score " in command.text
+                   and (" score ../shared/data/" in command.text or fetched.search(command.text))]
     assert len(quick_start) == 2
     for command in quick_start:
-        words = shlex.split(command.text, comments=True)
-        scan = next(word for word in words if word.startswith("../shared/data/")).removeprefix("../shared/data/")
+        sample = fetched.search(command.text)
+        words = shlex.split(command.text.replace(sample.group(0), "SAMPLE") if sample else command.text, comments=True)
+        scan = sample_files(sample.group(1))[0]["file"] if sample else \
+            next(word for word in words if word.startswith("../shared/data/")).removeprefix("../shared/data/")
         assert f'"{scan}"' in test_cli, f"test_cli.py does not run {scan}"
         for option in (word for word in words if word.startswith("--")):
             assert f'"{option}"' in test_cli, f"test_cli.py never passes {option}"

@@ -466,6 +466,27 @@ def test_a_multi_contrast_sample_opens_with_one_contrast_shown(make_napari_viewe
     assert lesions.colormap.map(np.array([0]))[0][3] == 0  # background transparent
 
 
+def test_the_scan_chosen_is_the_image_on_top_when_several_contrasts_are_open(make_napari_viewer, shared_data, qtbot):
+    """``make napari`` opens T1, T2 and FLAIR files at once (the FLAIR last, so on top) and the
+    dock analyses the T1: the T1 must be what the user sees, and so must any scan chosen later;
+    an image the user adds afterwards is left where napari puts it."""
+    viewer = make_napari_viewer()
+    patient = shared_data / "mslub" / "patient26"
+    viewer.open([str(patient / f"{contrast}.nii.gz") for contrast in ("T1", "T2", "FLAIR")], plugin="napari-brain-uad")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-brain-uad")
+
+    def top_image():
+        return [layer.name for layer in viewer.layers if layer._type_string == "image" and layer.visible][-1]
+
+    assert widget.scan.value.name == "T1"
+    qtbot.waitUntil(lambda: top_image() == "T1")
+    widget.scan.value = viewer.layers["FLAIR"]
+    qtbot.waitUntil(lambda: top_image() == "FLAIR")
+    viewer.open(str(patient / "T2.nii.gz"), plugin="napari-brain-uad", name="T2 again")
+    qtbot.wait(50)
+    assert top_image() == "T2 again" and widget.scan.value.name == "FLAIR"  # the user's new image stays on top
+
+
 def test_the_dock_leaves_the_scan_most_of_a_1280_by_800_window(make_napari_viewer, qtbot):
     viewer = make_napari_viewer(show=True)
     dock, widget = viewer.window.add_plugin_dock_widget("napari-brain-uad")
