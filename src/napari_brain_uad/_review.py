@@ -168,10 +168,10 @@ class FindingsReview(Container):
         yield
         # The outline of the finding under review is made when the user first goes to one (one
         # layer less to add while the window waits for the results); an earlier run's is emptied.
-        self._marker_placement = (layer_name(UNDER_REVIEW, scan_layer.name), geometry.display_shape, placement)
-        marker_name = self._marker_placement[0]
+        marker_name = layer_name(UNDER_REVIEW, scan_layer.name)
+        self._marker_placement = (marker_name, geometry.display_shape, placement)
         self.marker_layer = layers[marker_name] if marker_name in layers else None
-        self._marked = True
+        self._marked = self.marker_layer is not None  # so that _unmark empties an earlier run's outline
         self._unmark()
         self.raise_review_layers()
         layers.selection.active = self.annotation_layer  # napari swaps the layer controls: a turn of its own

@@ -92,6 +92,12 @@ def layer_name(kind: str, owner: str) -> str:
     return LABEL_LOOKS[kind].name_format.format(owner)
 
 
+def named_after(name: str, owner: str) -> bool:
+    """Whether the layer called ``name`` is one of ``owner``'s own (its results and review
+    layers are all named "<owner> <what>")."""
+    return name.startswith(f"{owner} ")
+
+
 def anomaly_map_style() -> dict:
     """Keyword arguments for the anomaly map's Image layer (its contrast limits from
     :func:`anomaly_map_limits`)."""

@@ -34,7 +34,7 @@ from ._model_controls import FILE_CHOICE, ModelControls
 from ._result_controls import NO_PRESET, ResultControls
 from ._result_layers import ResultLayers, StagedDisplay, run_now
 from ._review import FindingsReview
-from ._styles import BRAIN, finish_labels
+from ._styles import BRAIN, finish_labels, named_after
 from ._worker import ProgressRelay, finish_running_work, start_analysis
 from ._worklist_panel import DockActions, WorklistPanel
 from .dock_state import DockState
@@ -66,8 +66,9 @@ class BrainUADWidget(Container):
         super().__init__(labels=True, scrollable=True)
         self._viewer = viewer
         self.state = DockState()  # this dock's own: two docks never share a scan or a status line
+        self._display = StagedDisplay(self.native)  # a run's results, a layer per turn of the event loop
         self._scan_shown = None  # the scan last chosen, brought on top of the other images then
-        self._scan_shown_timer = QTimer()  # parented below, once the dock's Qt widget exists
+        self._scan_shown_timer = QTimer(self.native)  # dies with the widget, never fires after it
         self._scan_shown_timer.setSingleShot(True)
         self._scan_shown_timer.setInterval(0)
         self._scan_shown_timer.timeout.connect(self._show_chosen_scan)
@@ -82,7 +83,7 @@ class BrainUADWidget(Container):
         self.layers = ResultLayers(viewer, self.state)
         self.worklist = WorklistPanel(viewer, self.state, DockActions(
             choose_scan=self._choose_scan, choose_brain_mask=self._choose_brain_mask,
-            show_session=self.show_session, finish_showing=lambda: self._display.finish(),
+            show_session=self.show_session, finish_showing=self._display.finish,
             clear_results=self.clear_results,
             keep_saved_annotation=self.review.keep_saved_annotation, model_source=self.model_source,
             model_path=self.model_path, model_source_for=self.model_source_for,
@@ -112,7 +113,6 @@ class BrainUADWidget(Container):
             self.progress, *self.results.widgets, self.review, *self.exports.widgets, self.status,
         ])
         self._worker = None
-        self._display = StagedDisplay(self.native)
         self._setup_folded_once = False
         self._cancel = threading.Event()
         self._relay = ProgressRelay()
@@ -132,7 +132,6 @@ class BrainUADWidget(Container):
         # it reports to still exist. The window is watched from when the dock sits in it.
         self.review.on_close.append(self.end_work)
         self._closing = False
-        self._scan_shown_timer.setParent(self.native)  # dies with the widget, never fires after it
         self._scan_shown_timer.start()  # the scan chosen when the dock opens, among layers already open
         self._watch_timer = QTimer(self.native)  # dies with the widget, never fires after it
         self._watch_timer.setSingleShot(True)
@@ -422,10 +421,9 @@ def _show_on_top(viewer, scan_layer) -> None:
     if scan_layer not in layers:
         return
     scan_layer.visible = True
-    own_results = f"{scan_layer.name} "
     covering = [index for index, layer in enumerate(layers)
                 if isinstance(layer, napari.layers.Image) and layer is not scan_layer and layer.visible
-                and not layer.name.startswith(own_results)]
+                and not named_after(layer.name, scan_layer.name)]
     index = layers.index(scan_layer)
     if covering and max(covering) > index:
         layers.move(index, max(covering) + 1)

@@ -39,7 +39,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QMessageBox
 
 from ._reader import layer_data
-from ._styles import BRAIN, finish_labels, label_style, layer_name
+from ._styles import BRAIN, finish_labels, label_style, layer_name, named_after
 from ._worker import start_background_run, start_restore
 from .errors import BrainUADError, internal_error_message
 from .results import ScanResult
@@ -420,5 +420,5 @@ def _remove_layers(viewer, entry_id: str) -> None:
     (a full garbage collection, a third of a second with torch loaded) instead of once a layer."""
     with viewer.layers.batched_update():
         for layer in list(viewer.layers):
-            if layer.name == entry_id or layer.name.startswith(f"{entry_id} "):
+            if layer.name == entry_id or named_after(layer.name, entry_id):
                 viewer.layers.remove(layer)
