@@ -102,6 +102,41 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
+def _half_spec():
+    from napari_brain_uad.preprocess import ModelSpaceSpec
+
+    return ModelSpaceSpec(in_plane=(48, 48))
+
+
+HALF_SPEC = _half_spec()  # the model space of half_resolution's slices
+# A MONAI U-Net (the autoencoders' and DAE's network) small enough to train for a few steps.
+SMALL_UNET = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "norm_num_groups": 4}
+
+
+def _no_config_class():
+    import dataclasses
+
+    from napari_brain_uad.models.base import ModelConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class NoConfig(ModelConfig):
+        """The configuration of a test's own model kind, which has nothing to configure."""
+
+    return NoConfig
+
+
+NoConfig = _no_config_class()
+
+
+def box_mask(shape=(32, 32, 8), margin=4):
+    """A box inside the volume, ``margin`` voxels in from each side in-plane, every slice."""
+    import numpy as np
+
+    mask = np.zeros(shape, dtype=bool)
+    mask[margin:-margin, margin:-margin, :] = True
+    return mask
+
+
 def half_resolution(slices, brain):
     """Slices and brain masks at half resolution (48² from 96²), for fast training tests."""
     from torch.nn import functional

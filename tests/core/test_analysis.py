@@ -17,11 +17,10 @@ from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
 from napari_brain_uad.nifti import read_nifti
 from napari_brain_uad.metrics import dice
 from napari_brain_uad.models import DDPM, DDPMConfig, ReconstructionModel
-from napari_brain_uad.models.base import ModelConfig
 from napari_brain_uad.preprocess import to_model_space
 from napari_brain_uad.reconstruct import Cancelled
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, NoConfig
 
 CASES = {
     "mslub-las-1mm": ("mslub/patient26/T1.nii.gz", None),
@@ -29,20 +28,15 @@ CASES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class _NoConfig(ModelConfig):
-    pass
-
-
 class HealthyReference(ReconstructionModel):
     """Returns, for each input slice, the closest slice of a known lesion-free volume: a perfect
     pseudo-healthy reconstruction, so the pipeline's geometry can be checked exactly."""
 
     kind = "healthy-reference"
-    config_class = _NoConfig
+    config_class = NoConfig
 
     def __init__(self, healthy_model_space: np.ndarray):
-        super().__init__(_NoConfig())
+        super().__init__(NoConfig())
         self.healthy = torch.from_numpy(np.moveaxis(healthy_model_space, 2, 0)[:, None].copy())
         self.calls = 0
 

@@ -11,6 +11,8 @@ from napari_brain_uad.bias_field import BiasCorrectionSkipped, n4_bias_field
 from napari_brain_uad.nifti import ScanWarning, read_nifti
 from napari_brain_uad.preprocess import ModelSpaceSpec, to_model_space
 
+from conftest import NoConfig
+
 N4 = ModelSpaceSpec(bias_correction="n4")
 
 
@@ -121,21 +123,14 @@ def test_training_config_passes_the_correction_to_the_model_space(tmp_path):
 def test_reconstruction_comes_back_with_the_scans_own_bias(shared_data):
     """The widget shows the pseudo-healthy reconstruction beside the scan, in the scan's units: a
     model that reconstructs perfectly must give back the scan itself, bias field included."""
-    import dataclasses
-
     import torch
 
     from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
     from napari_brain_uad.models import ReconstructionModel
-    from napari_brain_uad.models.base import ModelConfig
-
-    @dataclasses.dataclass(frozen=True)
-    class _NoConfig(ModelConfig):
-        pass
 
     class Perfect(ReconstructionModel):
         kind = "perfect"
-        config_class = _NoConfig
+        config_class = NoConfig
 
         def reconstruct(self, slices, t=None, generator=None):
             return slices.clone()
@@ -143,7 +138,7 @@ def test_reconstruction_comes_back_with_the_scans_own_bias(shared_data):
     subject = "IXI105-HH-1471"
     scan = read_nifti(shared_data / f"ixi_t1/{subject}_T1.nii.gz")
     mask = read_nifti(shared_data / f"ixi_t1/brainmask/{subject}_brainmask.nii.gz")
-    result = analyse_scan(scan, Perfect(_NoConfig(), spec=N4), brain_mask=mask,
+    result = analyse_scan(scan, Perfect(NoConfig(), spec=N4), brain_mask=mask,
                           settings=AnalysisSettings(scorer="residual", device="cpu"))
     field = result.model_space.bias_field
     brain = result.model_space.brain_mask

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional
 
-from conftest import best_constant_loss, seeded, train_and_evaluate
+from conftest import HALF_SPEC, best_constant_loss, seeded, train_and_evaluate
 
 from napari_brain_uad.models import MODEL_KINDS, MAEDiff, MAEDiffConfig, build_model, load_model, save_model
 from napari_brain_uad.models.base import random_integers
@@ -32,7 +32,6 @@ TINY = dict(
 )
 # Training runs at half resolution (48²): patch 24, stride 8, grid 8 keep the paper's geometry.
 HALF = dict(patch_size=24, patch_stride=8, grid_size=8)
-HALF_SPEC = ModelSpaceSpec(in_plane=(48, 48))
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import best_constant_loss, half_resolution, seeded, train_and_evaluate
+from conftest import HALF_SPEC, best_constant_loss, half_resolution, seeded, train_and_evaluate
 
 from napari_brain_uad.models import DDPM, DDPMConfig
 from napari_brain_uad.models.masking import (
@@ -19,11 +19,9 @@ from napari_brain_uad.models.masking import (
     patch_grid_shape,
     patches_to_pixels,
 )
-from napari_brain_uad.preprocess import ModelSpaceSpec
 
 SMALL = dict(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=16)
 # Training tests run at half resolution (48²) to stay fast on a shared CPU.
-HALF_SPEC = ModelSpaceSpec(in_plane=(48, 48))
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional
 
-from conftest import best_constant_loss, half_resolution, seeded, train_and_evaluate
+from conftest import HALF_SPEC, best_constant_loss, half_resolution, seeded, train_and_evaluate
 
 from napari_brain_uad.models import MODEL_KINDS, PDDPM, PDDPMConfig, build_model, load_model, save_model
 from napari_brain_uad.models.base import random_integers
@@ -18,7 +18,6 @@ from napari_brain_uad.preprocess import ModelSpaceSpec
 
 SMALL = dict(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=16)
 # Training tests run at half resolution (48², patch 24) to stay fast on a shared CPU.
-HALF_SPEC = ModelSpaceSpec(in_plane=(48, 48))
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")

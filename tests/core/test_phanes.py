@@ -15,7 +15,7 @@ from skimage import exposure
 from torch.nn import functional
 from torch.nn.utils import parametrize
 
-from conftest import half_resolution, seeded, train_and_evaluate
+from conftest import HALF_SPEC, half_resolution, seeded, train_and_evaluate
 
 from napari_brain_uad import scoring
 from napari_brain_uad.models import PHANES, PHANESConfig, build_model, load_model, save_model
@@ -29,9 +29,7 @@ from napari_brain_uad.models.phanes import (
     random_ellipses,
     rasterise_ellipses,
 )
-from napari_brain_uad.preprocess import ModelSpaceSpec
 
-HALF_SPEC = ModelSpaceSpec(in_plane=(48, 48))
 SMALL = {"channels": [8, 16, 32], "strides": [2, 2, 2], "latent_size": 32, "generator_channels": [8, 16, 32],
          "aot_blocks": 2, "discriminator_channels": [8, 16, 16, 16], "ellipse_axis_mean": 0.75,
          "ellipse_axis_std": 1.5, "ellipse_axis_min": 1.0, "discriminator_label_sigma": 3.75}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, box_mask
 from napari_brain_uad.metrics import best_dice, dice
 from napari_brain_uad.postprocess import (
     FilteredMap,
@@ -21,12 +21,6 @@ from napari_brain_uad.postprocess import (
     remove_small_components,
 )
 from napari_brain_uad.thresholds import greedy_dice_threshold
-
-
-def _box_mask(shape=(32, 32, 8), margin=4) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    mask[margin:-margin, margin:-margin, :] = True
-    return mask
 
 
 def _unfiltered(score_map, brain_mask=None) -> FilteredMap:
@@ -43,7 +37,7 @@ def test_erosion_iterations_follow_the_in_plane_size():
     assert erosion_iterations((96, 96)) == 3
     assert erosion_iterations(96) == 3
     assert erosion_iterations((64, 64)) == 2 and erosion_iterations((128, 100)) == 4
-    assert prepare(np.zeros((96, 96, 4)), _box_mask((96, 96, 4), 20)).iterations == 3
+    assert prepare(np.zeros((96, 96, 4)), box_mask((96, 96, 4), 20)).iterations == 3
 
 
 def test_erosion_is_a_2d_cross_per_axial_slice():
@@ -63,7 +57,7 @@ def test_erosion_is_a_2d_cross_per_axial_slice():
 def test_prepare_median_filters_then_zeroes_outside_the_eroded_mask():
     rng = np.random.default_rng(0)
     score_map = rng.random((96, 96, 12)).astype(np.float32)
-    brain = _box_mask((96, 96, 12), 10)
+    brain = box_mask((96, 96, 12), 10)
     filtered = prepare(score_map, brain)
     region = erode_brain_mask(brain, 3)
     np.testing.assert_array_equal(filtered.region, region)
@@ -115,7 +109,7 @@ def test_components_of_8_voxels_stay_and_of_7_go_with_26_connectivity():
 
 def test_mask_at_matches_thresholding_the_full_volume_and_is_monotone():
     rng = np.random.default_rng(1)
-    brain = _box_mask((96, 96, 20), 12)
+    brain = box_mask((96, 96, 20), 12)
     filtered = prepare(rng.normal(size=brain.shape), brain)
     low, high = filtered.score_range()
     previous = None
@@ -231,7 +225,7 @@ def test_findings_on_a_real_map_are_those_of_labelling_the_whole_volume(ms_model
 
 def test_bad_inputs_raise_clear_errors():
     score_map = np.random.default_rng(0).random((32, 32, 8))
-    brain = _box_mask()
+    brain = box_mask()
     with pytest.raises(ValueError, match="shape"):
         prepare(score_map, brain[:, :, :4])
     with pytest.raises(ValueError, match="empty"):

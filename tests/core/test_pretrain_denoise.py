@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional
 
-from conftest import seeded
+from conftest import HALF_SPEC, SMALL_UNET, seeded
 
 from brain_uad_training.config import ConfigError, TrainingConfig
 from brain_uad_training.fit import fit
@@ -23,10 +23,7 @@ from brain_uad_training.pretrain_denoise import (
 )
 from napari_brain_uad.models import build_model
 from napari_brain_uad.models.autoencoders import monai_unet_part
-from napari_brain_uad.preprocess import ModelSpaceSpec
 
-HALF_SPEC = ModelSpaceSpec(in_plane=(48, 48))
-SMALL_UNET = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "norm_num_groups": 4}
 SMALL_SADM = {"channels": [8, 16, 32], "norm_num_groups": 4, "base_kind": "dae", "base_hyperparameters": SMALL_UNET}
 
 

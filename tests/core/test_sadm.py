@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import half_resolution, seeded, train_and_evaluate
+from conftest import HALF_SPEC, SMALL_UNET, half_resolution, seeded, train_and_evaluate
 
 from napari_brain_uad.models import DAE, SADM, SADMConfig, build_model, load_model, save_model
 from napari_brain_uad.models.sadm import (
@@ -20,10 +20,7 @@ from napari_brain_uad.models.sadm import (
     perlin_noise_2d,
     synthetic_anomalies,
 )
-from napari_brain_uad.preprocess import ModelSpaceSpec
 
-HALF_SPEC = ModelSpaceSpec(in_plane=(48, 48))
-SMALL_BASE = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "norm_num_groups": 4}
 SMALL = {"channels": [8, 16, 32], "norm_num_groups": 4}
 
 
@@ -31,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def small_sadm(spec=HALF_SPEC, **changes) -> SADM:
-    return build_model("sadm", {**SMALL, "base_kind": "dae", "base_hyperparameters": SMALL_BASE, **changes}, spec)
+    return build_model("sadm", {**SMALL, "base_kind": "dae", "base_hyperparameters": SMALL_UNET, **changes}, spec)
 
 
 # --- synthetic anomalies -------------------------------------------------------------------
@@ -249,7 +246,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="whole volumes"):
         build_model("sadm", {"base_kind": "vae3d"})
     model = small_sadm()
-    other = DAE(DAE.config_class.from_dict({**SMALL_BASE, "channels": [8, 16, 16]}), HALF_SPEC)
+    other = DAE(DAE.config_class.from_dict({**SMALL_UNET, "channels": [8, 16, 16]}), HALF_SPEC)
     with pytest.raises(ValueError, match="other hyper-parameters"):
         model.load_base(other)
 
@@ -266,7 +263,7 @@ def test_training_sits_on_a_saved_base_and_the_result_analyses_a_scan(ixi_scans,
     from napari_brain_uad.nifti import read_nifti
 
     torch.manual_seed(0)
-    base = DAE(DAE.config_class.from_dict({**SMALL_BASE, "channels": [8, 16, 32, 32], "strides": [2, 2, 2]}))
+    base = DAE(DAE.config_class.from_dict({**SMALL_UNET, "channels": [8, 16, 32, 32], "strides": [2, 2, 2]}))
     base_path = save_model(tmp_path / "base.safetensors", base)
     settings = dict(data=str(tmp_path), output=str(tmp_path / "run"), kind="sadm", steps=4, batch_size=4,
                     validation_slices=4, validate_every=2, augment=False, model=SMALL)

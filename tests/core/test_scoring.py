@@ -388,14 +388,19 @@ def test_score_dispatches_to_the_functions():
         scoring.score("ssim", anomalous, samples)  # samples given where one reconstruction is needed
 
 
-@pytest.mark.parametrize("name", SCORER_NAMES)
-def test_numpy_in_numpy_out_and_torch_in_torch_out(name):
+def _inputs_of(name, dtype):
+    """What scorer ``name`` takes, in ``dtype``: an image and its reconstruction, or an image and
+    3 samples around it; and a constant 0.25 for each model map it needs."""
     image, reference = _pair((20, 20, 6))
     anomalous, samples = _samples_around(image, 3)
-    needs = scoring.SCORERS[name].needs
-    first, second = (image, reference) if needs == "reconstruction" else (anomalous, samples)
-    first, second = first.astype(np.float32), second.astype(np.float32)
-    maps = {map_name: np.full(first.shape, 0.25, np.float32) for map_name in scoring.SCORERS[name].needs_maps}
+    first, second = (image, reference) if scoring.SCORERS[name].needs == "reconstruction" else (anomalous, samples)
+    maps = {map_name: np.full(first.shape, 0.25, dtype) for map_name in scoring.SCORERS[name].needs_maps}
+    return first.astype(dtype), second.astype(dtype), maps
+
+
+@pytest.mark.parametrize("name", SCORER_NAMES)
+def test_numpy_in_numpy_out_and_torch_in_torch_out(name):
+    first, second, maps = _inputs_of(name, np.float32)
     as_numpy = scoring.score(name, first, second, maps=maps)
     assert isinstance(as_numpy, np.ndarray) and as_numpy.dtype == np.float32 and as_numpy.shape == first.shape
     as_torch = scoring.score(name, torch.from_numpy(first), torch.from_numpy(second),
@@ -413,11 +418,7 @@ def test_numpy_in_numpy_out_and_torch_in_torch_out(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("name", SCORER_NAMES)
 def test_gpu_tensors_stay_on_the_gpu(name):
-    image, reference = _pair((20, 20, 6))
-    anomalous, samples = _samples_around(image, 3)
-    needs = scoring.SCORERS[name].needs
-    first, second = (image, reference) if needs == "reconstruction" else (anomalous, samples)
-    maps = {map_name: np.full(first.shape, 0.25) for map_name in scoring.SCORERS[name].needs_maps}
+    first, second, maps = _inputs_of(name, np.float64)
     on_gpu = scoring.score(name, torch.from_numpy(first).cuda(), torch.from_numpy(second).cuda(),
                            maps={key: torch.from_numpy(value).cuda() for key, value in maps.items()})
     assert on_gpu.device.type == "cuda"

@@ -17,26 +17,20 @@ from napari_brain_uad.analysis import AnalysisSettings, analyse_scan
 from napari_brain_uad.evaluation import evaluate_analysis
 from napari_brain_uad.nifti import read_nifti
 from napari_brain_uad.models import ReconstructionModel
-from napari_brain_uad.models.base import ModelConfig
 from napari_brain_uad.session import REJECTED, ScanSession
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, NoConfig
 
 SCAN = "ixi_t1/IXI661-HH-2788_T1.nii.gz"
 BRAIN = "ixi_t1/brainmask/IXI661-HH-2788_brainmask.nii.gz"
 
 
-@dataclasses.dataclass(frozen=True)
-class _NoConfig(ModelConfig):
-    pass
-
-
 class EmptyReconstruction(ReconstructionModel):
     kind = "empty-reconstruction"
-    config_class = _NoConfig
+    config_class = NoConfig
 
     def __init__(self):
-        super().__init__(_NoConfig())
+        super().__init__(NoConfig())
         self.calls = 0
 
     def reconstruct(self, slices, t=None, generator=None):

@@ -25,11 +25,7 @@ from napari_brain_uad.thresholds import (
     stored_thresholds,
 )
 
-
-def _box_mask(shape=(32, 32, 8), margin=4) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    mask[margin:-margin, margin:-margin, :] = True
-    return mask
+from conftest import box_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +174,7 @@ def test_greedy_threshold_finds_the_optimum_of_overlapping_maps():
 
 def test_greedy_threshold_on_filtered_maps_uses_their_region():
     maps, labels = _synthetic_cases(3, shape=(48, 48, 10))
-    brain = _box_mask((48, 48, 10), 2)
+    brain = box_mask((48, 48, 10), 2)
     filtered = [prepare(m, brain, median=False) for m in maps]
     threshold, record = greedy_dice_threshold(filtered, labels, min_size_voxels=7)
     assert record["min_size_voxels"] == 7 and record["cases"] == 2
@@ -189,7 +185,7 @@ def test_greedy_threshold_on_filtered_maps_uses_their_region():
 @pytest.mark.parametrize("percentile", [95.0, 99.0, 99.9])
 def test_percentile_threshold_spends_the_false_positive_budget(percentile):
     rng = np.random.default_rng(5)
-    brain = _box_mask((64, 64, 16), 6)
+    brain = box_mask((64, 64, 16), 6)
     healthy = [rng.gamma(2.0, size=brain.shape) * (1 + 0.2 * i) for i in range(3)]
     threshold, record = healthy_percentile_threshold(healthy, [brain] * 3, percentile=percentile)
     scores = np.concatenate([h[brain] for h in healthy])
@@ -209,7 +205,7 @@ def test_percentile_threshold_spends_the_false_positive_budget(percentile):
 
 def test_threshold_searches_refuse_bad_inputs():
     score_map = np.random.default_rng(0).random((32, 32, 8))
-    brain = _box_mask()
+    brain = box_mask()
     nan_map = score_map.copy()
     nan_map[5, 5, 5] = np.nan
     with pytest.raises(ValueError, match="label masks"):

@@ -103,13 +103,19 @@ def test_failed_scan_is_recorded_and_others_go_on(ixi_worklist_csv):
     assert work.next_to_run(SUBJECTS[0]).id == SUBJECTS[2]  # a failed scan is not run again by itself
 
 
-def test_crash_in_the_middle_of_a_save_leaves_the_previous_session(ixi_worklist_csv, monkeypatch):
-    work = Worklist.open(ixi_worklist_csv)
+def _reviewed_first_scan(listing, voxel):
+    """The list's first scan run and reviewed: ``voxel`` drawn by the user, in its saved mask."""
+    work = Worklist.open(listing)
     scan = SUBJECTS[0]
     work.run(scan, default_model_name())
     restored = work.restore(scan)
-    restored.annotation[60, 60, 45] = 1
+    restored.annotation[voxel] = 1
     work.save_review(scan, restored.session, restored.annotation)
+    return work, scan, restored
+
+
+def test_crash_in_the_middle_of_a_save_leaves_the_previous_session(ixi_worklist_csv, monkeypatch):
+    work, scan, restored = _reviewed_first_scan(ixi_worklist_csv, (60, 60, 45))
     saved_list = (work.folder / "worklist.json").read_text()
 
     real_savez = np.savez_compressed
@@ -170,12 +176,7 @@ def test_scans_whose_ids_differ_only_in_odd_characters_never_share_a_session_fol
 
 def test_a_scan_whose_results_went_stale_still_gives_back_the_users_mask(ixi_worklist_csv):
     """Re-gzipping a reviewed scan makes its results stale; the user's mask must not be lost."""
-    work = Worklist.open(ixi_worklist_csv)
-    scan = SUBJECTS[0]
-    work.run(scan, default_model_name())
-    restored = work.restore(scan)
-    restored.annotation[50, 50, 40] = 1
-    work.save_review(scan, restored.session, restored.annotation)
+    work, scan, restored = _reviewed_first_scan(ixi_worklist_csv, (50, 50, 40))
     shutil.copy(ixi_worklist_csv.parent / "data" / f"{SUBJECTS[1]}.nii.gz", work.entry(scan).scan)
     with pytest.raises(StaleResults):
         work.restore(scan)
@@ -189,12 +190,7 @@ def test_damaged_saved_files_are_reported_and_the_review_kept_aside(ixi_worklist
     """A results or review file damaged on disk (a full disk, a sync tool) is the file's fault:
     the user is told which file and what to do — never "internal error" — and an unreadable
     review is moved aside, not written over by the next save."""
-    work = Worklist.open(ixi_worklist_csv)
-    scan = SUBJECTS[0]
-    work.run(scan, default_model_name())
-    restored = work.restore(scan)
-    restored.annotation[50, 50, 40] = 1
-    work.save_review(scan, restored.session, restored.annotation)
+    work, scan, restored = _reviewed_first_scan(ixi_worklist_csv, (50, 50, 40))
 
     def spoil(path):
         content = bytearray(path.read_bytes())
